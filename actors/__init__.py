@@ -1,0 +1,46 @@
+"""Kaya's actor runtime: entities as deciders, virtual actors with bounded mailboxes.
+
+It knows nothing of NATS (replies are bytes handed to a callback) nor of any domain.
+"""
+
+from actors.entity import Command, Entity, Event
+from actors.errors import (
+    BadRequest,
+    Conflict,
+    ErrorCode,
+    Internal,
+    KayaError,
+    Overloaded,
+    Rejected,
+    Unavailable,
+    UnknownCommand,
+    UnknownEntity,
+)
+from actors.registry import Registry
+from actors.replies import AnyReply, decode_reply, error_from, error_reply
+from actors.runtime import ActorRuntime, ReplyFn, RuntimeSettings, RuntimeStatistics
+
+__all__ = [
+    "ActorRuntime",
+    "AnyReply",
+    "BadRequest",
+    "Command",
+    "Conflict",
+    "Entity",
+    "ErrorCode",
+    "Event",
+    "Internal",
+    "KayaError",
+    "Overloaded",
+    "Registry",
+    "Rejected",
+    "ReplyFn",
+    "RuntimeSettings",
+    "RuntimeStatistics",
+    "Unavailable",
+    "UnknownCommand",
+    "UnknownEntity",
+    "decode_reply",
+    "error_from",
+    "error_reply",
+]

@@ -1,0 +1,22 @@
+"""Kaya's store: a SQLite event store with group commit, snapshots and idempotency replies.
+
+It knows nothing of actors, domains or NATS: streams of opaque, typed JSON events.
+"""
+
+from store.errors import StoreError, VersionConflict
+from store.eventstore import EventStore, StoreStatistics, Synchronous, open_event_store
+from store.records import Append, NewEvent, Reply, Snapshot, StoredEvent
+
+__all__ = [
+    "Append",
+    "EventStore",
+    "NewEvent",
+    "Reply",
+    "Snapshot",
+    "StoreError",
+    "StoreStatistics",
+    "StoredEvent",
+    "Synchronous",
+    "VersionConflict",
+    "open_event_store",
+]
