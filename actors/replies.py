@@ -14,20 +14,20 @@ import msgspec
 from actors.errors import ErrorCode, KayaError
 
 
-class CommandDone(msgspec.Struct):
+class CommandDone(msgspec.Struct, kw_only=True):
+    ok: bool = True
     entity: str
     id: str
     version: int
     events: list[Any]
+
+
+class StateReply(msgspec.Struct, kw_only=True):
     ok: bool = True
-
-
-class StateReply(msgspec.Struct):
     entity: str
     id: str
     version: int
     state: Any
-    ok: bool = True
 
 
 class ErrorBody(msgspec.Struct):
@@ -35,9 +35,9 @@ class ErrorBody(msgspec.Struct):
     message: str
 
 
-class ErrorReply(msgspec.Struct):
-    error: ErrorBody
+class ErrorReply(msgspec.Struct, kw_only=True):
     ok: bool = False
+    error: ErrorBody
 
 
 class AnyReply(msgspec.Struct):

@@ -184,10 +184,11 @@ class ActorRuntime:
         key = (entity.name, entity_id)
         actor = self._actors.get(key)
         if actor is None:
+            # evict before adding: the new actor is idle too and must not be the victim
+            if len(self._actors) >= self._settings.max_active:
+                self._evict(len(self._actors) - self._settings.max_active + 1)
             actor = _Actor(entity, entity_id)
             self._actors[key] = actor
-            if len(self._actors) > self._settings.max_active:
-                self._evict(len(self._actors) - self._settings.max_active)
         else:
             self._actors.move_to_end(key)
         if len(actor.mailbox) >= self._settings.mailbox_size:

@@ -76,12 +76,12 @@ class EventStore:
 
     def __init__(
         self,
-        writer: aiosqlite.Connection,
+        writer: aiosqlite.Connection | None,
         reader: aiosqlite.Connection,
         *,
         max_batch_events: int,
     ) -> None:
-        self._writer = writer
+        self._writer_connection = writer
         self._reader = reader
         self._max_batch_events = max_batch_events
         self._queue: deque[_Pending] = deque()
@@ -94,6 +94,12 @@ class EventStore:
         self._events = 0
 
     # ---- writing -------------------------------------------------------------
+
+    @property
+    def _writer(self) -> aiosqlite.Connection:
+        if self._writer_connection is None:
+            raise StoreError("the event store was opened read-only")
+        return self._writer_connection
 
     async def append(self, append: Append) -> None:
         """Append atomically; return once durable. Raises VersionConflict or StoreError."""
@@ -159,6 +165,8 @@ class EventStore:
         """Isolate the appends that conflict; the rest of the batch still commits together."""
         ok: list[_Pending] = []
         try:
+            # without an enclosing transaction each RELEASE would commit on its own
+            await self._writer.execute("BEGIN")
             for pending in batch:
                 append = pending.append
                 await self._writer.execute("SAVEPOINT append")
@@ -329,12 +337,29 @@ async def open_event_store(
     *,
     synchronous: Synchronous = "FULL",
     max_batch_events: int = 2000,
+    readonly: bool = False,
 ) -> AsyncIterator[EventStore]:
     """Open (creating if needed) the store at `path` and run its writer until exit.
 
     On exit the writer commits everything already queued before the connections close.
+    `readonly` opens an existing store for reading only (tools beside a running node).
     """
     path = Path(path)
+    if readonly:
+        if not path.exists():
+            raise StoreError(f"no event store at {path}")
+        try:
+            reader = await _connect(path, synchronous, readonly=True)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open event store {path}: {exc}") from exc
+        store = EventStore(None, reader, max_batch_events=max_batch_events)
+        store._closing = True
+        try:
+            yield store
+        finally:
+            with anyio.CancelScope(shield=True):
+                await reader.close()
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         writer = await _connect(path, synchronous, readonly=False)

@@ -1,0 +1,147 @@
+"""Node configuration: `config.toml` decoded into msgspec Structs.
+
+Unknown keys, wrong types and impossible values stop start-up with one message
+that names the key, because a typo in a config file should never be silently
+ignored in production.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class NodeConfig(_Section):
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "kaya-1"
+    data_dir: str = "data"
+    """Where the event store and the embedded server's JetStream live; relative to the cwd."""
+
+
+class NatsConfig(_Section):
+    url: str = ""
+    """Empty: start the embedded nats-server. Otherwise the server(s) to connect to."""
+    host: str = "127.0.0.1"
+    port: Port = 4222
+    monitor_port: Port = 8222
+    """Embedded server's HTTP monitoring port; 0 turns monitoring off."""
+    max_payload: Positive = 1024 * 1024
+    startup_timeout: Seconds = 10.0
+
+
+class StoreConfig(_Section):
+    path: str = "kaya.db"
+    """The SQLite file, relative to data_dir."""
+    synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
+    max_batch_events: Positive = 2000
+    snapshot_every: Annotated[int, msgspec.Meta(ge=0)] = 100
+    """Write a snapshot every N events of a stream; 0 turns snapshots off."""
+    reply_retention: Seconds = 24 * 3600.0
+    """How long a Kaya-Command-Id is remembered (seconds)."""
+
+
+class ActorsConfig(_Section):
+    mailbox_size: Positive = 1024
+    max_active: Positive = 100_000
+    idle_timeout: Seconds = 300.0
+    max_turn: Positive = 512
+
+
+class IngressConfig(_Section):
+    max_inflight: Positive = 10_000
+    """Commands and queries accepted but not yet answered; beyond it: `overloaded`."""
+    max_body: Positive = 64 * 1024
+    """Largest command body in bytes; beyond it: `bad_request`."""
+    queue_group: str = "kaya"
+
+
+class ShardsConfig(_Section):
+    count: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class Config(_Section):
+    node: NodeConfig = NodeConfig()
+    nats: NatsConfig = NatsConfig()
+    store: StoreConfig = StoreConfig()
+    actors: ActorsConfig = ActorsConfig()
+    ingress: IngressConfig = IngressConfig()
+    shards: ShardsConfig = ShardsConfig()
+    log: LogConfig = LogConfig()
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.node.data_dir)
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_path / self.store.path
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the key."""
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read a TOML file (or the defaults when `path` is None)."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: bytes | str, *, source: str = "<config>") -> Config:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_explain(str(exc))}") from None
+
+
+def _explain(message: str) -> str:
+    """Turn msgspec's "... - at `$.store.x`" into "store.x: ..." (operators think in keys)."""
+    where = ""
+    if " - at `$." in message:
+        message, where = message.split(" - at `$.", 1)
+        where = where.rstrip("`")
+    if message.startswith("Object contains unknown field `"):
+        field = message.removeprefix("Object contains unknown field `").rstrip("`")
+        return f"unknown key {where + '.' if where else ''}{field}"
+    return f"{where}: {message}" if where else message
+
+
+def with_overrides(
+    config: Config, *, data_dir: str | None = None, nats_port: int | None = None
+) -> Config:
+    """Apply command-line flags, which win over the file."""
+    if data_dir is not None:
+        config = msgspec.structs.replace(
+            config, node=msgspec.structs.replace(config.node, data_dir=data_dir)
+        )
+    if nats_port is not None:
+        config = msgspec.structs.replace(
+            config, nats=msgspec.structs.replace(config.nats, port=nats_port)
+        )
+    return config

@@ -1,0 +1,187 @@
+"""Ingress: the wire contract's command and query endpoints, as a NATS micro service.
+
+    kaya.cmd.<entity>.<id>  --server mapping-->  kaya.shard.<n>.cmd.<entity>.<id>
+        -> decode, validate names, size and command (here)
+        -> actor mailbox (actors)  -> reply once the append is durable
+
+Every check that can refuse a request happens here, before anything is queued, so
+a refused request changes nothing. NATS delivers a subscription's messages one at
+a time and drops a consumer that falls behind, so the handler never waits for the
+actor: it queues the command and returns, and the number of requests accepted but
+not yet answered is bounded (`overloaded` beyond it) instead of buffering.
+
+Subjects that the server did not map (an external server without the shard
+mapping, or a malformed subject) arrive on `kaya.cmd.>` itself: a well-formed one
+is served the same way, anything else is answered with `bad_request`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import anyio
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from actors import ActorRuntime, BadRequest, KayaError, Overloaded, Registry, error_from
+from app.config import IngressConfig
+
+log = logging.getLogger("kaya.ingress")
+
+VERSION = "0.1.0"
+ENTITY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ENTITY_NAME = re.compile(r"[a-z]+")
+COMMAND_ID = re.compile(r"[\x21-\x7e]{1,128}")
+TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+HEADER_COMMAND_ID = "Kaya-Command-Id"
+HEADER_TRACEPARENT = "traceparent"
+
+
+def parse_subject(subject: str, kind: str) -> tuple[str, str]:
+    """(entity, id) from `kaya.<kind>.E.I` or `kaya.shard.N.<kind>.E.I`; BadRequest otherwise."""
+    tokens = subject.split(".")
+    if len(tokens) == 6 and tokens[1] == "shard":
+        tokens = tokens[:1] + tokens[3:]
+    if len(tokens) != 4 or tokens[0] != "kaya" or tokens[1] != kind:
+        raise BadRequest(f"subject {subject!r} is not kaya.{kind}.<entity>.<id>")
+    entity, entity_id = tokens[2], tokens[3]
+    if not ENTITY_NAME.fullmatch(entity):
+        raise BadRequest(f"entity name {entity!r} must be a lowercase word")
+    if not ENTITY_ID.fullmatch(entity_id):
+        raise BadRequest(f"id {entity_id!r} must be 1-64 characters of [A-Za-z0-9_-]")
+    return entity, entity_id
+
+
+class Ingress:
+    """Serves `kaya.cmd.*` and `kaya.qry.*` for a node until `stop()`."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        runtime: ActorRuntime,
+        registry: Registry,
+        config: IngressConfig,
+        *,
+        node_name: str,
+    ) -> None:
+        self._nc = nc
+        self._runtime = runtime
+        self._registry = registry
+        self._config = config
+        self._node_name = node_name
+        self._service: Service | None = None
+        self._inflight = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+        self.accepted = 0
+        self.refused = 0
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    async def start(self) -> None:
+        service = await add_service(
+            self._nc,
+            name="kaya",
+            version=VERSION,
+            description="Kaya node: entity commands and state queries",
+            metadata={"node": self._node_name},
+            queue_group=self._config.queue_group,
+        )
+        for name, subject, handler in (
+            ("commands", "kaya.shard.*.cmd.>", self._on_command),
+            ("queries", "kaya.shard.*.qry.>", self._on_query),
+            ("commands-unmapped", "kaya.cmd.>", self._on_command),
+            ("queries-unmapped", "kaya.qry.>", self._on_query),
+        ):
+            await service.add_endpoint(name=name, subject=subject, handler=handler)
+        await self._nc.flush()
+        self._service = service
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, then wait (bounded) for those in flight to be answered."""
+        if self._service is not None:
+            await self._service.stop()
+            self._service = None
+        with anyio.move_on_after(timeout):
+            await self._idle.wait()
+        if self._inflight:
+            log.warning("stopped with %d requests unanswered", self._inflight)
+
+    # ---- handlers --------------------------------------------------------------------
+
+    async def _on_command(self, request: Request) -> None:
+        msg: Msg = request._msg
+        try:
+            self._admit(msg)
+            entity_name, entity_id = parse_subject(msg.subject, "cmd")
+            entity = self._registry.get(entity_name)
+            if len(msg.data) > self._config.max_body:
+                raise BadRequest(
+                    f"body of {len(msg.data)} bytes exceeds the limit of {self._config.max_body}"
+                )
+            command = entity.decode_command(msg.data)
+            headers = msg.headers or {}
+            command_id = headers.get(HEADER_COMMAND_ID)
+            if command_id is not None and not COMMAND_ID.fullmatch(command_id):
+                raise BadRequest(
+                    f"{HEADER_COMMAND_ID} must be 1-128 printable ASCII characters without spaces"
+                )
+            traceparent = headers.get(HEADER_TRACEPARENT)
+            if traceparent is not None and not TRACEPARENT.fullmatch(traceparent):
+                traceparent = None  # W3C: an invalid traceparent is ignored, not an error
+            self._runtime.tell(
+                entity,
+                entity_id,
+                command,
+                self._replier(msg.reply),
+                command_id=command_id,
+                traceparent=traceparent,
+            )
+        except KayaError as exc:
+            await self._refuse(msg, exc)
+            return
+        self._inflight += 1
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+
+    async def _on_query(self, request: Request) -> None:
+        msg: Msg = request._msg
+        try:
+            self._admit(msg)
+            entity_name, entity_id = parse_subject(msg.subject, "qry")
+            entity = self._registry.get(entity_name)
+            self._runtime.query(entity, entity_id, self._replier(msg.reply))
+        except KayaError as exc:
+            await self._refuse(msg, exc)
+            return
+        self._inflight += 1
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+
+    def _admit(self, msg: Msg) -> None:
+        if self._inflight >= self._config.max_inflight:
+            raise Overloaded(f"{self._inflight} requests in flight; retry later")
+
+    def _replier(self, reply_to: str) -> Any:
+        nc = self._nc
+
+        async def reply(data: bytes) -> None:
+            self._inflight -= 1
+            self.accepted += 1
+            if self._inflight == 0:
+                self._idle.set()
+            if reply_to:
+                await nc.publish(reply_to, data)
+
+        return reply
+
+    async def _refuse(self, msg: Msg, exc: KayaError) -> None:
+        self.refused += 1
+        if msg.reply:
+            await self._nc.publish(msg.reply, error_from(exc))

@@ -1,0 +1,134 @@
+"""The node: wires config -> nats-server -> store -> actors -> ingress, and unwires in order.
+
+Start-up: embedded server (unless `nats.url`), event store, actor runtime, NATS
+connection, ingress. Shut-down is the reverse, each step waiting for the one
+before: stop taking requests, answer those in flight, close NATS, commit what
+the store has queued, stop the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import nats
+from nats.aio.client import Client as NATS
+
+from actors import ActorRuntime, Registry, RuntimeSettings
+from app.config import Config
+from app.domain import reference_registry
+from app.embedded import EmbeddedServer, ServerSettings, run_embedded_server
+from app.ingress import Ingress
+from store import EventStore, StoreError, open_event_store
+
+log = logging.getLogger("kaya.node")
+
+
+@dataclass
+class Node:
+    config: Config
+    url: str
+    nc: NATS
+    store: EventStore
+    runtime: ActorRuntime
+    ingress: Ingress
+    registry: Registry
+    server: EmbeddedServer | None
+
+
+def embedded_settings(config: Config) -> ServerSettings:
+    return ServerSettings(
+        host=config.nats.host,
+        port=config.nats.port,
+        monitor_port=config.nats.monitor_port,
+        store_dir=Path(config.node.data_dir) / "nats",
+        shards=config.shards.count,
+        max_payload=config.nats.max_payload,
+        name=config.node.name,
+    )
+
+
+async def connect(url: str, *, name: str) -> NATS:
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    async def on_disconnect() -> None:
+        log.warning("nats: disconnected")
+
+    async def on_reconnect() -> None:
+        log.info("nats: reconnected")
+
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+
+
+async def _expire_replies(store: EventStore, retention: float) -> None:
+    interval = min(retention / 4, 300.0)
+    while True:
+        await anyio.sleep(interval)
+        try:
+            removed = await store.expire_replies(time.time() - retention)
+        except StoreError:
+            log.exception("expiring idempotency replies failed")
+        else:
+            if removed:
+                log.info("forgot %d idempotency replies", removed)
+
+
+@asynccontextmanager
+async def open_node(config: Config, registry: Registry | None = None) -> AsyncIterator[Node]:
+    """Run a node for the duration of the block; leave nothing running behind."""
+    registry = registry or reference_registry()
+    async with AsyncExitStack() as stack:
+        server: EmbeddedServer | None = None
+        if config.nats.url:
+            url = config.nats.url
+        else:
+            server = await stack.enter_async_context(
+                run_embedded_server(
+                    embedded_settings(config), startup_timeout=config.nats.startup_timeout
+                )
+            )
+            url = server.url
+        store = await stack.enter_async_context(
+            open_event_store(
+                config.store_path,
+                synchronous=config.store.synchronous,
+                max_batch_events=config.store.max_batch_events,
+            )
+        )
+        runtime = ActorRuntime(
+            store,
+            RuntimeSettings(
+                mailbox_size=config.actors.mailbox_size,
+                max_active=config.actors.max_active,
+                idle_timeout=config.actors.idle_timeout,
+                snapshot_every=config.store.snapshot_every,
+                max_turn=config.actors.max_turn,
+            ),
+        )
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(tg.cancel_scope.cancel)
+        await tg.start(runtime.run)
+        tg.start_soon(_expire_replies, store, config.store.reply_retention)
+        nc = await connect(url, name=config.node.name)
+        ingress = Ingress(nc, runtime, registry, config.ingress, node_name=config.node.name)
+        try:
+            await ingress.start()
+            yield Node(config, url, nc, store, runtime, ingress, registry, server)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await ingress.stop()
+                await nc.drain()
