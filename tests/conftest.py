@@ -19,9 +19,16 @@ from app.node import Node, open_node
 from tests.servers import NatsServer, start_nats_server
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    """nats-py and aiosqlite are asyncio-only; `kaya run` uses uvloop, so test both loops."""
+    backend: tuple[str, dict[str, Any]] = request.param
+    return backend
 
 
 @pytest.fixture(scope="session")
