@@ -65,6 +65,35 @@ class IngressConfig(_Section):
     queue_group: str = "kaya"
 
 
+class EventsConfig(_Section):
+    """The KAYA_EVENTS stream and the outbox relay that fills it."""
+
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    max_age: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """Seconds JetStream keeps an event; 0 keeps them (the store keeps them anyway)."""
+    max_bytes: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    duplicate_window: Seconds = 300.0
+    """Broker-side dedup by Nats-Msg-Id; must exceed relay_rewind."""
+    relay_batch: Positive = 1000
+    """Events read from the store and in flight to JetStream at once."""
+    relay_rewind: Annotated[float, msgspec.Meta(ge=0)] = 150.0
+    """On start and reconnect, republish events committed this many seconds before the
+    checkpoint: JetStream acknowledges before it fsyncs (every 2 min by default), so a
+    broker that lost power may have lost acknowledged events; dedup drops the rest."""
+    ack_timeout: Seconds = 5.0
+    dlq_max_age: Annotated[float, msgspec.Meta(ge=0)] = 30 * 24 * 3600.0
+
+
+class ConsumersConfig(_Section):
+    """Every consumer: durable, ordered, bounded, retried with backoff, dead-lettered."""
+
+    fetch_batch: Positive = 256
+    max_attempts: Positive = 5
+    backoff_initial: Seconds = 0.1
+    backoff_max: Seconds = 5.0
+    ack_wait: Seconds = 30.0
+
+
 class ShardsConfig(_Section):
     count: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
 
@@ -80,6 +109,8 @@ class Config(_Section):
     store: StoreConfig = StoreConfig()
     actors: ActorsConfig = ActorsConfig()
     ingress: IngressConfig = IngressConfig()
+    events: EventsConfig = EventsConfig()
+    consumers: ConsumersConfig = ConsumersConfig()
     shards: ShardsConfig = ShardsConfig()
     log: LogConfig = LogConfig()
 

@@ -19,16 +19,26 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
+import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-from actors import ActorRuntime, BadRequest, KayaError, Overloaded, Registry, error_from
+from actors import (
+    ActorRuntime,
+    BadRequest,
+    Internal,
+    KayaError,
+    Overloaded,
+    Registry,
+    error_from,
+)
 from app.config import IngressConfig
 
 log = logging.getLogger("kaya.ingress")
@@ -38,6 +48,9 @@ ENTITY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ENTITY_NAME = re.compile(r"[a-z]+")
 COMMAND_ID = re.compile(r"[\x21-\x7e]{1,128}")
 TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+ViewFn = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+"""A read model's query: JSON parameters in, a JSON object out."""
 
 HEADER_COMMAND_ID = "Kaya-Command-Id"
 HEADER_TRACEPARENT = "traceparent"
@@ -69,7 +82,9 @@ class Ingress:
         config: IngressConfig,
         *,
         node_name: str,
+        views: Mapping[str, ViewFn] | None = None,
     ) -> None:
+        self._views = dict(views or {})
         self._nc = nc
         self._runtime = runtime
         self._registry = registry
@@ -100,6 +115,7 @@ class Ingress:
             ("queries", "kaya.shard.*.qry.>", self._on_query),
             ("commands-unmapped", "kaya.cmd.>", self._on_command),
             ("queries-unmapped", "kaya.qry.>", self._on_query),
+            ("views", "kaya.view.>", self._on_view),
         ):
             await service.add_endpoint(name=name, subject=subject, handler=handler)
         await self._nc.flush()
@@ -163,6 +179,32 @@ class Ingress:
             return
         self._inflight += 1
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
+
+    async def _on_view(self, request: Request) -> None:
+        """Read models answer from SQLite directly: no actor, no mailbox."""
+        msg: Msg = request._msg
+        name = msg.subject.removeprefix("kaya.view.")
+        try:
+            view = self._views.get(name)
+            if view is None:
+                known = ", ".join(sorted(self._views)) or "none"
+                raise BadRequest(f"no view named {name!r} (known: {known})")
+            try:
+                params = orjson.loads(msg.data) if msg.data.strip() else {}
+            except orjson.JSONDecodeError as exc:
+                raise BadRequest(f"view parameters are not valid JSON: {exc}") from None
+            if not isinstance(params, dict):
+                raise BadRequest("view parameters must be a JSON object")
+            result = await view(params)
+        except KayaError as exc:
+            await self._refuse(msg, exc)
+            return
+        except Exception as exc:
+            log.exception("view %s failed", name)
+            await self._refuse(msg, Internal(f"view {name} failed: {type(exc).__name__}"))
+            return
+        if msg.reply:
+            await self._nc.publish(msg.reply, orjson.dumps({"ok": True, "view": name, **result}))
 
     def _admit(self, msg: Msg) -> None:
         if self._inflight >= self._config.max_inflight:

@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import nats
 from nats.aio.client import Client as NATS
 
 from actors import ActorRuntime, Registry, RuntimeSettings
 from app.config import Config
-from app.domain import reference_registry
+from app.consumers import Consumer, ConsumerRunner
+from app.domain import reference_consumers, reference_registry, reference_views
 from app.embedded import EmbeddedServer, ServerSettings, run_embedded_server
-from app.ingress import Ingress
+from app.ingress import Ingress, ViewFn
+from app.relay import Relay
+from app.streams import ensure_streams
 from store import EventStore, StoreError, open_event_store
+
+ConsumersFactory = Callable[[NATS, EventStore], list[Consumer]]
+ViewsFactory = Callable[[EventStore], dict[str, ViewFn]]
 
 log = logging.getLogger("kaya.node")
 
@@ -39,6 +44,8 @@ class Node:
     ingress: Ingress
     registry: Registry
     server: EmbeddedServer | None
+    relay: Relay
+    consumers: dict[str, ConsumerRunner]
 
 
 def embedded_settings(config: Config) -> ServerSettings:
@@ -53,25 +60,31 @@ def embedded_settings(config: Config) -> ServerSettings:
     )
 
 
-async def connect(url: str, *, name: str) -> NATS:
+async def connect(url: str, *, name: str, on_reconnect: Callable[[], None] | None = None) -> NATS:
+    nc = NATS()
+
     async def on_error(exc: Exception) -> None:
         log.warning("nats: %s", exc)
 
     async def on_disconnect() -> None:
-        log.warning("nats: disconnected")
+        if not (nc.is_closed or nc.is_draining):
+            log.warning("nats: disconnected")
 
-    async def on_reconnect() -> None:
+    async def on_reconnected() -> None:
         log.info("nats: reconnected")
+        if on_reconnect is not None:
+            on_reconnect()
 
-    return await nats.connect(
+    await nc.connect(
         url,
         name=name,
         max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
+        reconnect_time_wait=1,
         error_cb=on_error,
         disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
+        reconnected_cb=on_reconnected,
     )
+    return nc
 
 
 async def _expire_replies(store: EventStore, retention: float) -> None:
@@ -88,7 +101,13 @@ async def _expire_replies(store: EventStore, retention: float) -> None:
 
 
 @asynccontextmanager
-async def open_node(config: Config, registry: Registry | None = None) -> AsyncIterator[Node]:
+async def open_node(
+    config: Config,
+    registry: Registry | None = None,
+    *,
+    consumers: ConsumersFactory = reference_consumers,
+    views: ViewsFactory = reference_views,
+) -> AsyncIterator[Node]:
     """Run a node for the duration of the block; leave nothing running behind."""
     registry = registry or reference_registry()
     async with AsyncExitStack() as stack:
@@ -119,16 +138,53 @@ async def open_node(config: Config, registry: Registry | None = None) -> AsyncIt
                 max_turn=config.actors.max_turn,
             ),
         )
+        relay_box: list[Relay] = []
+        nc = await connect(
+            url,
+            name=config.node.name,
+            on_reconnect=lambda: relay_box[0].request_rewind() if relay_box else None,
+        )
+        stack.push_async_callback(_close, nc)  # runs after the tasks below are cancelled
+        await ensure_streams(nc.jetstream(), config.events)
         tg = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(tg.cancel_scope.cancel)
         await tg.start(runtime.run)
         tg.start_soon(_expire_replies, store, config.store.reply_retention)
-        nc = await connect(url, name=config.node.name)
-        ingress = Ingress(nc, runtime, registry, config.ingress, node_name=config.node.name)
+        relay = Relay(
+            nc,
+            store,
+            batch=config.events.relay_batch,
+            ack_timeout=config.events.ack_timeout,
+            rewind=config.events.relay_rewind,
+        )
+        relay_box.append(relay)
+        await tg.start(relay.run)
+        runners: dict[str, ConsumerRunner] = {}
+        for consumer in consumers(nc, store):
+            runner = ConsumerRunner(nc, store, consumer, config.consumers)
+            await tg.start(runner.run)
+            runners[consumer.name] = runner
+        ingress = Ingress(
+            nc,
+            runtime,
+            registry,
+            config.ingress,
+            node_name=config.node.name,
+            views=views(store),
+        )
         try:
             await ingress.start()
-            yield Node(config, url, nc, store, runtime, ingress, registry, server)
+            yield Node(config, url, nc, store, runtime, ingress, registry, server, relay, runners)
         finally:
             with anyio.CancelScope(shield=True):
                 await ingress.stop()
-                await nc.drain()
+                with anyio.move_on_after(10):
+                    await relay.wait_caught_up()
+
+
+async def _close(nc: NATS) -> None:
+    with anyio.CancelScope(shield=True):
+        try:
+            await nc.drain()
+        except Exception:  # already closed, or the server is gone: nothing left to flush
+            log.debug("nats: drain failed", exc_info=True)

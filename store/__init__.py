@@ -4,7 +4,13 @@ It knows nothing of actors, domains or NATS: streams of opaque, typed JSON event
 """
 
 from store.errors import StoreError, VersionConflict
-from store.eventstore import EventStore, StoreStatistics, Synchronous, open_event_store
+from store.eventstore import (
+    EventStore,
+    StoreStatistics,
+    Synchronous,
+    Transaction,
+    open_event_store,
+)
 from store.records import Append, NewEvent, Reply, Snapshot, StoredEvent
 
 __all__ = [
@@ -17,6 +23,7 @@ __all__ = [
     "StoreStatistics",
     "StoredEvent",
     "Synchronous",
+    "Transaction",
     "VersionConflict",
     "open_event_store",
 ]

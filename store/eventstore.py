@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import aiosqlite
 import anyio
@@ -46,6 +46,38 @@ _EVENT_COLUMNS = (
     "position, event_id, entity, entity_id, version, type, schema_version, data,"
     " recorded_at, command_id, traceparent"
 )
+
+
+class Transaction:
+    """One exclusive write transaction beside the group commit: projections, checkpoints.
+
+    Only SQL goes through it, so callers above the store never hold a connection.
+    """
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    async def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        """Run one statement; return the number of rows it changed."""
+        cursor = await self._db.execute(sql, params)
+        return cursor.rowcount
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
+        await self._db.executemany(sql, rows)
+
+    async def fetchall(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in await self._db.execute_fetchall(sql, params)]
+
+    async def checkpoint(self, name: str) -> int:
+        rows = await self.fetchall("SELECT position FROM checkpoints WHERE name = ?", (name,))
+        return int(rows[0][0]) if rows else 0
+
+    async def set_checkpoint(self, name: str, position: int) -> None:
+        await self._db.execute(
+            "INSERT INTO checkpoints (name, position) VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+            (name, position),
+        )
 
 
 class _Pending:
@@ -89,6 +121,7 @@ class EventStore:
         self._write_lock = anyio.Lock()
         self._closing = False
         self._committed = anyio.Event()
+        self._commit_count = 0
         self._appends = 0
         self._batches = 0
         self._events = 0
@@ -191,6 +224,7 @@ class EventStore:
         self._account(ok, sum(len(p.append.events) for p in ok))
 
     def _account(self, committed: Sequence[_Pending], events: int) -> None:
+        self._commit_count += 1
         self._batches += 1
         self._appends += len(committed)
         self._events += events
@@ -200,6 +234,62 @@ class EventStore:
             await self._writer.rollback()
         except sqlite3.Error as exc:  # the connection is unusable: say so on the next write
             raise StoreError(f"rollback failed: {exc}") from exc
+
+    @property
+    def commit_count(self) -> int:
+        """Increments after every group commit: pair it with `wait_for_commit`."""
+        return self._commit_count
+
+    async def wait_for_commit(self, seen: int) -> None:
+        """Return once a commit happened after the one counted by `seen` (no missed wake-ups)."""
+        while self._commit_count == seen:
+            await self._committed.wait()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """Exclusive write transaction; commits on exit, rolls back on any exception."""
+        async with self._write_lock:
+            db = self._writer
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                yield Transaction(db)
+            except sqlite3.Error as exc:
+                await self._rollback()
+                raise StoreError(f"transaction failed: {exc}") from exc
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._rollback()
+                raise
+            else:
+                try:
+                    await db.commit()
+                except sqlite3.Error as exc:
+                    await self._rollback()
+                    raise StoreError(f"commit failed: {exc}") from exc
+
+    async def checkpoint(self, name: str) -> int:
+        """The position a relay or consumer has durably handled (0: nothing yet)."""
+        rows = await self._fetch("SELECT position FROM checkpoints WHERE name = ?", (name,))
+        return int(rows[0][0]) if rows else 0
+
+    async def position_at(self, when: float) -> int:
+        """The last position committed before unix time `when` (binary search, no index).
+
+        Positions are assigned in commit order and stamped with the commit time, so the
+        rowid order is time order (to within clock steps, which callers allow for).
+        """
+        low, high = 0, await self.last_position()
+        while low < high:
+            mid = (low + high + 1) // 2
+            rows = await self._fetch(
+                "SELECT recorded_at FROM events WHERE position >= ? ORDER BY position LIMIT 1",
+                (mid,),
+            )
+            if rows and rows[0][0] < when:
+                low = mid
+            else:
+                high = mid - 1
+        return low
 
     async def expire_replies(self, older_than: float) -> int:
         """Forget idempotency replies recorded before `older_than` (unix time)."""
@@ -259,6 +349,10 @@ class EventStore:
             (entity, entity_id, *ids),
         )
         return {row[0]: Reply(command_id=row[0], request_hash=row[1], body=row[2]) for row in rows}
+
+    async def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """A read on the reader connection: for read models that own their tables."""
+        return [tuple(row) for row in await self._fetch(sql, params)]
 
     async def last_position(self) -> int:
         rows = await self._fetch("SELECT COALESCE(MAX(position), 0) FROM events", ())

@@ -1,4 +1,4 @@
-"""Shared fixtures: a real nats-server for the session, an in-process node per test."""
+"""Shared fixtures: a real nats-server and an in-process node per test."""
 
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return backend
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A fresh server per test (it starts in tens of milliseconds): streams and durable
+    consumers are fixed names in the contract, so tests must not share them."""
     server = start_nats_server(tmp_path_factory.mktemp("nats"))
     try:
         yield server

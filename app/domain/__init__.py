@@ -1,11 +1,43 @@
-"""The reference domain: the entities `kaya run` serves and every benchmark drives."""
+"""The reference domain: the entities, consumers and views `kaya run` serves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nats.aio.client import Client as NATS
 
 from actors import Registry
+from app.consumers import Consumer
 from app.domain.account import Account
+from app.domain.analytics import Analytics, analytics_view
+from app.domain.notifications import Notifications
+from app.ingress import ViewFn
+from store import EventStore
 
 
 def reference_registry() -> Registry:
     return Registry([Account()])
 
 
-__all__ = ["Account", "reference_registry"]
+def reference_consumers(nc: NATS, store: EventStore) -> list[Consumer]:
+    async def publish(subject: str, data: bytes, headers: dict[str, str]) -> None:
+        await nc.publish(subject, data, headers=headers)
+
+    return [Analytics(), Notifications(store, publish)]
+
+
+def reference_views(store: EventStore) -> dict[str, ViewFn]:
+    async def analytics(params: dict[str, Any]) -> dict[str, Any]:
+        return await analytics_view(store, params)
+
+    return {"analytics": analytics}
+
+
+__all__ = [
+    "Account",
+    "Analytics",
+    "Notifications",
+    "reference_consumers",
+    "reference_registry",
+    "reference_views",
+]

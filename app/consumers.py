@@ -1,0 +1,374 @@
+"""Consumers: one way to react to events, for projections, notifications and sagas.
+
+    KAYA_EVENTS --durable pull consumer--> handler(event, effects)
+        local effects (SQL) + checkpoint  -> one SQLite transaction  (effectively once)
+        external effects (publish, call)  -> idempotent by event id  (at least once)
+        a failing event: retried with exponential backoff and jitter, then KAYA_DLQ
+
+The consumer reads in stream order, one batch at a time, and handles a batch's
+events one after the other, so the events of one entity are handled in their
+order; a slow consumer simply fetches less (nothing is dropped or buffered
+without bound). The checkpoint is the store position of the last event applied
+(the `Kaya-Position` header). It is re-read inside the transaction that applies
+a batch, so a redelivered event, a republished one, or one already applied by a
+rebuild (`kaya replay`) is skipped, never applied twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import anyio
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from app.config import ConsumersConfig
+from app.relay import event_headers
+from app.streams import EVENT_SUBJECTS, EVENTS_STREAM, dlq_subject, event_subject
+from store import EventStore, StoredEvent, StoreError, Transaction
+
+log = logging.getLogger("kaya.consumers")
+
+
+class Delivered(msgspec.Struct, frozen=True):
+    """An event as a consumer sees it: the body and the contract's headers, decoded."""
+
+    subject: str
+    entity: str
+    entity_id: str
+    type: str
+    schema_version: int
+    entity_version: int
+    position: int
+    event_id: str
+    data: bytes
+    traceparent: str | None = None
+    stream_seq: int = 0
+    headers: dict[str, str] = {}
+
+    def decode(self) -> dict[str, Any]:
+        body: dict[str, Any] = msgspec.json.decode(self.data)
+        return body
+
+
+def delivered_from_stored(stored: StoredEvent) -> Delivered:
+    """The event as a consumer would receive it, straight from the store (rebuilds, replays)."""
+    return Delivered(
+        subject=event_subject(stored.entity, stored.entity_id),
+        entity=stored.entity,
+        entity_id=stored.entity_id,
+        type=stored.type,
+        schema_version=stored.schema_version,
+        entity_version=stored.version,
+        position=stored.position,
+        event_id=stored.event_id,
+        data=stored.data,
+        traceparent=stored.traceparent,
+        headers=event_headers(stored),
+    )
+
+
+class MalformedEvent(Exception):
+    """A message on KAYA_EVENTS without the contract's headers."""
+
+
+def delivered_from(msg: Msg) -> Delivered:
+    headers = msg.headers or {}
+    tokens = msg.subject.split(".")
+    try:
+        return Delivered(
+            subject=msg.subject,
+            entity=tokens[2],
+            entity_id=tokens[3],
+            type=headers["Kaya-Event-Type"],
+            schema_version=int(headers["Kaya-Schema-Version"]),
+            entity_version=int(headers["Kaya-Entity-Version"]),
+            position=int(headers["Kaya-Position"]),
+            event_id=headers["Nats-Msg-Id"],
+            data=msg.data,
+            traceparent=headers.get("traceparent"),
+            stream_seq=msg.metadata.sequence.stream if msg.reply else 0,
+            headers=dict(headers),
+        )
+    except (KeyError, IndexError, ValueError) as exc:
+        raise MalformedEvent(f"{msg.subject}: missing or bad header {exc}") from None
+
+
+@dataclass
+class Effects:
+    """The local effects of one event: SQL run with the checkpoint, in one transaction."""
+
+    statements: list[tuple[str, Sequence[object]]] = field(default_factory=list)
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> None:
+        self.statements.append((sql, params))
+
+
+class Consumer:
+    """Base of consumers. `handle` may raise: the runner retries, then dead-letters.
+
+    `name` is the durable consumer's name, the checkpoint's and the DLQ subject's token;
+    `tables` are the read-model tables it owns (created from `ddl`, cleared by a rebuild).
+    """
+
+    name: ClassVar[str]
+    filter_subject: ClassVar[str] = EVENT_SUBJECTS
+    ddl: ClassVar[str] = ""
+    tables: ClassVar[tuple[str, ...]] = ()
+
+    async def handle(self, event: Delivered, effects: Effects) -> None:
+        raise NotImplementedError
+
+    def checkpoint_name(self) -> str:
+        return f"consumer:{self.name}"
+
+
+async def apply_batch(
+    store: EventStore, consumer: Consumer, items: Sequence[tuple[int, Effects]]
+) -> int:
+    """Apply effects newer than the checkpoint and advance it, in one transaction."""
+    async with store.transaction() as tx:
+        return await _apply(tx, consumer, items)
+
+
+async def _apply(tx: Transaction, consumer: Consumer, items: Sequence[tuple[int, Effects]]) -> int:
+    name = consumer.checkpoint_name()
+    checkpoint = await tx.checkpoint(name)
+    for position, effects in items:
+        if position <= checkpoint:
+            continue
+        for sql, params in effects.statements:
+            await tx.execute(sql, params)
+        checkpoint = position
+    await tx.set_checkpoint(name, checkpoint)
+    return checkpoint
+
+
+async def ensure_tables(store: EventStore, consumer: Consumer) -> None:
+    if consumer.ddl:
+        async with store.transaction() as tx:
+            for statement in filter(None, (s.strip() for s in consumer.ddl.split(";"))):
+                await tx.execute(statement)
+
+
+def backoff(attempt: int, *, initial: float, cap: float) -> float:
+    """Exponential backoff with full jitter: spreads retries of many consumers apart."""
+    return random.uniform(0, min(cap, initial * 2 ** (attempt - 1)))
+
+
+@dataclass
+class ConsumerStatistics:
+    handled: int = 0
+    skipped: int = 0
+    retries: int = 0
+    dead_lettered: int = 0
+    checkpoint: int = 0
+
+
+DeadLetterHook = Callable[[Delivered, int, BaseException], Awaitable[None]]
+
+
+class ConsumerRunner:
+    """Runs one consumer against KAYA_EVENTS until cancelled."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        store: EventStore,
+        consumer: Consumer,
+        config: ConsumersConfig,
+    ) -> None:
+        self._nc = nc
+        self._js: JetStreamContext = nc.jetstream()
+        self._store = store
+        self.consumer = consumer
+        self._config = config
+        self.stats = ConsumerStatistics()
+        self._progress = anyio.Event()
+
+    async def wait_for_position(self, position: int) -> None:
+        """Until the consumer has applied (or skipped past) the store position `position`."""
+        while self.stats.checkpoint < position:
+            self._progress = anyio.Event()
+            await self._progress.wait()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        await ensure_tables(self._store, self.consumer)
+        self.stats.checkpoint = await self._store.checkpoint(self.consumer.checkpoint_name())
+        config = ConsumerConfig(
+            durable_name=self.consumer.name,
+            description=f"Kaya consumer {self.consumer.name}",
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self._config.ack_wait,
+            max_ack_pending=self._config.fetch_batch * 4,
+            filter_subject=self.consumer.filter_subject,
+        )
+        sub = await self._js.pull_subscribe(
+            self.consumer.filter_subject,
+            durable=self.consumer.name,
+            stream=EVENTS_STREAM,
+            config=config,
+        )
+        task_status.started()
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(self._config.fetch_batch, timeout=1.0)
+                except (nats.errors.TimeoutError, TimeoutError):  # nothing new within a second
+                    continue
+                except nats.errors.ConnectionClosedError:
+                    return
+                await self._handle_batch(msgs)
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await sub.unsubscribe()
+                except Exception:
+                    log.debug("consumer %s: unsubscribe failed", self.consumer.name, exc_info=True)
+
+    async def _handle_batch(self, msgs: list[Msg]) -> None:
+        items: list[tuple[int, Effects]] = []
+        for msg in msgs:
+            try:
+                event = delivered_from(msg)
+            except MalformedEvent as exc:
+                log.error("consumer %s: %s", self.consumer.name, exc)
+                await self._dead_letter_raw(msg, exc)
+                continue
+            if event.position <= self.stats.checkpoint:
+                self.stats.skipped += 1
+                continue
+            effects = await self._attempt(event, msg)
+            items.append((event.position, effects))
+        if items:
+            await self._commit(items)
+        for msg in msgs:
+            try:
+                await msg.ack()
+            except nats.errors.Error:
+                log.debug(
+                    "consumer %s: ack failed; it will be redelivered and skipped",
+                    self.consumer.name,
+                )
+        self._progress.set()
+
+    async def _attempt(self, event: Delivered, msg: Msg) -> Effects:
+        attempt = 1
+        while True:
+            effects = Effects()
+            try:
+                await self.consumer.handle(event, effects)
+                self.stats.handled += 1
+                return effects
+            except Exception as exc:
+                if attempt >= self._config.max_attempts:
+                    await self.dead_letter(event, attempt, exc)
+                    return Effects()
+                self.stats.retries += 1
+                log.warning(
+                    "consumer %s: %s at position %d failed (attempt %d): %r",
+                    self.consumer.name,
+                    event.type,
+                    event.position,
+                    attempt,
+                    exc,
+                )
+                await anyio.sleep(
+                    backoff(
+                        attempt, initial=self._config.backoff_initial, cap=self._config.backoff_max
+                    )
+                )
+                if msg.reply:
+                    await msg.in_progress()
+                attempt += 1
+
+    async def _commit(self, items: list[tuple[int, Effects]]) -> None:
+        try:
+            self.stats.checkpoint = await apply_batch(self._store, self.consumer, items)
+            return
+        except StoreError as exc:
+            log.warning(
+                "consumer %s: batch failed (%s); applying one by one", self.consumer.name, exc
+            )
+        for position, effects in items:  # isolate the event whose SQL fails
+            try:
+                self.stats.checkpoint = await apply_batch(
+                    self._store, self.consumer, [(position, effects)]
+                )
+            except StoreError as exc:
+                log.error(
+                    "consumer %s: effects of position %d failed: %s",
+                    self.consumer.name,
+                    position,
+                    exc,
+                )
+                self.stats.checkpoint = await apply_batch(
+                    self._store, self.consumer, [(position, Effects())]
+                )
+                await self._dead_letter_position(position, exc)
+
+    async def dead_letter(self, event: Delivered, attempts: int, error: BaseException) -> None:
+        """Publish the event to KAYA_DLQ with why, then move on (the checkpoint passes it)."""
+        headers = {k: v for k, v in event.headers.items() if not k.startswith("Nats-")}
+        headers.update(
+            {
+                "Nats-Msg-Id": f"{self.consumer.name}:{event.event_id}",
+                "Kaya-Event-Id": event.event_id,
+                "Kaya-Consumer": self.consumer.name,
+                "Kaya-Original-Subject": event.subject,
+                "Kaya-Original-Sequence": str(event.stream_seq),
+                "Kaya-Attempts": str(attempts),
+                "Kaya-Last-Error": f"{type(error).__name__}: {error}"[:1000],
+            }
+        )
+        while True:
+            try:
+                await self._js.publish(
+                    dlq_subject(self.consumer.name), event.data, headers=headers, timeout=5
+                )
+                break
+            except nats.errors.Error as exc:  # the DLQ must not lose it either: keep trying
+                log.warning(
+                    "consumer %s: dead-lettering failed (%r); retrying", self.consumer.name, exc
+                )
+                await anyio.sleep(1.0)
+        self.stats.dead_lettered += 1
+        log.error(
+            "consumer %s: %s at position %d dead-lettered after %d attempts: %r",
+            self.consumer.name,
+            event.type,
+            event.position,
+            attempts,
+            error,
+        )
+
+    async def _dead_letter_raw(self, msg: Msg, error: BaseException) -> None:
+        headers = dict(msg.headers or {})
+        headers.pop("Nats-Msg-Id", None)
+        headers.update(
+            {
+                "Kaya-Consumer": self.consumer.name,
+                "Kaya-Original-Subject": msg.subject,
+                "Kaya-Original-Sequence": str(msg.metadata.sequence.stream),
+                "Kaya-Attempts": "1",
+                "Kaya-Last-Error": f"{type(error).__name__}: {error}"[:1000],
+            }
+        )
+        await self._js.publish(dlq_subject(self.consumer.name), msg.data, headers=headers)
+        self.stats.dead_lettered += 1
+
+    async def _dead_letter_position(self, position: int, error: BaseException) -> None:
+        events = await self._store.read_all(position - 1, 1)
+        if events and events[0].position == position:
+            await self.dead_letter(delivered_from_stored(events[0]), 1, error)
