@@ -4,6 +4,10 @@
     kaya send ENTITY ID JSON [--id COMMAND_ID]
     kaya get ENTITY ID
     kaya history ENTITY ID
+    kaya streams
+    kaya dlq list|show|replay|purge
+    kaya replay PROJECTION
+    kaya tail [SUBJECT]
     kaya server-config
 
 Any failure prints one line starting with `error:` on stderr and exits non-zero:
@@ -91,29 +95,33 @@ async def _run(args: argparse.Namespace) -> int:
 # ---- kaya send / get ------------------------------------------------------------------
 
 
-async def _request(
-    url: str, subject: str, body: bytes, headers: dict[str, str] | None, timeout: float
-) -> bytes:
+async def _connect(url: str) -> Any:
     import nats
-    from nats.errors import NoRespondersError, NoServersError
-    from nats.errors import TimeoutError as NatsTimeout
+    from nats.errors import NoServersError
 
     errors: list[Exception] = []
 
     async def remember(exc: Exception) -> None:
         errors.append(exc)
 
-    nc = None
     with anyio.move_on_after(3):
         try:
-            nc = await nats.connect(
+            return await nats.connect(
                 url, connect_timeout=2, allow_reconnect=False, error_cb=remember
             )
         except (NoServersError, OSError) as exc:
             errors.append(exc)
-    if nc is None:
-        reason = errors[-1] if errors else "timed out"
-        raise CliError(f"cannot connect to NATS at {url}: {reason}")
+    reason = errors[-1] if errors else "timed out"
+    raise CliError(f"cannot connect to NATS at {url}: {reason}")
+
+
+async def _request(
+    url: str, subject: str, body: bytes, headers: dict[str, str] | None, timeout: float
+) -> bytes:
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
+
+    nc = await _connect(url)
     try:
         msg = await nc.request(subject, body, timeout=timeout, headers=headers)
     except NoRespondersError:
@@ -191,6 +199,160 @@ async def _history(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- operations: streams, dlq, replay, tail ------------------------------------------------
+
+
+def _print_json(value: Any) -> None:
+    print(orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode())
+
+
+async def _streams(args: argparse.Namespace) -> int:
+    from app.ops import describe_streams
+
+    nc = await _connect(_url(args))
+    try:
+        streams = await describe_streams(nc.jetstream())
+    finally:
+        await nc.close()
+    if args.json:
+        _print_json(streams)
+        return 0
+    for stream in streams:
+        if stream.get("missing"):
+            print(f"{stream['stream']}: not created yet (start a node)")
+            continue
+        print(
+            f"{stream['stream']}  subjects {','.join(stream['subjects'])}  "
+            f"messages {stream['messages']}  bytes {stream['bytes']}  "
+            f"seq {stream['first_seq']}..{stream['last_seq']}"
+        )
+        for c in stream["consumers"]:
+            print(
+                f"  consumer {c['name']:<16} lag {c['lag']:<8} pending {c['pending']:<8}"
+                f" ack-pending {c['ack_pending']:<6} redelivered {c['redelivered']}"
+            )
+    return 0
+
+
+async def _dlq(args: argparse.Namespace) -> int:
+    from app import ops
+
+    nc = await _connect(_url(args))
+    try:
+        js = nc.jetstream()
+        if args.action == "list":
+            letters = await ops.list_dead_letters(js, args.consumer)
+            for letter in letters:
+                print(orjson.dumps(letter.summary()).decode())
+            print(f"{len(letters)} dead letters", file=sys.stderr)
+        elif args.action == "show":
+            if args.seq is None:
+                raise CliError("kaya dlq show needs --seq N")
+            try:
+                letter = await ops.show_dead_letter(js, args.seq)
+            except LookupError as exc:
+                raise CliError(str(exc), exit_code=1) from None
+            _print_json(
+                {
+                    **letter.summary(),
+                    "headers": letter.headers,
+                    "data": letter.data.decode(errors="replace"),
+                }
+            )
+        elif args.action == "purge":
+            removed = await ops.purge_dead_letters(js, args.consumer)
+            print(f"purged {removed} dead letters")
+        else:
+            return await _dlq_replay(args, nc)
+    finally:
+        await nc.close()
+    return 0
+
+
+async def _dlq_replay(args: argparse.Namespace, nc: Any) -> int:
+    from app import ops
+    from app.domain import reference_consumers
+    from store import open_event_store
+
+    config = _config(args)
+    async with open_event_store(config.store_path) as store:
+        consumers = {c.name: c for c in reference_consumers(nc, store)}
+        outcome = await ops.replay_dead_letters(
+            nc.jetstream(), store, consumers, consumer=args.consumer, seq=args.seq
+        )
+    print(
+        f"replayed {len(outcome.replayed)}, already applied {len(outcome.skipped)},"
+        f" failed {len(outcome.failed)}"
+    )
+    for seq, reason in outcome.failed.items():
+        print(f"  seq {seq}: {reason}", file=sys.stderr)
+    if outcome.failed:
+        raise CliError(
+            f"{len(outcome.failed)} dead letters still fail; fix the cause, retry", exit_code=1
+        )
+    return 0
+
+
+async def _replay(args: argparse.Namespace) -> int:
+    from app.domain import reference_read_models, reference_views
+    from app.ops import rebuild_projection
+    from store import open_event_store
+
+    config = _config(args)
+    async with open_event_store(config.store_path) as store:
+        models = {c.name: c for c in reference_read_models()}
+        consumer = models.get(args.projection)
+        if consumer is None:
+            known = ", ".join(sorted(models))
+            raise CliError(f"no read model named {args.projection!r} (known: {known})")
+        view = reference_views(store).get(args.projection)
+
+        async def read_view(target: Any) -> Any:
+            return None if view is None else await reference_views(target)[args.projection]({})
+
+        def progress(done: int, total: int) -> None:
+            width = 40
+            filled = int(width * done / total) if total else width
+            print(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} events",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        outcome = await rebuild_projection(
+            store, consumer, view=read_view, progress=progress, swap=not args.dry_run
+        )
+    print(file=sys.stderr)
+    same = {
+        None: "not compared (the live model was at another position)",
+        True: "identical to the live read model",
+        False: "DIFFERENT from the live read model",
+    }
+    swapped = "; swapped in" if outcome.swapped else " (dry run: live model untouched)"
+    print(
+        f"rebuilt {args.projection} from {outcome.events} events up to position"
+        f" {outcome.position}: {same[outcome.identical_before_swap]}{swapped}"
+    )
+    return 0
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    from app.ops import tail_events
+
+    nc = await _connect(_url(args))
+    try:
+        seen = 0
+        async for event in tail_events(nc, args.subject, from_start=args.all):
+            print(orjson.dumps(event).decode(), flush=True)
+            seen += 1
+            if args.count and seen >= args.count:
+                break
+    finally:
+        await nc.close()
+    return 0
+
+
 async def _server_config(args: argparse.Namespace) -> int:
     from app.embedded import server_config
     from app.node import embedded_settings
@@ -246,6 +408,32 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("entity_id", metavar="ID")
     common(history, node=True)
     history.set_defaults(handler=_history)
+
+    streams = sub.add_parser("streams", help="streams, consumers and their lag")
+    remote(streams)
+    streams.add_argument("--json", action="store_true", help="machine-readable output")
+    streams.set_defaults(handler=_streams)
+
+    dlq = sub.add_parser("dlq", help="dead letters: list, show, replay, purge")
+    dlq.add_argument("action", choices=["list", "show", "replay", "purge"])
+    dlq.add_argument("consumer", nargs="?", help="only this consumer's dead letters")
+    dlq.add_argument("--seq", type=int, help="one dead letter, by its KAYA_DLQ sequence")
+    remote(dlq)
+    dlq.add_argument("--data-dir", metavar="DIR", help="the node's data dir (for replay)")
+    dlq.set_defaults(handler=_dlq)
+
+    replay = sub.add_parser("replay", help="rebuild a read model from the event store")
+    replay.add_argument("projection", metavar="PROJECTION", help="e.g. analytics")
+    replay.add_argument("--dry-run", action="store_true", help="rebuild and compare only")
+    common(replay, node=True)
+    replay.set_defaults(handler=_replay)
+
+    tail = sub.add_parser("tail", help="follow events as they are published")
+    tail.add_argument("subject", nargs="?", default="kaya.evt.>", metavar="SUBJECT")
+    tail.add_argument("--all", action="store_true", help="from the start of the stream")
+    tail.add_argument("--count", type=int, default=0, help="stop after N events")
+    remote(tail)
+    tail.set_defaults(handler=_tail)
 
     server = sub.add_parser("server-config", help="print the nats-server config a node uses")
     common(server, node=True)

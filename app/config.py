@@ -91,7 +91,9 @@ class ConsumersConfig(_Section):
     max_attempts: Positive = 5
     backoff_initial: Seconds = 0.1
     backoff_max: Seconds = 5.0
-    ack_wait: Seconds = 30.0
+    ack_wait: Seconds = 10.0
+    """Seconds before JetStream redelivers an unacknowledged event, e.g. one that was in
+    flight to a node that stopped. Long retries extend it with in-progress acks."""
 
 
 class ShardsConfig(_Section):

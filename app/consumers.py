@@ -8,14 +8,21 @@
 The consumer reads in stream order, one batch at a time, and handles a batch's
 events one after the other, so the events of one entity are handled in their
 order; a slow consumer simply fetches less (nothing is dropped or buffered
-without bound). The checkpoint is the store position of the last event applied
-(the `Kaya-Position` header). It is re-read inside the transaction that applies
-a batch, so a redelivered event, a republished one, or one already applied by a
-rebuild (`kaya replay`) is skipped, never applied twice.
+without bound).
+
+Where a consumer is comes from SQLite, not from the broker's ack state: the
+checkpoint holds the store position of the last event applied (the
+`Kaya-Position` header) and the stream sequence it came with. On start, and
+whenever JetStream redelivers something (which it does out of order), the
+durable consumer is recreated to deliver from the stream sequence after the
+checkpoint, so delivery is always in order. The position is re-read inside the
+transaction that applies a batch, so a republished event, or one already applied
+by a rebuild (`kaya replay`), is skipped, never applied twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,11 +36,12 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from app.config import ConsumersConfig
 from app.relay import event_headers
 from app.streams import EVENT_SUBJECTS, EVENTS_STREAM, dlq_subject, event_subject
-from store import EventStore, StoredEvent, StoreError, Transaction
+from store import EventStore, StoredEvent, StoreError
 
 log = logging.getLogger("kaya.consumers")
 
@@ -130,26 +138,31 @@ class Consumer:
     def checkpoint_name(self) -> str:
         return f"consumer:{self.name}"
 
+    def sequence_checkpoint_name(self) -> str:
+        return f"consumer:{self.name}:stream-seq"
+
 
 async def apply_batch(
-    store: EventStore, consumer: Consumer, items: Sequence[tuple[int, Effects]]
+    store: EventStore,
+    consumer: Consumer,
+    items: Sequence[tuple[int, Effects]],
+    *,
+    stream_seq: int | None = None,
 ) -> int:
     """Apply effects newer than the checkpoint and advance it, in one transaction."""
     async with store.transaction() as tx:
-        return await _apply(tx, consumer, items)
-
-
-async def _apply(tx: Transaction, consumer: Consumer, items: Sequence[tuple[int, Effects]]) -> int:
-    name = consumer.checkpoint_name()
-    checkpoint = await tx.checkpoint(name)
-    for position, effects in items:
-        if position <= checkpoint:
-            continue
-        for sql, params in effects.statements:
-            await tx.execute(sql, params)
-        checkpoint = position
-    await tx.set_checkpoint(name, checkpoint)
-    return checkpoint
+        name = consumer.checkpoint_name()
+        checkpoint = await tx.checkpoint(name)
+        for position, effects in items:
+            if position <= checkpoint:
+                continue
+            for sql, params in effects.statements:
+                await tx.execute(sql, params)
+            checkpoint = position
+        await tx.set_checkpoint(name, checkpoint)
+        if stream_seq is not None:
+            await tx.set_checkpoint(consumer.sequence_checkpoint_name(), stream_seq)
+        return checkpoint
 
 
 async def ensure_tables(store: EventStore, consumer: Consumer) -> None:
@@ -157,6 +170,13 @@ async def ensure_tables(store: EventStore, consumer: Consumer) -> None:
         async with store.transaction() as tx:
             for statement in filter(None, (s.strip() for s in consumer.ddl.split(";"))):
                 await tx.execute(statement)
+
+
+async def _unsubscribe(sub: Any) -> None:
+    try:
+        await sub.unsubscribe()
+    except Exception:  # the connection may be closed already: nothing to release then
+        log.debug("unsubscribe failed", exc_info=True)
 
 
 def backoff(attempt: int, *, initial: float, cap: float) -> float:
@@ -192,6 +212,7 @@ class ConsumerRunner:
         self.consumer = consumer
         self._config = config
         self.stats = ConsumerStatistics()
+        self._seq = 0
         self._progress = anyio.Event()
 
     async def wait_for_position(self, position: int) -> None:
@@ -205,41 +226,81 @@ class ConsumerRunner:
     ) -> None:
         await ensure_tables(self._store, self.consumer)
         self.stats.checkpoint = await self._store.checkpoint(self.consumer.checkpoint_name())
+        self._seq = await self._store.checkpoint(self.consumer.sequence_checkpoint_name())
+        sub = await self._subscribe_after_checkpoint()
+        task_status.started()
+        failures = 0
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(self._config.fetch_batch, timeout=1.0)
+                    failures = 0
+                    if await self._handle_batch(msgs):
+                        continue
+                    log.info(
+                        "consumer %s: redelivery seen; restarting after sequence %d",
+                        self.consumer.name,
+                        self._seq,
+                    )
+                except (nats.errors.TimeoutError, TimeoutError):  # nothing new within a second
+                    continue
+                except nats.errors.ConnectionClosedError:
+                    return
+                except nats.errors.Error as exc:
+                    # the server restarted and lost the consumer, or is not there yet
+                    failures += 1
+                    log.warning(
+                        "consumer %s: fetch failed (%r); re-subscribing", self.consumer.name, exc
+                    )
+                    await anyio.sleep(min(5.0, 0.1 * 2**failures))
+                try:
+                    await _unsubscribe(sub)
+                    sub = await self._subscribe_after_checkpoint()
+                except nats.errors.Error as exc:
+                    log.warning("consumer %s: re-subscribing failed (%r)", self.consumer.name, exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _unsubscribe(sub)
+
+    async def _subscribe_after_checkpoint(self) -> Any:
+        """(Re)create the durable consumer to deliver, in order, what follows the checkpoint."""
+        start = self._seq + 1
+        with contextlib.suppress(NotFoundError):
+            info = await self._js.stream_info(EVENTS_STREAM)
+            if info.state.last_seq < self._seq:  # the stream was reset: positions still guard
+                start = 1
+        with contextlib.suppress(NotFoundError):
+            await self._js.delete_consumer(EVENTS_STREAM, self.consumer.name)
         config = ConsumerConfig(
             durable_name=self.consumer.name,
             description=f"Kaya consumer {self.consumer.name}",
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self._config.ack_wait,
-            max_ack_pending=self._config.fetch_batch * 4,
+            max_ack_pending=self._config.fetch_batch,
             filter_subject=self.consumer.filter_subject,
         )
-        sub = await self._js.pull_subscribe(
+        return await self._js.pull_subscribe(
             self.consumer.filter_subject,
             durable=self.consumer.name,
             stream=EVENTS_STREAM,
             config=config,
         )
-        task_status.started()
-        try:
-            while True:
-                try:
-                    msgs = await sub.fetch(self._config.fetch_batch, timeout=1.0)
-                except (nats.errors.TimeoutError, TimeoutError):  # nothing new within a second
-                    continue
-                except nats.errors.ConnectionClosedError:
-                    return
-                await self._handle_batch(msgs)
-        finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await sub.unsubscribe()
-                except Exception:
-                    log.debug("consumer %s: unsubscribe failed", self.consumer.name, exc_info=True)
 
-    async def _handle_batch(self, msgs: list[Msg]) -> None:
+    async def _handle_batch(self, msgs: list[Msg]) -> bool:
+        """Handle, commit, ack. False when a redelivery means delivery must restart."""
         items: list[tuple[int, Effects]] = []
+        handled: list[Msg] = []
+        in_order = True
+        last_seq = self._seq
         for msg in msgs:
+            meta = msg.metadata
+            if meta.num_delivered > 1 and meta.sequence.stream > self._seq:
+                in_order = False  # JetStream redelivers out of order: resume from SQLite
+                break
+            handled.append(msg)
+            last_seq = max(last_seq, meta.sequence.stream)
             try:
                 event = delivered_from(msg)
             except MalformedEvent as exc:
@@ -249,19 +310,19 @@ class ConsumerRunner:
             if event.position <= self.stats.checkpoint:
                 self.stats.skipped += 1
                 continue
-            effects = await self._attempt(event, msg)
-            items.append((event.position, effects))
-        if items:
-            await self._commit(items)
-        for msg in msgs:
+            items.append((event.position, await self._attempt(event, msg)))
+        if last_seq > self._seq:
+            await self._commit(items, last_seq)
+        for msg in handled:
             try:
                 await msg.ack()
             except nats.errors.Error:
                 log.debug(
-                    "consumer %s: ack failed; it will be redelivered and skipped",
+                    "consumer %s: ack failed; a redelivery will restart delivery",
                     self.consumer.name,
                 )
         self._progress.set()
+        return in_order
 
     async def _attempt(self, event: Delivered, msg: Msg) -> Effects:
         attempt = 1
@@ -293,9 +354,12 @@ class ConsumerRunner:
                     await msg.in_progress()
                 attempt += 1
 
-    async def _commit(self, items: list[tuple[int, Effects]]) -> None:
+    async def _commit(self, items: list[tuple[int, Effects]], stream_seq: int) -> None:
         try:
-            self.stats.checkpoint = await apply_batch(self._store, self.consumer, items)
+            self.stats.checkpoint = await apply_batch(
+                self._store, self.consumer, items, stream_seq=stream_seq
+            )
+            self._seq = stream_seq
             return
         except StoreError as exc:
             log.warning(
@@ -317,6 +381,10 @@ class ConsumerRunner:
                     self._store, self.consumer, [(position, Effects())]
                 )
                 await self._dead_letter_position(position, exc)
+        self.stats.checkpoint = await apply_batch(
+            self._store, self.consumer, [], stream_seq=stream_seq
+        )
+        self._seq = stream_seq
 
     async def dead_letter(self, event: Delivered, attempts: int, error: BaseException) -> None:
         """Publish the event to KAYA_DLQ with why, then move on (the checkpoint passes it)."""

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
+import nats.errors
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -124,7 +125,10 @@ class Ingress:
     async def stop(self, timeout: float = 30.0) -> None:
         """Stop taking requests, then wait (bounded) for those in flight to be answered."""
         if self._service is not None:
-            await self._service.stop()
+            try:
+                await self._service.stop()
+            except nats.errors.Error as exc:  # disconnected: the server dropped our subs anyway
+                log.warning("stopping the service endpoints: %r", exc)
             self._service = None
         with anyio.move_on_after(timeout):
             await self._idle.wait()

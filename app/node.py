@@ -138,12 +138,12 @@ async def open_node(
                 max_turn=config.actors.max_turn,
             ),
         )
-        relay_box: list[Relay] = []
-        nc = await connect(
-            url,
-            name=config.node.name,
-            on_reconnect=lambda: relay_box[0].request_rewind() if relay_box else None,
-        )
+        reconnected = anyio.Event()
+
+        def on_reconnect() -> None:
+            reconnected.set()
+
+        nc = await connect(url, name=config.node.name, on_reconnect=on_reconnect)
         stack.push_async_callback(_close, nc)  # runs after the tasks below are cancelled
         await ensure_streams(nc.jetstream(), config.events)
         tg = await stack.enter_async_context(anyio.create_task_group())
@@ -157,8 +157,21 @@ async def open_node(
             ack_timeout=config.events.ack_timeout,
             rewind=config.events.relay_rewind,
         )
-        relay_box.append(relay)
         await tg.start(relay.run)
+
+        async def after_reconnects() -> None:
+            """A server that restarted may have lost streams or unsynced events: restore."""
+            nonlocal reconnected
+            while True:
+                await reconnected.wait()
+                reconnected = anyio.Event()
+                try:
+                    await ensure_streams(nc.jetstream(), config.events)
+                except Exception:
+                    log.exception("re-creating the streams after a reconnect failed")
+                relay.request_rewind()
+
+        tg.start_soon(after_reconnects)
         runners: dict[str, ConsumerRunner] = {}
         for consumer in consumers(nc, store):
             runner = ConsumerRunner(nc, store, consumer, config.consumers)

@@ -246,10 +246,17 @@ class EventStore:
             await self._committed.wait()
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Transaction]:
-        """Exclusive write transaction; commits on exit, rolls back on any exception."""
+    async def transaction(
+        self, *, attach: dict[str, Path] | None = None
+    ) -> AsyncIterator[Transaction]:
+        """Exclusive write transaction; commits on exit, rolls back on any exception.
+
+        `attach` names other SQLite files visible in it as `alias.table` (rebuilds).
+        """
         async with self._write_lock:
             db = self._writer
+            for alias, path in (attach or {}).items():
+                await db.execute("ATTACH DATABASE ? AS " + alias, (str(path),))
             try:
                 await db.execute("BEGIN IMMEDIATE")
                 yield Transaction(db)
@@ -266,6 +273,10 @@ class EventStore:
                 except sqlite3.Error as exc:
                     await self._rollback()
                     raise StoreError(f"commit failed: {exc}") from exc
+            finally:
+                for alias in attach or {}:
+                    with anyio.CancelScope(shield=True):
+                        await db.execute("DETACH DATABASE " + alias)
 
     async def checkpoint(self, name: str) -> int:
         """The position a relay or consumer has durably handled (0: nothing yet)."""

@@ -111,9 +111,9 @@ class NatsServer:
         stop_pid(self.proc)
 
 
-def start_nats_server(store_dir: Path, *, shards: int = 16) -> NatsServer:
-    """A real nats-server with JetStream and Kaya's shard mapping on a free loopback port."""
-    port = free_port()
+def start_nats_server(store_dir: Path, *, shards: int = 16, port: int = 0) -> NatsServer:
+    """A real nats-server with JetStream and Kaya's shard mapping on a (free) loopback port."""
+    port = port or free_port()
     settings = ServerSettings(port=port, monitor_port=0, store_dir=store_dir, shards=shards)
     store_dir.mkdir(parents=True, exist_ok=True)
     conf = store_dir / "nats-server.conf"

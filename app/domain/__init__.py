@@ -19,11 +19,16 @@ def reference_registry() -> Registry:
     return Registry([Account()])
 
 
+def reference_read_models() -> list[Consumer]:
+    """The consumers whose only effects are their own tables: these can be rebuilt."""
+    return [Analytics()]
+
+
 def reference_consumers(nc: NATS, store: EventStore) -> list[Consumer]:
     async def publish(subject: str, data: bytes, headers: dict[str, str]) -> None:
         await nc.publish(subject, data, headers=headers)
 
-    return [Analytics(), Notifications(store, publish)]
+    return [*reference_read_models(), Notifications(store, publish)]
 
 
 def reference_views(store: EventStore) -> dict[str, ViewFn]:
@@ -38,6 +43,7 @@ __all__ = [
     "Analytics",
     "Notifications",
     "reference_consumers",
+    "reference_read_models",
     "reference_registry",
     "reference_views",
 ]
