@@ -11,6 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import anyio
+import nats
 import orjson
 import pytest
 
@@ -45,6 +47,32 @@ def wait_gone(pid: int, timeout: float = 15) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def history(config: Path, entity_id: str) -> list[dict[str, object]]:
+    out = kaya("history", "account", entity_id, "--config", str(config))
+    return [orjson.loads(line) for line in out.stdout.splitlines()]
+
+
+async def stream_event_ids(url: str, subject: str) -> list[str]:
+    """The Nats-Msg-Id of every message on `subject`, once the relay has caught up."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        with anyio.fail_after(15):
+            while True:  # the relay republishes on start: wait for the stream to settle
+                info = await js.stream_info("KAYA_EVENTS", subjects_filter=subject)
+                if sum((info.state.subjects or {}).values()) >= 21:
+                    break
+                await anyio.sleep(0.05)
+            sub = await js.subscribe(subject, stream="KAYA_EVENTS", ordered_consumer=True)
+            ids = []
+            for _ in range(sum((info.state.subjects or {}).values())):
+                msg = await sub.next_msg(timeout=5)
+                ids.append((msg.headers or {})["Nats-Msg-Id"])
+        return ids
+    finally:
+        await nc.close()
 
 
 @pytest.fixture
@@ -174,6 +202,10 @@ def test_a_killed_node_leaves_no_server_and_loses_nothing_acknowledged(config: P
         state = orjson.loads(kaya("get", "account", "k9", "--url", again.url).stdout)
         assert state["version"] == 21
         assert state["state"]["balance"] == 210
+        # every committed event is in the stream exactly once, whenever the kill came
+        assert anyio.run(stream_event_ids, again.url, "kaya.evt.account.k9") == [
+            e["event_id"] for e in history(config, "k9")
+        ]
     finally:
         stop_pid(again.proc)
 
