@@ -66,7 +66,7 @@ class RuntimeStatistics:
 
 
 class _Message:
-    __slots__ = ("command", "command_id", "reply", "request_hash", "traceparent")
+    __slots__ = ("command", "command_id", "deadline", "reply", "request_hash", "traceparent")
 
     def __init__(
         self,
@@ -81,6 +81,7 @@ class _Message:
         self.request_hash = request_hash
         self.traceparent = traceparent
         self.reply = reply
+        self.deadline: float | None = None  # unix time; decided after it: `timeout`
 
 
 class _Actor:
@@ -131,6 +132,8 @@ class ActorRuntime:
         self._passivations = 0
         self._commands = 0
         self._crashes = 0
+        self.after_turns: Callable[[AnyEntity, str, Any], None] | None = None
+        """Called with the committed state when an actor's mailbox is drained (sagas)."""
 
     # ---- entry points --------------------------------------------------------------
 
@@ -143,10 +146,17 @@ class ActorRuntime:
         *,
         command_id: str | None = None,
         traceparent: str | None = None,
+        deadline: float | None = None,
     ) -> None:
-        """Queue a command; `reply` gets the contract reply. Raises Overloaded when full."""
+        """Queue a command; `reply` gets the contract reply. Raises Overloaded when full.
+
+        A command still queued at `deadline` (unix time) is not applied: it gets
+        `timeout`, remembered under its command id like any other reply.
+        """
         digest = request_hash(command) if command_id is not None else b""
-        self._enqueue(entity, entity_id, _Message(command, command_id, digest, traceparent, reply))
+        message = _Message(command, command_id, digest, traceparent, reply)
+        message.deadline = deadline
+        self._enqueue(entity, entity_id, message)
 
     def query(self, entity: AnyEntity, entity_id: str, reply: ReplyFn) -> None:
         """Queue a state query behind the entity's pending commands (read-your-writes)."""
@@ -160,6 +170,7 @@ class ActorRuntime:
         *,
         command_id: str | None = None,
         traceparent: str | None = None,
+        deadline: float | None = None,
     ) -> bytes:
         """Send and wait for the reply: for in-process callers (sagas, tools, tests)."""
         done = anyio.Event()
@@ -173,7 +184,13 @@ class ActorRuntime:
             self.query(entity, entity_id, reply)
         else:
             self.tell(
-                entity, entity_id, command, reply, command_id=command_id, traceparent=traceparent
+                entity,
+                entity_id,
+                command,
+                reply,
+                command_id=command_id,
+                traceparent=traceparent,
+                deadline=deadline,
             )
         await done.wait()
         return box[0]
@@ -276,6 +293,8 @@ class ActorRuntime:
             actor.running = False
             actor.last_used = self._clock()
             self._busy -= 1
+        if actor.loaded and self.after_turns is not None:
+            self.after_turns(actor.entity, actor.entity_id, actor.state)
 
     async def _activate(self, actor: _Actor) -> bool:
         """Rebuild state from snapshot + events. On failure, answer everything queued."""
@@ -335,6 +354,14 @@ class ActorRuntime:
                 continue
             if cid is not None:
                 decided.add(cid)
+            if message.deadline is not None and time.time() > message.deadline:
+                body = error_reply("timeout", "the command reached the entity after its deadline")
+                replies.append((message, body, cid is not None))
+                if cid is not None:  # a definite answer: a later repeat must not apply it
+                    reply = Reply(command_id=cid, request_hash=message.request_hash, body=body)
+                    known[cid] = reply
+                    remembered.append(reply)
+                continue
             try:
                 events = list(entity.decide(state, message.command))
                 next_state = state

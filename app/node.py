@@ -19,6 +19,7 @@ import anyio
 from nats.aio.client import Client as NATS
 
 from actors import ActorRuntime, Registry, RuntimeSettings
+from actors.saga import SagaDriver
 from app.config import Config
 from app.consumers import Consumer, ConsumerRunner
 from app.domain import reference_consumers, reference_registry, reference_views
@@ -149,6 +150,7 @@ async def open_node(
         tg = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(tg.cancel_scope.cancel)
         await tg.start(runtime.run)
+        await tg.start(SagaDriver(runtime, store, registry).run)
         tg.start_soon(_expire_replies, store, config.store.reply_retention)
         relay = Relay(
             nc,

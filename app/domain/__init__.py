@@ -11,12 +11,13 @@ from app.consumers import Consumer
 from app.domain.account import Account
 from app.domain.analytics import Analytics, analytics_view
 from app.domain.notifications import Notifications
+from app.domain.transfer import Transfer
 from app.ingress import ViewFn
 from store import EventStore
 
 
 def reference_registry() -> Registry:
-    return Registry([Account()])
+    return Registry([Account(), Transfer()])
 
 
 def reference_read_models() -> list[Consumer]:
@@ -42,6 +43,7 @@ __all__ = [
     "Account",
     "Analytics",
     "Notifications",
+    "Transfer",
     "reference_consumers",
     "reference_read_models",
     "reference_registry",

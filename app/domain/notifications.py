@@ -1,5 +1,8 @@
 """Notifications: every account event becomes a message on `kaya.notify.<owner>`.
 
+It is also the choreographed half of transfers: nobody orchestrates it, it reacts
+to a transfer's `Failed` event by telling the source account's owner.
+
 An external effect, so at least once: each message carries the event id as
 `Kaya-Dedup-Key` (and `Nats-Msg-Id`, so a stream that stores them drops repeats),
 which is how a reader sees each event once. The owner of an account is learned
@@ -37,12 +40,16 @@ class UnknownOwner(Exception):
 
 class Notifications(Consumer):
     name = "notifications"
-    filter_subject = "kaya.evt.account.>"
-    tables = ("notify_owners",)
+    filter_subject = "kaya.evt.>"
+    tables = ("notify_owners", "notify_transfers")
     ddl = """
     CREATE TABLE IF NOT EXISTS notify_owners (
         id    TEXT PRIMARY KEY,
         owner TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS notify_transfers (
+        id     TEXT PRIMARY KEY,
+        source TEXT NOT NULL
     ) WITHOUT ROWID
     """
 
@@ -50,9 +57,15 @@ class Notifications(Consumer):
         self._store = store
         self._publish = publish
         self._owners: OrderedDict[str, str] = OrderedDict()
+        self._sources: dict[str, str] = {}
         self._cache_size = cache_size
 
     async def handle(self, event: Delivered, effects: Effects) -> None:
+        if event.entity == "transfer":
+            await self._on_transfer(event, effects)
+            return
+        if event.entity != "account":
+            return
         body = event.decode()
         if event.type == "Opened":
             owner = str(body["owner"])
@@ -69,6 +82,41 @@ class Notifications(Consumer):
             "id": event.entity_id,
             "version": event.entity_version,
             "event": body,
+        }
+        headers = {"Kaya-Dedup-Key": event.event_id, "Nats-Msg-Id": event.event_id}
+        if event.traceparent:
+            headers["traceparent"] = event.traceparent
+        await self._publish(notify_subject(owner), orjson.dumps(message), headers)
+
+    async def _on_transfer(self, event: Delivered, effects: Effects) -> None:
+        body = event.decode()
+        if event.type == "Started":
+            effects.execute(
+                "INSERT OR REPLACE INTO notify_transfers (id, source) VALUES (?, ?)",
+                (event.entity_id, str(body["source"])),
+            )
+            self._sources[event.entity_id] = str(body["source"])
+            return
+        if event.type != "Failed":
+            if event.type == "Completed":
+                self._sources.pop(event.entity_id, None)
+            return
+        source = self._sources.pop(event.entity_id, None)
+        if source is None:
+            rows = await self._store.query(
+                "SELECT source FROM notify_transfers WHERE id = ?", (event.entity_id,)
+            )
+            if not rows:
+                raise UnknownOwner(f"no Started seen for transfer {event.entity_id}")
+            source = str(rows[0][0])
+        owner = await self._owner_of(source)
+        message = {
+            "dedup_key": event.event_id,
+            "entity": "transfer",
+            "id": event.entity_id,
+            "version": event.entity_version,
+            "event": body,
+            "text": f"transfer {event.entity_id} failed: {body.get('reason', '')}",
         }
         headers = {"Kaya-Dedup-Key": event.event_id, "Nats-Msg-Id": event.event_id}
         if event.traceparent:
