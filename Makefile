@@ -31,9 +31,13 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.e2e
+	$(BIN)/python -m bench.relay
+	$(BIN)/python -m bench.transfers
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.e2e --quick
+	$(BIN)/python -m bench.relay --quick
+	$(BIN)/python -m bench.transfers --quick
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
