@@ -77,6 +77,8 @@ async def _run(args: argparse.Namespace) -> int:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(config) as node:
             where = "embedded" if node.server else "external"
+            if node.metrics_url:
+                print(f"kaya node {config.node.name} metrics on {node.metrics_url}", flush=True)
             print(
                 f"kaya node {config.node.name} ready on {node.url} ({where} nats-server,"
                 f" store {config.store_path})",

@@ -100,6 +100,12 @@ class ShardsConfig(_Section):
     count: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
 
 
+class MetricsConfig(_Section):
+    address: str = ""
+    """HOST:PORT of the HTTP endpoint (/metrics, /healthz, /readyz); empty: none.
+    config.toml sets 127.0.0.1:9464; port 0 picks a free port (tests)."""
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -114,6 +120,7 @@ class Config(_Section):
     events: EventsConfig = EventsConfig()
     consumers: ConsumersConfig = ConsumersConfig()
     shards: ShardsConfig = ShardsConfig()
+    metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
 
     @property

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -41,6 +42,7 @@ from actors import (
     error_from,
 )
 from app.config import IngressConfig
+from app.metrics import CommandMetrics
 
 log = logging.getLogger("kaya.ingress")
 
@@ -84,8 +86,10 @@ class Ingress:
         *,
         node_name: str,
         views: Mapping[str, ViewFn] | None = None,
+        metrics: CommandMetrics | None = None,
     ) -> None:
         self._views = dict(views or {})
+        self.metrics = metrics or CommandMetrics()
         self._nc = nc
         self._runtime = runtime
         self._registry = registry
@@ -101,6 +105,10 @@ class Ingress:
     @property
     def inflight(self) -> int:
         return self._inflight
+
+    @property
+    def serving(self) -> bool:
+        return self._service is not None
 
     async def start(self) -> None:
         service = await add_service(
@@ -161,7 +169,7 @@ class Ingress:
                 entity,
                 entity_id,
                 command,
-                self._replier(msg.reply),
+                self._replier(msg.reply, entity.name, type(command).__name__),
                 command_id=command_id,
                 traceparent=traceparent,
             )
@@ -177,7 +185,7 @@ class Ingress:
             self._admit(msg)
             entity_name, entity_id = parse_subject(msg.subject, "qry")
             entity = self._registry.get(entity_name)
-            self._runtime.query(entity, entity_id, self._replier(msg.reply))
+            self._runtime.query(entity, entity_id, self._replier(msg.reply, entity.name, "query"))
         except KayaError as exc:
             await self._refuse(msg, exc)
             return
@@ -214,8 +222,10 @@ class Ingress:
         if self._inflight >= self._config.max_inflight:
             raise Overloaded(f"{self._inflight} requests in flight; retry later")
 
-    def _replier(self, reply_to: str) -> Any:
+    def _replier(self, reply_to: str, entity: str, command: str) -> Any:
         nc = self._nc
+        record = self.metrics.record
+        started = time.perf_counter()
 
         async def reply(data: bytes) -> None:
             self._inflight -= 1
@@ -224,10 +234,14 @@ class Ingress:
                 self._idle.set()
             if reply_to:
                 await nc.publish(reply_to, data)
+            record(entity, command, data, time.perf_counter() - started)
 
         return reply
 
     async def _refuse(self, msg: Msg, exc: KayaError) -> None:
         self.refused += 1
+        entity = msg.subject.split(".")[-2] if msg.subject.count(".") >= 3 else "-"
+        body = error_from(exc)
+        self.metrics.record(entity if entity in self._registry else "-", "-", body, None)
         if msg.reply:
-            await self._nc.publish(msg.reply, error_from(exc))
+            await self._nc.publish(msg.reply, body)

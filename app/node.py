@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+from anyio.abc import TaskGroup
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from actors import ActorRuntime, Registry, RuntimeSettings
 from actors.saga import SagaDriver
@@ -24,7 +26,10 @@ from app.config import Config
 from app.consumers import Consumer, ConsumerRunner
 from app.domain import reference_consumers, reference_registry, reference_views
 from app.embedded import EmbeddedServer, ServerSettings, run_embedded_server
+from app.health import node_status, readiness, status_json
+from app.http import serve_http
 from app.ingress import Ingress, ViewFn
+from app.metrics import CONTENT_TYPE, Metrics
 from app.relay import Relay
 from app.streams import ensure_streams
 from store import EventStore, StoreError, open_event_store
@@ -47,6 +52,7 @@ class Node:
     server: EmbeddedServer | None
     relay: Relay
     consumers: dict[str, ConsumerRunner]
+    metrics_url: str | None = None
 
 
 def embedded_settings(config: Config) -> ServerSettings:
@@ -187,14 +193,52 @@ async def open_node(
             node_name=config.node.name,
             views=views(store),
         )
+        node = Node(config, url, nc, store, runtime, ingress, registry, server, relay, runners)
+        await _serve_health(node, tg)
         try:
             await ingress.start()
-            yield Node(config, url, nc, store, runtime, ingress, registry, server, relay, runners)
+            yield node
         finally:
             with anyio.CancelScope(shield=True):
                 await ingress.stop()
                 with anyio.move_on_after(10):
                     await relay.wait_caught_up()
+
+
+async def _serve_health(node: Node, tg: TaskGroup) -> None:
+    """`kaya.health` over NATS always; /metrics, /healthz, /readyz over HTTP if configured."""
+    metrics = Metrics(node, node.ingress.metrics)
+
+    async def on_health(msg: Msg) -> None:
+        if msg.reply:
+            status = await node_status(node, node.ingress.metrics)
+            await node.nc.publish(msg.reply, status_json(status))
+
+    await node.nc.subscribe("kaya.health", cb=on_health)
+    address = node.config.metrics.address
+    if not address:
+        return
+    host, _, port = address.rpartition(":")
+    host = host or "127.0.0.1"
+
+    async def metrics_route() -> tuple[int, str, bytes]:
+        return 200, CONTENT_TYPE, await metrics.render()
+
+    async def healthz() -> tuple[int, str, bytes]:
+        return 200, "text/plain", b"ok\n"
+
+    async def readyz() -> tuple[int, str, bytes]:
+        ready, problems = readiness(node)
+        if ready:
+            return 200, "text/plain", b"ready\n"
+        return 503, "text/plain", ("; ".join(problems) + "\n").encode()
+
+    routes = {"/metrics": metrics_route, "/healthz": healthz, "/readyz": readyz}
+    try:
+        bound = await tg.start(serve_http, host, int(port), routes)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+    node.metrics_url = f"http://{host}:{bound}/metrics"
 
 
 async def _close(nc: NATS) -> None:

@@ -100,6 +100,11 @@ class Relay:
         self.failures = 0
         self._caught_up = anyio.Event()
 
+    @property
+    def checkpoint(self) -> int:
+        """The last store position the broker has acknowledged (and we saved)."""
+        return self._checkpoint
+
     def request_rewind(self) -> None:
         """Ask for a republish of the recent past (the broker may have lost it)."""
         self._rewind_requested = True

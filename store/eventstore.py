@@ -236,6 +236,10 @@ class EventStore:
             raise StoreError(f"rollback failed: {exc}") from exc
 
     @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
     def commit_count(self) -> int:
         """Increments after every group commit: pair it with `wait_for_commit`."""
         return self._commit_count

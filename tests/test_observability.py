@@ -1,0 +1,122 @@
+"""Metrics, health and status of a running node, scraped as Prometheus and orchestrators do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+from nats.aio.client import Client as NATS
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.config import MetricsConfig
+from app.metrics import Histogram, reply_outcome
+from app.node import Node, open_node
+from tests.conftest import call, node_config
+from tests.servers import NatsServer
+
+pytestmark = pytest.mark.anyio
+
+
+async def http_get(url: str) -> tuple[int, bytes]:
+    host_port, _, path = url.removeprefix("http://").partition("/")
+    host, _, port = host_port.rpartition(":")
+    with anyio.fail_after(5):
+        async with await anyio.connect_tcp(host, int(port)) as stream:
+            await stream.send(f"GET /{path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            data = b""
+            try:
+                while True:
+                    data += await stream.receive()
+            except anyio.EndOfStream:
+                pass
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+@pytest.fixture
+async def observed(nats_server: NatsServer, tmp_path: Path) -> object:
+    config = node_config(nats_server, tmp_path, metrics=MetricsConfig(address="127.0.0.1:0"))
+    async with open_node(config) as node:
+        yield node
+
+
+async def test_metrics_move_with_traffic(observed: Node, nc: NATS, uid: str) -> None:
+    node = observed
+    assert node.metrics_url is not None
+    subject = f"kaya.cmd.account.{uid}"
+    await call(nc, subject, {"type": "Open", "owner": "m", "currency": "EUR"})
+    for _ in range(7):
+        await call(nc, subject, {"type": "Deposit", "amount": 2})
+    await call(nc, subject, {"type": "Withdraw", "amount": 1000})  # rejected
+    await call(nc, subject, {"type": "Deposit", "amount": 0})  # bad_request
+    await call(nc, f"kaya.qry.account.{uid}")
+
+    status, body = await http_get(node.metrics_url)
+    assert status == 200
+    found = samples(body.decode())
+
+    def commands(command: str, outcome: str) -> float:
+        key = (
+            "kaya_commands_total",
+            (("command", command), ("entity", "account"), ("outcome", outcome)),
+        )
+        return found.get(key, 0.0)
+
+    assert commands("Deposit", "ok") == 7
+    assert commands("Open", "ok") == 1
+    assert commands("Withdraw", "rejected") == 1
+    assert commands("query", "ok") == 1
+    refused = (
+        "kaya_commands_total",
+        (("command", "-"), ("entity", "account"), ("outcome", "bad_request")),
+    )
+    assert found[refused] == 1
+    count = found[("kaya_command_duration_seconds_count", (("entity", "account"),))]
+    assert count == 10
+    assert found[("kaya_store_events_total", ())] >= 8
+    assert found[("kaya_actors_active", ())] >= 1
+    assert ("kaya_consumer_lag", (("consumer", "analytics"),)) in found
+    assert ("kaya_relay_backlog", ()) in found
+
+
+async def test_health_endpoints_and_status(observed: Node, nc: NATS, uid: str) -> None:
+    node = observed
+    assert node.metrics_url is not None
+    base = node.metrics_url.removesuffix("/metrics")
+    assert await http_get(f"{base}/healthz") == (200, b"ok\n")
+    assert await http_get(f"{base}/readyz") == (200, b"ready\n")
+    assert (await http_get(f"{base}/nope"))[0] == 404
+    await call(nc, f"kaya.cmd.account.{uid}", {"type": "Open", "owner": "s", "currency": "EUR"})
+    msg = await nc.request("kaya.health", b"", timeout=5)
+    status = orjson.loads(msg.data)
+    assert status["ready"] is True
+    assert status["node"] == node.config.node.name
+    assert status["commands"]["by_outcome"]["ok"] == 1
+    assert set(status["consumers"]) == {"analytics", "notifications"}
+
+
+def test_reply_outcome_reads_the_code() -> None:
+    assert reply_outcome(b'{"ok":true,"entity":"a"}') == "ok"
+    assert reply_outcome(b'{"ok":false,"error":{"code":"rejected","message":"x"}}') == "rejected"
+    assert reply_outcome(b"garbage") == "internal"
+
+
+def test_histogram_quantiles() -> None:
+    h = Histogram((0.001, 0.01, 0.1))
+    for _ in range(98):
+        h.observe(0.0005)
+    h.observe(0.05)
+    h.observe(5.0)
+    assert h.quantile(0.5) == 0.001
+    assert h.quantile(0.99) == 0.1
+    assert h.quantile(1.0) == float("inf")
