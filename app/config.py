@@ -106,6 +106,19 @@ class MetricsConfig(_Section):
     config.toml sets 127.0.0.1:9464; port 0 picks a free port (tests)."""
 
 
+class SloConfig(_Section):
+    """Service level objectives: the alerting rules and dashboard are generated from these."""
+
+    command_p99_seconds: Seconds = 0.05
+    """99% of commands answered within this, over 5 minutes."""
+    success_ratio: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.999
+    """Share of commands not answered `internal`, `unavailable` or `timeout`."""
+    consumer_lag_max: Positive = 10_000
+    """Events a consumer may trail the store by, for 5 minutes, before it pages."""
+    relay_backlog_max: Positive = 10_000
+    overload_ratio_max: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.01
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -121,6 +134,7 @@ class Config(_Section):
     consumers: ConsumersConfig = ConsumersConfig()
     shards: ShardsConfig = ShardsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    slo: SloConfig = SloConfig()
     log: LogConfig = LogConfig()
 
     @property
