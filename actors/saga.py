@@ -202,7 +202,13 @@ class SagaDriver:
                 reply = decode_reply(
                     await self._runtime.ask(saga, saga_id, done, command_id=command_id)
                 )
-                if reply.ok or reply.error is None or reply.error.code not in TRANSIENT:
+                if reply.ok:
+                    return
+                if reply.error is None or reply.error.code not in TRANSIENT:
+                    # StepDone is never refused by design: this is a bug, not a retry case
+                    log.error(
+                        "saga %s/%s refused its step outcome: %s", saga.name, saga_id, reply.error
+                    )
                     return
             except KayaError:
                 pass

@@ -41,6 +41,7 @@ from actors import (
     Registry,
     error_from,
 )
+from actors.saga import Saga
 from app.config import IngressConfig
 from app.metrics import CommandMetrics
 
@@ -89,6 +90,9 @@ class Ingress:
         metrics: CommandMetrics | None = None,
     ) -> None:
         self._views = dict(views or {})
+        # step command ids of sagas are derived as "<saga>/<id>/<step>": a client must not
+        # be able to take one (its command would stand in for the saga's step)
+        self._reserved_ids = tuple(f"{e.name}/" for e in registry if isinstance(e, Saga))
         self.metrics = metrics or CommandMetrics()
         self._nc = nc
         self._runtime = runtime
@@ -158,10 +162,17 @@ class Ingress:
             command = entity.decode_command(msg.data)
             headers = msg.headers or {}
             command_id = headers.get(HEADER_COMMAND_ID)
-            if command_id is not None and not COMMAND_ID.fullmatch(command_id):
-                raise BadRequest(
-                    f"{HEADER_COMMAND_ID} must be 1-128 printable ASCII characters without spaces"
-                )
+            if command_id is not None:
+                if not COMMAND_ID.fullmatch(command_id):
+                    raise BadRequest(
+                        f"{HEADER_COMMAND_ID} must be 1-128 printable ASCII characters"
+                        " without spaces"
+                    )
+                if command_id.startswith(self._reserved_ids):
+                    raise BadRequest(
+                        f"{HEADER_COMMAND_ID} {command_id!r}: ids starting with"
+                        f" {' or '.join(self._reserved_ids)} are reserved for saga steps"
+                    )
             traceparent = headers.get(HEADER_TRACEPARENT)
             if traceparent is not None and not TRACEPARENT.fullmatch(traceparent):
                 traceparent = None  # W3C: an invalid traceparent is ignored, not an error
