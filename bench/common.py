@@ -240,6 +240,23 @@ def cpu_seconds(pid: int, *, main_thread: bool = False) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all cores have spent busy since boot (/proc/stat), for every process.
+
+    Set beside the CPU of the processes a benchmark started, it shows how much of the
+    machine something else took over a window: on a shared machine, that is the noise.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal ...: busy is all but idle and iowait
+    values = [int(x) for x in fields[1:9]]
+    return (sum(values) - values[3] - values[4]) / _CLK_TCK
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """Current and peak resident memory (VmRSS, VmHWM) in KiB."""
     out: dict[str, int] = {}
