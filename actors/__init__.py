@@ -3,7 +3,7 @@
 It knows nothing of NATS (replies are bytes handed to a callback) nor of any domain.
 """
 
-from actors.entity import Command, Entity, Event
+from actors.entity import Command, Entity, Event, UnknownSchema, Upcaster
 from actors.errors import (
     BadRequest,
     Conflict,
@@ -40,6 +40,8 @@ __all__ = [
     "Unavailable",
     "UnknownCommand",
     "UnknownEntity",
+    "UnknownSchema",
+    "Upcaster",
     "decode_reply",
     "error_from",
     "error_reply",

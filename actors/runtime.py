@@ -31,6 +31,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from actors.entity import Command, Entity
 from actors.errors import Conflict, Internal, KayaError, Overloaded, Rejected, Unavailable
+from actors.masking import masked
 from actors.replies import command_done, error_from, error_reply, state_reply
 from store import Append, EventStore, NewEvent, Reply, Snapshot, StoreError, VersionConflict
 
@@ -93,6 +94,7 @@ class _Actor:
         "mailbox",
         "running",
         "state",
+        "traceparent",
         "version",
     )
 
@@ -105,6 +107,12 @@ class _Actor:
         self.running = False
         self.mailbox: deque[_Message] = deque()
         self.last_used = 0.0
+        self.traceparent: str | None = None  # of the last command: sagas carry it on
+
+
+def trace_id(traceparent: str | None) -> str | None:
+    """The W3C trace id inside a traceparent header: what log lines are joined on."""
+    return traceparent.split("-")[1] if traceparent and traceparent.count("-") == 3 else None
 
 
 def request_hash(command: Command) -> bytes:
@@ -132,7 +140,7 @@ class ActorRuntime:
         self._passivations = 0
         self._commands = 0
         self._crashes = 0
-        self.after_turns: Callable[[AnyEntity, str, Any], None] | None = None
+        self.after_turns: Callable[[AnyEntity, str, Any, str | None], None] | None = None
         """Called with the committed state when an actor's mailbox is drained (sagas)."""
 
     # ---- entry points --------------------------------------------------------------
@@ -294,7 +302,7 @@ class ActorRuntime:
             actor.last_used = self._clock()
             self._busy -= 1
         if actor.loaded and self.after_turns is not None:
-            self.after_turns(actor.entity, actor.entity_id, actor.state)
+            self.after_turns(actor.entity, actor.entity_id, actor.state, actor.traceparent)
 
     async def _activate(self, actor: _Actor) -> bool:
         """Rebuild state from snapshot + events. On failure, answer everything queued."""
@@ -310,7 +318,8 @@ class ActorRuntime:
                         "ignoring unreadable snapshot of %s/%s", entity.name, actor.entity_id
                     )
             for stored in await self._store.read_stream(entity.name, actor.entity_id, version):
-                state = entity.evolve(state, entity.decode_event(stored.type, stored.data))
+                event = entity.decode_event(stored.type, stored.schema_version, stored.data)
+                state = entity.evolve(state, event)
                 version = stored.version
         except Exception as exc:
             log.exception("activation of %s/%s failed", entity.name, actor.entity_id)
@@ -354,6 +363,8 @@ class ActorRuntime:
                 continue
             if cid is not None:
                 decided.add(cid)
+            if message.traceparent is not None:
+                actor.traceparent = message.traceparent
             if message.deadline is not None and time.time() > message.deadline:
                 body = error_reply("timeout", "the command reached the entity after its deadline")
                 replies.append((message, body, cid is not None))
@@ -367,6 +378,7 @@ class ActorRuntime:
                 next_state = state
                 for event in events:
                     next_state = entity.evolve(next_state, event)
+                encoded = [entity.encode_event(event) for event in events]  # validated
             except Rejected as exc:
                 body = error_from(exc)
                 replies.append((message, body, cid is not None))
@@ -383,6 +395,13 @@ class ActorRuntime:
                     type(message.command).__name__,
                     entity.name,
                     entity_id,
+                    extra={
+                        "entity": entity.name,
+                        "id": entity_id,
+                        "command": masked(message.command),
+                        "command_id": cid,
+                        "trace_id": trace_id(message.traceparent),
+                    },
                 )
                 replies.append(
                     (message, error_reply("internal", "the handler failed; nothing changed"), False)
@@ -390,13 +409,13 @@ class ActorRuntime:
                 continue
             state = next_state
             version += len(events)
-            for event in events:
+            for event, data in zip(events, encoded, strict=True):
                 new_events.append(
                     NewEvent(
                         event_id=uuid.uuid4().hex,
                         type=type(event).__name__,
                         schema_version=event.schema_version,
-                        data=_encoder.encode(event),
+                        data=data,
                         command_id=cid,
                         traceparent=message.traceparent,
                     )

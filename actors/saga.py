@@ -139,7 +139,9 @@ class SagaDriver:
         with contextlib.suppress(KayaError):  # a full mailbox: busy, it will look anyway
             self._runtime.query(saga, saga_id, ignore)
 
-    def _after_turns(self, entity: Entity[Any, Any, Any], entity_id: str, state: Any) -> None:
+    def _after_turns(
+        self, entity: Entity[Any, Any, Any], entity_id: str, state: Any, trace: str | None
+    ) -> None:
         if not isinstance(entity, Saga) or self._tg is None:
             return
         step = entity.next_step(state)
@@ -148,11 +150,17 @@ class SagaDriver:
         key = (entity.name, entity_id, step.name)
         if key not in self._running:
             self._running.add(key)
-            self._tg.start_soon(self._run_step, entity, entity_id, step, key)
+            self._tg.start_soon(self._run_step, entity, entity_id, step, key, trace)
 
     async def _run_step(
-        self, saga: Saga, saga_id: str, step: Step, key: tuple[str, str, str]
+        self,
+        saga: Saga,
+        saga_id: str,
+        step: Step,
+        key: tuple[str, str, str],
+        trace: str | None,
     ) -> None:
+        """One step: the same trace as the command that led to it, so a transfer is one trace."""
         try:
             command_id = saga.step_command_id(saga_id, step)
             deadline = None
@@ -171,6 +179,7 @@ class SagaDriver:
                         step.command,
                         command_id=command_id,
                         deadline=deadline,
+                        traceparent=trace,
                     )
                     done = saga.step_result(step, decode_reply(reply))
                 except KayaError as exc:  # overloaded or unavailable right now
@@ -180,7 +189,7 @@ class SagaDriver:
                 attempt += 1
                 self.retries += 1
                 await anyio.sleep(self._backoff(attempt))
-            await self._report(saga, saga_id, done, f"{command_id}/done")
+            await self._report(saga, saga_id, done, f"{command_id}/done", trace)
             self.steps_done += 1
             if step.timeout is not None:
                 await forget_deadline(self._store, saga.name, saga_id, step.name)
@@ -195,12 +204,16 @@ class SagaDriver:
             self._running.discard(key)
         self._wake(saga, saga_id)  # look again: the next step may have been skipped meanwhile
 
-    async def _report(self, saga: Saga, saga_id: str, done: StepDone, command_id: str) -> None:
+    async def _report(
+        self, saga: Saga, saga_id: str, done: StepDone, command_id: str, trace: str | None
+    ) -> None:
         attempt = 0
         while True:
             try:
                 reply = decode_reply(
-                    await self._runtime.ask(saga, saga_id, done, command_id=command_id)
+                    await self._runtime.ask(
+                        saga, saga_id, done, command_id=command_id, traceparent=trace
+                    )
                 )
                 if reply.ok:
                     return

@@ -9,6 +9,8 @@
     kaya replay PROJECTION
     kaya tail [SUBJECT]
     kaya server-config
+    kaya schema check|export|publish
+    kaya catalog [--format markdown|asyncapi]
 
 Any failure prints one line starting with `error:` on stderr and exits non-zero:
 1 for a refused command (the contract's error code is in the line), 2 for a
@@ -22,6 +24,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -273,14 +276,19 @@ async def _dlq(args: argparse.Namespace) -> int:
 
 async def _dlq_replay(args: argparse.Namespace, nc: Any) -> int:
     from app import ops
-    from app.domain import reference_consumers
+    from app.domain import reference_consumers, reference_registry
     from store import open_event_store
 
     config = _config(args)
     async with open_event_store(config.store_path) as store:
         consumers = {c.name: c for c in reference_consumers(nc, store)}
         outcome = await ops.replay_dead_letters(
-            nc.jetstream(), store, consumers, consumer=args.consumer, seq=args.seq
+            nc.jetstream(),
+            store,
+            consumers,
+            consumer=args.consumer,
+            seq=args.seq,
+            registry=reference_registry(),
         )
     print(
         f"replayed {len(outcome.replayed)}, already applied {len(outcome.skipped)},"
@@ -296,7 +304,7 @@ async def _dlq_replay(args: argparse.Namespace, nc: Any) -> int:
 
 
 async def _replay(args: argparse.Namespace) -> int:
-    from app.domain import reference_read_models, reference_views
+    from app.domain import reference_read_models, reference_registry, reference_views
     from app.ops import rebuild_projection
     from store import open_event_store
 
@@ -323,7 +331,12 @@ async def _replay(args: argparse.Namespace) -> int:
             )
 
         outcome = await rebuild_projection(
-            store, consumer, view=read_view, progress=progress, swap=not args.dry_run
+            store,
+            consumer,
+            view=read_view,
+            progress=progress,
+            swap=not args.dry_run,
+            registry=reference_registry(),
         )
     print(file=sys.stderr)
     same = {
@@ -355,11 +368,113 @@ async def _tail(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _status(args: argparse.Namespace) -> int:
+    """Polls `kaya.health`; rates come from the difference of two snapshots."""
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
+
+    from app.status import render_status
+
+    url = _url(args)
+    nc = await _connect(url)
+    try:
+        previous: dict[str, Any] | None = None
+        while True:
+            try:
+                msg = await nc.request("kaya.health", b"", timeout=args.timeout)
+            except (NoRespondersError, NatsTimeout):
+                raise CliError(f"no Kaya node answers kaya.health on {url}") from None
+            current = orjson.loads(msg.data)
+            if args.once:
+                _print_json(current)
+                return 0
+            dlq = await _dlq_size(nc)
+            print("\x1b[2J\x1b[H" + render_status(current, previous, dlq), flush=True)
+            previous = current
+            await anyio.sleep(args.interval)
+    finally:
+        await nc.close()
+
+
+async def _dlq_size(nc: Any) -> int | None:
+    from nats.js.errors import NotFoundError
+
+    try:
+        info = await nc.jetstream().stream_info("KAYA_DLQ")
+    except NotFoundError:
+        return None
+    return int(info.state.messages)
+
+
 async def _server_config(args: argparse.Namespace) -> int:
     from app.embedded import server_config
     from app.node import embedded_settings
 
     print(server_config(embedded_settings(_config(args))), end="")
+    return 0
+
+
+# ---- schemas and the event dictionary ---------------------------------------------------------
+
+
+async def _schema(args: argparse.Namespace) -> int:
+    from app import schemas
+    from app.domain import reference_registry
+
+    registry = reference_registry()
+    current = schemas.code_schemas(registry)
+    path = Path(args.file)
+    if args.action == "publish":
+        everything = schemas.merge_schemas(schemas.load_schemas(path), current)
+        nc = await _connect(_url(args))
+        try:
+            added = await schemas.publish_schemas(nc.jetstream(), everything)
+        except schemas.SchemaConflict as exc:
+            raise CliError(str(exc), exit_code=1) from None
+        finally:
+            await nc.close()
+        print(f"{schemas.SCHEMAS_BUCKET}: {len(everything)} schemas, {added} newly registered")
+        return 0
+    if args.action == "check" and args.registry:
+        url = _url(args)
+        nc = await _connect(url)
+        try:
+            recorded = await schemas.read_registry(nc.jetstream())
+        finally:
+            await nc.close()
+        against = f"{schemas.SCHEMAS_BUCKET} at {url}"
+    else:
+        if args.action == "check" and not await anyio.Path(path).exists():
+            raise CliError(f"{path} does not exist: `kaya schema export` writes it")
+        recorded, against = schemas.load_schemas(path), str(path)
+    report = schemas.check_compatibility(recorded, current, schemas.upcaster_keys(registry))
+    if args.action == "check" or not report.ok:
+        print(report.format(against), file=sys.stdout if args.action == "check" else sys.stderr)
+    if not report.ok:
+        verb = "found" if args.action == "check" else "refusing to export:"
+        raise CliError(f"{verb} {len(report.breaking)} breaking schema change(s)", exit_code=1)
+    if args.action == "export":
+        merged = schemas.merge_schemas(recorded, current)
+        await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
+        await anyio.Path(path).write_bytes(schemas.dump_schemas(merged))
+        print(f"wrote {path}: {len(merged)} schemas, {len(merged.keys() - recorded.keys())} new")
+    return 0
+
+
+async def _catalog(args: argparse.Namespace) -> int:
+    from app.catalog import build_catalog, render_asyncapi, render_markdown
+    from app.domain import reference_consumer_types, reference_registry
+
+    catalog = build_catalog(reference_registry(), reference_consumer_types())
+    if args.format == "asyncapi":
+        text = orjson.dumps(render_asyncapi(catalog), option=orjson.OPT_INDENT_2).decode() + "\n"
+    else:
+        text = render_markdown(catalog)
+    if args.output:
+        await anyio.Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text, end="")
     return 0
 
 
@@ -437,9 +552,50 @@ def build_parser() -> argparse.ArgumentParser:
     remote(tail)
     tail.set_defaults(handler=_tail)
 
+    status = sub.add_parser("status", help="a live view of a running node (Ctrl-C to quit)")
+    remote(status)
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between updates")
+    status.add_argument("--once", action="store_true", help="print one snapshot as JSON")
+    status.set_defaults(handler=_status)
+
     server = sub.add_parser("server-config", help="print the nats-server config a node uses")
     common(server, node=True)
     server.set_defaults(handler=_server_config)
+
+    schema = sub.add_parser("schema", help="event schemas: compatibility check, export, publish")
+    actions = schema.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = actions.add_parser(
+        "check", help="fail on a change that would leave stored events unreadable"
+    )
+    where = check.add_mutually_exclusive_group()
+    where.add_argument(
+        "--against",
+        dest="file",
+        default="docs/schemas.json",
+        metavar="PATH",
+        help="the committed schemas (default: docs/schemas.json)",
+    )
+    where.add_argument(
+        "--registry", action="store_true", help="the kaya_schemas KV bucket of a running system"
+    )
+    remote(check)
+    export = actions.add_parser(
+        "export", help="add the code's schemas to the committed file (older versions kept)"
+    )
+    export.add_argument("--output", dest="file", default="docs/schemas.json", metavar="PATH")
+    export.set_defaults(registry=False)
+    publish = actions.add_parser(
+        "publish", help="register the file's and the code's schemas in the kaya_schemas bucket"
+    )
+    publish.add_argument("--from", dest="file", default="docs/schemas.json", metavar="PATH")
+    remote(publish)
+    for action in (check, export, publish):
+        action.set_defaults(handler=_schema)
+
+    catalog = sub.add_parser("catalog", help="the event dictionary: every command and event")
+    catalog.add_argument("--format", choices=["markdown", "asyncapi"], default="markdown")
+    catalog.add_argument("--output", metavar="PATH", help="write there (default: stdout)")
+    catalog.set_defaults(handler=_catalog)
     return parser
 
 
@@ -455,10 +611,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # the last line of defence: one line, not a traceback
         from app.embedded import ServerError
+        from app.schemas import SchemaConflict
         from store import StoreError
 
-        if isinstance(exc, (ServerError, StoreError, OSError)):
-            print(f"error: {exc}", file=sys.stderr)
+        cause: BaseException = exc
+        while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+            cause = cause.exceptions[0]  # raised inside the node's task groups
+        if isinstance(cause, (ServerError, StoreError, OSError, SchemaConflict)):
+            print(f"error: {cause}", file=sys.stderr)
             return 2
         raise
 

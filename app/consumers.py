@@ -10,6 +10,14 @@ events one after the other, so the events of one entity are handled in their
 order; a slow consumer simply fetches less (nothing is dropped or buffered
 without bound).
 
+Schemas: before `handle`, the runner brings an event to its type's current version
+(the producing entity's upcasters, so a consumer only ever sees the current shape)
+and checks the consumer's `accepts`. An event whose entity, type or version it does
+not know (a newer producer, a removed type) is handled by `unknown_event_policy`:
+dead-letter it (the default: replay once the consumer knows it), skip it, or stop
+the consumer (it leaves the event unacknowledged and waits for a fixed deployment);
+never a crash, never a retry loop.
+
 Where a consumer is comes from SQLite, not from the broker's ack state: the
 checkpoint holds the store position of the last event applied (the
 `Kaya-Position` header) and the stream sequence it came with. On start, and
@@ -25,9 +33,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import anyio
 import msgspec
@@ -38,12 +47,15 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from actors import Registry, UnknownSchema
 from app.config import ConsumersConfig
 from app.relay import event_headers
 from app.streams import EVENT_SUBJECTS, EVENTS_STREAM, dlq_subject, event_subject
 from store import EventStore, StoredEvent, StoreError
 
 log = logging.getLogger("kaya.consumers")
+
+UnknownEventPolicy = Literal["dead_letter", "skip", "stop"]
 
 
 class Delivered(msgspec.Struct, frozen=True):
@@ -124,13 +136,17 @@ class Consumer:
     """Base of consumers. `handle` may raise: the runner retries, then dead-letters.
 
     `name` is the durable consumer's name, the checkpoint's and the DLQ subject's token;
-    `tables` are the read-model tables it owns (created from `ddl`, cleared by a rebuild).
+    `tables` are the read-model tables it owns (created from `ddl`, cleared by a rebuild);
+    `accepts` the event types and (current) versions `handle` was written for, None for
+    whatever the registry knows; `unknown_event_policy` what to do with any other event.
     """
 
     name: ClassVar[str]
     filter_subject: ClassVar[str] = EVENT_SUBJECTS
     ddl: ClassVar[str] = ""
     tables: ClassVar[tuple[str, ...]] = ()
+    accepts: ClassVar[Mapping[str, AbstractSet[int]] | None] = None
+    unknown_event_policy: ClassVar[UnknownEventPolicy] = "dead_letter"
 
     async def handle(self, event: Delivered, effects: Effects) -> None:
         raise NotImplementedError
@@ -142,6 +158,47 @@ class Consumer:
         return f"consumer:{self.name}:stream-seq"
 
 
+def current_shape(event: Delivered, registry: Registry) -> Delivered:
+    """The event at its type's current version, as the producing entity's code reads it.
+
+    Raises UnknownSchema when the registry does not know the entity, the type or
+    the version (one newer than the code).
+    """
+    if event.entity not in registry:
+        raise UnknownSchema(f"no entity named {event.entity!r} is registered here")
+    entity = registry.get(event.entity)
+    if entity.event_versions.get(event.type) == event.schema_version:
+        return event
+    try:
+        decoded = entity.decode_event(event.type, event.schema_version, event.data)
+    except UnknownSchema:
+        raise
+    except Exception as exc:  # the upcaster or the decoder refused it: this code cannot read it
+        raise UnknownSchema(f"{event.type} v{event.schema_version} does not read: {exc!r}") from exc
+    type_name, version = type(decoded).__name__, type(decoded).schema_version
+    headers = {**event.headers, "Kaya-Event-Type": type_name, "Kaya-Schema-Version": str(version)}
+    return msgspec.structs.replace(
+        event,
+        type=type_name,
+        schema_version=version,
+        data=msgspec.json.encode(decoded),
+        headers=headers,
+    )
+
+
+def admit(consumer: Consumer, event: Delivered, registry: Registry | None) -> Delivered:
+    """The event as `consumer.handle` should get it; UnknownSchema when it must not get it."""
+    if registry is not None:
+        event = current_shape(event, registry)
+    if consumer.accepts is not None and event.schema_version not in consumer.accepts.get(
+        event.type, ()
+    ):
+        raise UnknownSchema(
+            f"consumer {consumer.name} does not accept {event.type} v{event.schema_version}"
+        )
+    return event
+
+
 async def apply_batch(
     store: EventStore,
     consumer: Consumer,
@@ -150,15 +207,18 @@ async def apply_batch(
     stream_seq: int | None = None,
 ) -> int:
     """Apply effects newer than the checkpoint and advance it, in one transaction."""
-    async with store.transaction() as tx:
+    async with store.transaction(durable=False) as tx:  # derived: a replay redoes it
         name = consumer.checkpoint_name()
         checkpoint = await tx.checkpoint(name)
+        statements = []
         for position, effects in items:
             if position <= checkpoint:
                 continue
-            for sql, params in effects.statements:
-                await tx.execute(sql, params)
+            statements.extend(effects.statements)
             checkpoint = position
+        # one database hop per run of identical statements, not one per statement: the
+        # write lock is held meanwhile, and the group commit of every actor waits for it
+        await tx.execute_in_order(statements)
         await tx.set_checkpoint(name, checkpoint)
         if stream_seq is not None:
             await tx.set_checkpoint(consumer.sequence_checkpoint_name(), stream_seq)
@@ -191,13 +251,20 @@ class ConsumerStatistics:
     retries: int = 0
     dead_lettered: int = 0
     checkpoint: int = 0
+    unknown: int = 0
+    """Events of an unknown type or version, handled by the consumer's policy."""
+    stopped: str = ""
+    """Why the consumer stopped (policy `stop`), or empty while it runs."""
 
 
 DeadLetterHook = Callable[[Delivered, int, BaseException], Awaitable[None]]
 
 
 class ConsumerRunner:
-    """Runs one consumer against KAYA_EVENTS until cancelled."""
+    """Runs one consumer against KAYA_EVENTS until cancelled (or stopped by its policy).
+
+    With a `registry`, events are upcast to their current version before `handle`.
+    """
 
     def __init__(
         self,
@@ -205,8 +272,11 @@ class ConsumerRunner:
         store: EventStore,
         consumer: Consumer,
         config: ConsumersConfig,
+        *,
+        registry: Registry | None = None,
     ) -> None:
         self._nc = nc
+        self._registry = registry
         self._js: JetStreamContext = nc.jetstream()
         self._store = store
         self.consumer = consumer
@@ -235,7 +305,11 @@ class ConsumerRunner:
                 try:
                     msgs = await sub.fetch(self._config.fetch_batch, timeout=1.0)
                     failures = 0
-                    if await self._handle_batch(msgs):
+                    in_order = await self._handle_batch(msgs)
+                    if self.stats.stopped:
+                        log.error("consumer %s stopped: %s", self.consumer.name, self.stats.stopped)
+                        return
+                    if in_order:
                         continue
                     log.info(
                         "consumer %s: redelivery seen; restarting after sequence %d",
@@ -293,12 +367,14 @@ class ConsumerRunner:
         items: list[tuple[int, Effects]] = []
         handled: list[Msg] = []
         in_order = True
+        stopped = ""
         last_seq = self._seq
         for msg in msgs:
             meta = msg.metadata
             if meta.num_delivered > 1 and meta.sequence.stream > self._seq:
                 in_order = False  # JetStream redelivers out of order: resume from SQLite
                 break
+            seq_before = last_seq
             handled.append(msg)
             last_seq = max(last_seq, meta.sequence.stream)
             try:
@@ -310,6 +386,16 @@ class ConsumerRunner:
             if event.position <= self.stats.checkpoint:
                 self.stats.skipped += 1
                 continue
+            try:
+                event = admit(self.consumer, event, self._registry)
+            except UnknownSchema as exc:
+                if await self._unknown(event, exc):
+                    items.append((event.position, Effects()))
+                    continue
+                handled.pop()  # policy `stop`: neither applied nor acknowledged
+                last_seq = seq_before
+                stopped = f"{exc} (position {event.position})"
+                break
             items.append((event.position, await self._attempt(event, msg)))
         if last_seq > self._seq:
             await self._commit(items, last_seq)
@@ -321,8 +407,21 @@ class ConsumerRunner:
                     "consumer %s: ack failed; a redelivery will restart delivery",
                     self.consumer.name,
                 )
+        self.stats.stopped = stopped  # once what came before it is committed
         self._progress.set()
         return in_order
+
+    async def _unknown(self, event: Delivered, error: UnknownSchema) -> bool:
+        """Apply the unknown-event policy; False when the consumer must stop here."""
+        self.stats.unknown += 1
+        policy = self.consumer.unknown_event_policy
+        if policy == "stop":
+            return False
+        if policy == "dead_letter":
+            await self.dead_letter(event, 0, error)
+        else:
+            log.warning("consumer %s: skipped: %s", self.consumer.name, error)
+        return True
 
     async def _attempt(self, event: Delivered, msg: Msg) -> Effects:
         attempt = 1

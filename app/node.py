@@ -31,6 +31,7 @@ from app.http import serve_http
 from app.ingress import Ingress, ViewFn
 from app.metrics import CONTENT_TYPE, Metrics
 from app.relay import Relay
+from app.schemas import register_schemas
 from app.streams import ensure_streams
 from store import EventStore, StoreError, open_event_store
 
@@ -153,6 +154,7 @@ async def open_node(
         nc = await connect(url, name=config.node.name, on_reconnect=on_reconnect)
         stack.push_async_callback(_close, nc)  # runs after the tasks below are cancelled
         await ensure_streams(nc.jetstream(), config.events)
+        await register_schemas(nc.jetstream(), registry, replicas=config.events.replicas)
         tg = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(tg.cancel_scope.cancel)
         await tg.start(runtime.run)
@@ -182,7 +184,7 @@ async def open_node(
         tg.start_soon(after_reconnects)
         runners: dict[str, ConsumerRunner] = {}
         for consumer in consumers(nc, store):
-            runner = ConsumerRunner(nc, store, consumer, config.consumers)
+            runner = ConsumerRunner(nc, store, consumer, config.consumers, registry=registry)
             await tg.start(runner.run)
             runners[consumer.name] = runner
         ingress = Ingress(

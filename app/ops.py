@@ -21,9 +21,17 @@ from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 
-from app.consumers import Consumer, Delivered, Effects, delivered_from_stored, ensure_tables
+from actors import Registry, UnknownSchema
+from app.consumers import (
+    Consumer,
+    Delivered,
+    Effects,
+    admit,
+    delivered_from_stored,
+    ensure_tables,
+)
 from app.streams import DLQ_STREAM, EVENTS_STREAM, dlq_subject
-from store import EventStore, StoreError, open_event_store
+from store import EventStore, StoredEvent, StoreError, Transaction, open_event_store
 
 ViewReader = Callable[[EventStore], Any]
 
@@ -183,6 +191,7 @@ async def replay_dead_letters(
     *,
     consumer: str | None = None,
     seq: int | None = None,
+    registry: Registry | None = None,
 ) -> ReplayOutcome:
     """Run each dead letter through its consumer again; delete it once applied.
 
@@ -198,9 +207,9 @@ async def replay_dead_letters(
         if handler is None:
             outcome.failed[letter.seq] = f"no consumer named {letter.consumer!r} here"
             continue
-        event = _delivered_from_letter(letter)
         effects = Effects()
         try:
+            event = admit(handler, _delivered_from_letter(letter), registry)
             await handler.handle(event, effects)
             async with store.transaction() as tx:
                 fresh = await tx.execute(
@@ -238,6 +247,7 @@ async def rebuild_projection(
     progress: Callable[[int, int], None] | None = None,
     swap: bool = True,
     batch: int = 1000,
+    registry: Registry | None = None,
 ) -> RebuildOutcome:
     """Rebuild a read model from the event store, from scratch, then swap it in.
 
@@ -245,7 +255,8 @@ async def rebuild_projection(
     consumer's own handler. Then, in one transaction on the live store, its tables
     are replaced, events committed meanwhile are applied too, and its checkpoint is
     set to the last of them: the live consumer skips what the rebuild already
-    applied and carries on after it.
+    applied and carries on after it. With the `registry`, events reach the handler
+    in their current shape, as the live consumer sees them.
     """
     if consumer.filter_subject.startswith("kaya.evt.") is False or not consumer.tables:
         raise ValueError(f"{consumer.name} has no read model to rebuild")
@@ -262,10 +273,7 @@ async def rebuild_projection(
                 async with scratch.transaction() as tx:
                     for event in stored:
                         if _matches(consumer.filter_subject, event.entity, event.entity_id):
-                            effects = Effects()
-                            await consumer.handle(delivered_from_stored(event), effects)
-                            for sql, params in effects.statements:
-                                await tx.execute(sql, params)
+                            await _apply_stored(consumer, event, registry, tx)
                         events += 1
                     position = stored[-1].position
                     await tx.set_checkpoint(consumer.checkpoint_name(), position)
@@ -276,11 +284,33 @@ async def rebuild_projection(
                 identical = _comparable(await view(scratch)) == _comparable(await view(store))
         if not swap:
             return RebuildOutcome(events, position, identical, False)
-        position = await _swap_in(store, consumer, scratch_path, position)
+        position = await _swap_in(store, consumer, scratch_path, position, registry)
     return RebuildOutcome(events, position, identical, True)
 
 
-async def _swap_in(store: EventStore, consumer: Consumer, scratch: Path, position: int) -> int:
+async def _apply_stored(
+    consumer: Consumer, stored: StoredEvent, registry: Registry | None, tx: Transaction
+) -> None:
+    """One stored event through the consumer as its live runner would take it."""
+    try:
+        event = admit(consumer, delivered_from_stored(stored), registry)
+    except UnknownSchema:
+        if consumer.unknown_event_policy == "stop":
+            raise
+        return  # the live consumer dead-letters or skips it: no effects here either
+    effects = Effects()
+    await consumer.handle(event, effects)
+    for sql, params in effects.statements:
+        await tx.execute(sql, params)
+
+
+async def _swap_in(
+    store: EventStore,
+    consumer: Consumer,
+    scratch: Path,
+    position: int,
+    registry: Registry | None = None,
+) -> int:
     await ensure_tables(store, consumer)
     async with store.transaction(attach={"rebuilt": scratch}) as tx:
         for table in consumer.tables:
@@ -295,15 +325,10 @@ async def _swap_in(store: EventStore, consumer: Consumer, scratch: Path, positio
             )
             if not rows:
                 break
-            from store import StoredEvent
-
             for row in rows:
                 event = StoredEvent(*row)
                 if _matches(consumer.filter_subject, event.entity, event.entity_id):
-                    effects = Effects()
-                    await consumer.handle(delivered_from_stored(event), effects)
-                    for sql, params in effects.statements:
-                        await tx.execute(sql, params)
+                    await _apply_stored(consumer, event, registry, tx)
                 position = event.position
         await tx.set_checkpoint(consumer.checkpoint_name(), position)
     return position

@@ -232,7 +232,8 @@ class Relay:
         if self._position <= self._checkpoint:
             return
         try:
-            async with self._store.transaction() as tx:
+            # no fsync: a checkpoint lost to power loss only means republishing (deduplicated)
+            async with self._store.transaction(durable=False) as tx:
                 await tx.set_checkpoint(CHECKPOINT, self._position)
         except StoreError:
             log.exception("relay: saving the checkpoint failed; will retry")

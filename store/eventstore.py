@@ -65,6 +65,20 @@ class Transaction:
     async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
         await self._db.executemany(sql, rows)
 
+    async def execute_in_order(self, statements: Sequence[tuple[str, Sequence[object]]]) -> None:
+        """Run statements in order; consecutive ones with the same SQL go as one executemany."""
+        start = 0
+        while start < len(statements):
+            sql = statements[start][0]
+            end = start + 1
+            while end < len(statements) and statements[end][0] == sql:
+                end += 1
+            if end - start == 1:
+                await self._db.execute(sql, statements[start][1])
+            else:
+                await self._db.executemany(sql, [params for _, params in statements[start:end]])
+            start = end
+
     async def fetchall(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in await self._db.execute_fetchall(sql, params)]
 
@@ -112,7 +126,9 @@ class EventStore:
         reader: aiosqlite.Connection,
         *,
         max_batch_events: int,
+        synchronous: Synchronous = "FULL",
     ) -> None:
+        self._synchronous = synchronous
         self._writer_connection = writer
         self._reader = reader
         self._max_batch_events = max_batch_events
@@ -251,14 +267,21 @@ class EventStore:
 
     @asynccontextmanager
     async def transaction(
-        self, *, attach: dict[str, Path] | None = None
+        self, *, attach: dict[str, Path] | None = None, durable: bool = True
     ) -> AsyncIterator[Transaction]:
         """Exclusive write transaction; commits on exit, rolls back on any exception.
 
         `attach` names other SQLite files visible in it as `alias.table` (rebuilds).
+        `durable=False` commits without an fsync: for state derived from events
+        (read models, checkpoints) that a replay rebuilds. In WAL mode the log is
+        sequential, so the next durable commit fsyncs it too, and a power loss can
+        only lose a suffix of such commits, each with its checkpoint: never a gap.
         """
         async with self._write_lock:
             db = self._writer
+            relaxed = not durable and self._synchronous in ("FULL", "EXTRA")
+            if relaxed:
+                await db.execute("PRAGMA synchronous = NORMAL")
             for alias, path in (attach or {}).items():
                 await db.execute("ATTACH DATABASE ? AS " + alias, (str(path),))
             try:
@@ -278,9 +301,11 @@ class EventStore:
                     await self._rollback()
                     raise StoreError(f"commit failed: {exc}") from exc
             finally:
-                for alias in attach or {}:
-                    with anyio.CancelScope(shield=True):
+                with anyio.CancelScope(shield=True):
+                    for alias in attach or {}:
                         await db.execute("DETACH DATABASE " + alias)
+                    if relaxed:
+                        await db.execute(f"PRAGMA synchronous = {self._synchronous}")
 
     async def checkpoint(self, name: str) -> int:
         """The position a relay or consumer has durably handled (0: nothing yet)."""
@@ -485,7 +510,7 @@ async def open_event_store(
     except sqlite3.Error as exc:
         await writer.close()
         raise StoreError(f"cannot initialise event store {path}: {exc}") from exc
-    store = EventStore(writer, reader, max_batch_events=max_batch_events)
+    store = EventStore(writer, reader, max_batch_events=max_batch_events, synchronous=synchronous)
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(store._write_loop)

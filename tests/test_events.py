@@ -87,10 +87,15 @@ async def test_events_reach_the_stream_with_the_contract_headers_in_order(
     first = msgs[0].headers or {}
     assert first["Nats-Msg-Id"] == stored[0].event_id
     assert first["Kaya-Event-Type"] == "Opened"
-    assert first["Kaya-Schema-Version"] == "1"
+    assert first["Kaya-Schema-Version"] == "2"  # Opened v2
     assert first["Kaya-Position"] == str(stored[0].position)
     assert first["Kaya-Command-Id"] == "open-1"
-    assert orjson.loads(msgs[0].data) == {"type": "Opened", "owner": "ann", "currency": "EUR"}
+    assert orjson.loads(msgs[0].data) == {
+        "type": "Opened",
+        "owner": "ann",
+        "currency": "EUR",
+        "kind": "personal",
+    }
     assert sum(orjson.loads(m.data).get("amount", 0) for m in msgs) == sum(range(1, 51))
 
 

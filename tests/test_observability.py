@@ -8,6 +8,7 @@ import anyio
 import orjson
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import MetricsConfig
@@ -120,3 +121,72 @@ def test_histogram_quantiles() -> None:
     assert h.quantile(0.5) == 0.001
     assert h.quantile(0.99) == 0.1
     assert h.quantile(1.0) == float("inf")
+
+
+def test_status_view_shows_rates_from_two_snapshots() -> None:
+    from app.status import render_status
+
+    def snapshot(t: float, total: int) -> dict[str, object]:
+        return {
+            "node": "n1", "pid": 1, "nats": "nats://x", "ready": True, "problems": [],
+            "uptime": t, "shards": 16, "time": t,
+            "commands": {"total": total, "by_outcome": {"ok": total}},
+            "ingress": {"inflight": 0},
+            "latency_seconds": {"account": {"p50": 0.001, "p99": 0.01, "count": total}},
+            "actors": {"active": 1, "busy": 0, "mailbox_depth": 0, "crashes": 0},
+            "store": {"last_position": total, "events": total, "queued_appends": 0},
+            "relay": {"backlog": 0, "published": total},
+            "consumers": {"analytics": {"lag": 3, "retries": 0, "dead_letters": 1}},
+        }  # fmt: skip
+
+    view = render_status(snapshot(12.0, 300), snapshot(10.0, 100), dlq=1)
+    assert "100.0/s" in view
+    assert "p99 <= 10.0 ms" in view
+    assert "analytics" in view
+    assert "lag 3" in view
+    assert "1 messages in KAYA_DLQ" in view
+
+
+async def test_one_trace_spans_a_transfer_its_accounts_and_the_stream(
+    node: Node, nc: NATS, uid: str
+) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
+    a, b, t = f"{uid}-a", f"{uid}-b", f"{uid}-t"
+    for account in (a, b):
+        await call(
+            nc, f"kaya.cmd.account.{account}", {"type": "Open", "owner": "o", "currency": "EUR"}
+        )
+    await call(nc, f"kaya.cmd.account.{a}", {"type": "Deposit", "amount": 50})
+    ended = anyio.Event()
+
+    async def on_event(msg: Msg) -> None:
+        if (msg.headers or {}).get("Kaya-Event-Type") in ("Completed", "Failed"):
+            ended.set()
+
+    await nc.subscribe(f"kaya.evt.transfer.{t}", cb=on_event)  # the relay publishes here
+    start = {"type": "Start", "source": a, "target": b, "amount": 20}
+    reply = await nc.request(
+        f"kaya.cmd.transfer.{t}",
+        orjson.dumps(start),
+        headers={"traceparent": traceparent},
+        timeout=5,
+    )
+    assert orjson.loads(reply.data)["ok"] is True
+    with anyio.fail_after(10):
+        await ended.wait()
+    transfer = await node.store.read_stream("transfer", t)
+    assert [e.type for e in transfer][-1] == "Completed"
+    assert all(e.traceparent and trace_id in e.traceparent for e in transfer)
+    debit = (await node.store.read_stream("account", a))[-1]
+    credit = (await node.store.read_stream("account", b))[-1]
+    assert (debit.type, credit.type) == ("Withdrawn", "Deposited")
+    assert trace_id in (debit.traceparent or "")
+    assert trace_id in (credit.traceparent or "")
+    # and the same trace on the events as JetStream carries them
+    with anyio.fail_after(10):
+        await node.relay.wait_caught_up()
+    js = nc.jetstream()
+    sub = await js.subscribe(f"kaya.evt.account.{b}", ordered_consumer=True)
+    seen = [await sub.next_msg(timeout=5) for _ in range(2)]
+    assert trace_id in (seen[-1].headers or {}).get("traceparent", "")

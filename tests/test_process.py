@@ -239,3 +239,18 @@ def test_a_busy_port_is_a_clear_error(tmp_path: Path, running: KayaProcess) -> N
     assert result.returncode == 2
     assert "error: nats-server exited" in result.stderr
     assert "address already in use" in result.stderr
+
+
+def test_status_reads_a_running_node_and_says_when_none_is_there(
+    running: KayaProcess,
+) -> None:
+    once = kaya("status", "--once", "--url", running.url)
+    assert once.returncode == 0, once.stderr
+    status = orjson.loads(once.stdout)
+    assert status["ready"] is True
+    assert status["relay"]["backlog"] == 0
+    assert {"analytics", "notifications"} <= set(status["consumers"])
+
+    nobody = kaya("status", "--url", f"nats://127.0.0.1:{free_port()}")
+    assert nobody.returncode == 2
+    assert nobody.stderr.startswith("error: cannot connect to NATS")

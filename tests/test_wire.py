@@ -41,7 +41,7 @@ async def test_account_lifecycle_over_the_wire(node: Node, nc: NATS, uid: str) -
         "entity": "account",
         "id": uid,
         "version": 1,
-        "events": [{"type": "Opened", "owner": "ann", "currency": "EUR"}],
+        "events": [{"type": "Opened", "owner": "ann", "currency": "EUR", "kind": "personal"}],
     }
     assert (await call(nc, subject, {"type": "Deposit", "amount": 70}))["version"] == 2
     withdrawn = await call(nc, subject, {"type": "Withdraw", "amount": 70})

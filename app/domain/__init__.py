@@ -20,6 +20,11 @@ def reference_registry() -> Registry:
     return Registry([Account(), Transfer()])
 
 
+def reference_consumer_types() -> list[type[Consumer]]:
+    """The classes of `reference_consumers`: what the event dictionary lists as readers."""
+    return [Analytics, Notifications]
+
+
 def reference_read_models() -> list[Consumer]:
     """The consumers whose only effects are their own tables: these can be rebuilt."""
     return [Analytics()]
@@ -44,6 +49,7 @@ __all__ = [
     "Analytics",
     "Notifications",
     "Transfer",
+    "reference_consumer_types",
     "reference_consumers",
     "reference_read_models",
     "reference_registry",

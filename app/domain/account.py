@@ -3,12 +3,15 @@
 Rules: amount > 0 (a field constraint, so a violation is `bad_request`); balance
 never below zero; nothing happens to an account that is not open; close only at
 zero balance.
+
+Schema history: `Opened` v2 (and `Open` v2) added `kind`; v1 accounts were all
+personal, which the v1 -> v2 upcaster states for the v1 events still in the store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -19,17 +22,21 @@ MAX_AMOUNT = 10**15
 MAX_BALANCE = 2**53 - 1
 
 Amount = Annotated[int, msgspec.Meta(gt=0, le=MAX_AMOUNT)]
-Owner = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Owner = Annotated[str, msgspec.Meta(min_length=1, max_length=200, extra={"sensitive": True})]
 Currency = Annotated[str, msgspec.Meta(pattern="^[A-Z]{3}$")]
 Status = Literal["new", "open", "closed"]
+Kind = Literal["personal", "business"]
 
 
 # ---- commands ------------------------------------------------------------------------
 
 
 class Open(Command):
+    schema_version = 2  # v2: `kind`, optional
+
     owner: Owner
     currency: Currency
+    kind: Kind = "personal"
 
 
 class Deposit(Command):
@@ -51,8 +58,11 @@ AccountCommand = Open | Deposit | Withdraw | Close
 
 
 class Opened(Event):
+    schema_version = 2  # v2: `kind`; v1 events are upcast by `_opened_v1_to_v2`
+
     owner: str
     currency: str
+    kind: Kind = "personal"
 
 
 class Deposited(Event):
@@ -70,6 +80,11 @@ class Closed(Event):
 AccountEvent = Opened | Deposited | Withdrawn | Closed
 
 
+def _opened_v1_to_v2(body: dict[str, Any]) -> dict[str, Any]:
+    """Every v1 account was personal: said here, not left to whatever the default becomes."""
+    return {**body, "kind": "personal"}
+
+
 # ---- state ---------------------------------------------------------------------------
 
 
@@ -85,13 +100,14 @@ class Account(Entity[AccountState, AccountCommand, AccountEvent]):
     state_type = AccountState
     command_types = (Open, Deposit, Withdraw, Close)
     event_types = (Opened, Deposited, Withdrawn, Closed)
+    upcasters = {("Opened", 1): _opened_v1_to_v2}
 
     def decide(self, state: AccountState, command: AccountCommand) -> Sequence[AccountEvent]:
         match command:
-            case Open(owner=owner, currency=currency):
+            case Open(owner=owner, currency=currency, kind=kind):
                 if state.status != "new":
                     raise Rejected(f"account is already {state.status}")
-                return [Opened(owner=owner, currency=currency)]
+                return [Opened(owner=owner, currency=currency, kind=kind)]
             case _ if state.status != "open":
                 raise Rejected(f"account is not open (status {state.status})")
             case Deposit(amount=amount):

@@ -19,6 +19,7 @@ _CURRENCY_OF = "(SELECT currency FROM analytics_accounts WHERE id = ?)"
 class Analytics(Consumer):
     name = "analytics"
     filter_subject = "kaya.evt.account.>"
+    accepts = {"Opened": {2}, "Deposited": {1}, "Withdrawn": {1}, "Closed": {1}}
     tables = ("analytics_accounts", "analytics_currencies")
     ddl = """
     CREATE TABLE IF NOT EXISTS analytics_accounts (

@@ -1,0 +1,131 @@
+"""The event dictionary: `kaya catalog`, from the code alone, kept in sync with docs/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from app.catalog import (
+    build_catalog,
+    decide_cases,
+    render_asyncapi,
+    render_markdown,
+    subscribes,
+)
+from app.domain import (
+    Account,
+    Transfer,
+    reference_consumer_types,
+    reference_consumers,
+    reference_registry,
+)
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def catalog() -> Any:
+    return build_catalog(reference_registry(), reference_consumer_types())
+
+
+def test_the_committed_event_dictionary_is_up_to_date() -> None:
+    assert (DOCS / "events.md").read_text() == render_markdown(catalog()), (
+        "run `kaya catalog --output docs/events.md`"
+    )
+    committed = orjson.loads((DOCS / "asyncapi.json").read_bytes())
+    assert committed == render_asyncapi(catalog()), (
+        "run `kaya catalog --format asyncapi --output docs/asyncapi.json`"
+    )
+
+
+def test_kaya_catalog_prints_what_is_committed(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from app.cli import main
+
+    assert main(["catalog"]) == 0
+    assert capsys.readouterr().out == (DOCS / "events.md").read_text()
+    out = tmp_path / "asyncapi.json"
+    assert main(["catalog", "--format", "asyncapi", "--output", str(out)]) == 0
+    assert out.read_bytes() == (DOCS / "asyncapi.json").read_bytes()
+
+
+def test_triggers_are_read_from_decide() -> None:
+    assert decide_cases(Account()) == [
+        ("Open", ["Opened"]),
+        ("Deposit", ["Deposited"]),
+        ("Withdraw", ["Withdrawn"]),
+        ("Close", ["Closed"]),
+    ]
+    cases = dict(decide_cases(Transfer()))
+    assert cases["StepDone(step='debit')"] == ["DebitRefused", "Failed"]
+    assert cases["StepDone(step='credit', ok=True)"] == ["Credited", "Completed"]
+    entries = {(t.entity, t.name): t for t in catalog().types}
+    assert entries["account", "Open"].triggers == ("Opened",)
+    assert entries["transfer", "Failed"].triggers == (
+        "StepDone(step='debit')",
+        "StepDone(step='refund', ok=True)",
+        "StepDone(step='refund')",
+    )
+
+
+def test_readers_versions_and_upcasters_are_listed() -> None:
+    entries = {(t.entity, t.name): t for t in catalog().types}
+    opened = entries["account", "Opened"]
+    assert opened.versions == (1, 2)
+    assert opened.upcast_from == (1,)
+    assert opened.consumers == ("analytics", "notifications")
+    assert entries["transfer", "Started"].consumers == ("notifications",)
+    assert entries["account", "Open"].version == 2
+
+
+def test_the_consumer_classes_are_those_the_node_runs() -> None:
+    running = reference_consumers(None, None)  # type: ignore[arg-type]
+    assert [type(c) for c in running] == reference_consumer_types()
+
+
+@pytest.mark.parametrize(
+    ("filter_subject", "subject", "matches"),
+    [
+        ("kaya.evt.>", "kaya.evt.account.a1", True),
+        ("kaya.evt.account.>", "kaya.evt.account.a1", True),
+        ("kaya.evt.account.>", "kaya.evt.transfer.t1", False),
+        ("kaya.evt.*.a1", "kaya.evt.account.a1", True),
+        ("kaya.evt.account", "kaya.evt.account.a1", False),
+        ("kaya.evt.account.a1.>", "kaya.evt.account.a1", False),
+    ],
+)
+def test_subject_filters(filter_subject: str, subject: str, matches: bool) -> None:
+    assert subscribes(filter_subject, subject) is matches
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return own + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def test_the_asyncapi_document_is_complete_and_self_contained() -> None:
+    doc = render_asyncapi(catalog())
+    assert doc["asyncapi"] == "3.0.0"
+    for ref in _refs(doc):  # every reference resolves inside the document
+        assert ref.startswith("#/"), ref
+        target: Any = doc
+        for token in ref[2:].split("/"):
+            target = target[token]
+    events = doc["channels"]["accountEvents"]
+    assert events["address"] == "kaya.evt.account.{id}"
+    assert set(events["messages"]) == {"Opened", "Deposited", "Withdrawn", "Closed"}
+    receive = doc["operations"]["receiveAccountEvents"]
+    assert receive["action"] == "receive"
+    assert doc["operations"]["sendTransferCommands"]["action"] == "send"
+    opened = doc["components"]["messages"]["account.Opened"]
+    assert opened["headers"]["properties"]["Kaya-Schema-Version"]["enum"] == ["1", "2"]
+    assert opened["headers"]["properties"]["Kaya-Event-Type"]["const"] == "Opened"
+    payload = doc["components"]["schemas"]["Opened"]
+    assert set(payload["properties"]) == {"type", "owner", "currency", "kind"}
