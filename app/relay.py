@@ -31,6 +31,8 @@ from store import EventStore, StoredEvent, StoreError
 log = logging.getLogger("kaya.relay")
 
 CHECKPOINT = "relay"
+SAVE_EVERY = 0.5
+"""Seconds between checkpoint saves while events keep coming (always saved when idle)."""
 
 
 class _Ack(msgspec.Struct):
@@ -93,8 +95,10 @@ class Relay:
         self._outstanding = 0
         self._all_acked = anyio.Event()
         self._rewind_requested = True
-        self._position = 0
-        self._checkpoint = 0
+        self._position = 0  # where reading resumes (moves back on a rewind)
+        self._published = 0  # highest position the broker acknowledged
+        self._checkpoint = 0  # what the store holds: saved at most every SAVE_EVERY seconds
+        self._saved_at = 0.0
         self.published = 0
         self.duplicates = 0
         self.failures = 0
@@ -103,7 +107,7 @@ class Relay:
     @property
     def checkpoint(self) -> int:
         """The last store position the broker has acknowledged (and we saved)."""
-        return self._checkpoint
+        return self._published
 
     def request_rewind(self) -> None:
         """Ask for a republish of the recent past (the broker may have lost it)."""
@@ -114,14 +118,14 @@ class Relay:
             published=self.published,
             duplicates=self.duplicates,
             failures=self.failures,
-            checkpoint=self._checkpoint,
+            checkpoint=self._published,
             committed=await self._store.last_position(),
         )
 
     async def wait_caught_up(self) -> None:
         """Until everything committed so far has been acknowledged by the broker."""
         target = await self._store.last_position()
-        while self._checkpoint < target:
+        while self._published < target:
             self._caught_up = anyio.Event()
             await self._caught_up.wait()
 
@@ -131,7 +135,7 @@ class Relay:
         sub = await self._nc.subscribe(f"{self._inbox}.>", cb=self._on_ack)
         try:
             self._checkpoint = await self._store.checkpoint(CHECKPOINT)
-            self._position = self._checkpoint
+            self._position = self._published = self._checkpoint
             task_status.started()
             failures = 0
             while True:
@@ -140,6 +144,7 @@ class Relay:
                 seen = self._store.commit_count
                 events = await self._store.read_all(self._position, self._batch)
                 if not events:
+                    await self._save_checkpoint()
                     self._caught_up.set()
                     with anyio.move_on_after(1.0):
                         await self._store.wait_for_commit(seen)
@@ -147,7 +152,9 @@ class Relay:
                 acked = await self._publish(events)
                 if acked:
                     self._position = events[acked - 1].position
-                    await self._save_checkpoint()
+                    self._published = max(self._published, self._position)
+                    if time.monotonic() - self._saved_at >= SAVE_EVERY:
+                        await self._save_checkpoint()
                     self._caught_up.set()
                 if acked < len(events):
                     failures += 1
@@ -159,6 +166,7 @@ class Relay:
                     failures = 0
         finally:
             with anyio.CancelScope(shield=True):
+                await self._save_checkpoint()
                 try:
                     await sub.unsubscribe()
                 except Exception:  # the connection may already be closed
@@ -229,6 +237,9 @@ class Relay:
             self._all_acked.set()
 
     async def _save_checkpoint(self) -> None:
+        """Saving is throttled: a lost checkpoint only costs a deduplicated republish, while
+        each save takes the store's write lock, which the group commit is waiting for."""
+        self._saved_at = time.monotonic()
         if self._position <= self._checkpoint:
             return
         try:
