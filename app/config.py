@@ -87,6 +87,8 @@ class EventsConfig(_Section):
 class ConsumersConfig(_Section):
     """Every consumer: durable, ordered, bounded, retried with backoff, dead-lettered."""
 
+    disabled: list[str] = []
+    """Consumers this node does not run (e.g. ["notifications"]): another node may."""
     fetch_batch: Positive = 256
     max_attempts: Positive = 5
     backoff_initial: Seconds = 0.1

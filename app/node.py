@@ -184,6 +184,8 @@ async def open_node(
         tg.start_soon(after_reconnects)
         runners: dict[str, ConsumerRunner] = {}
         for consumer in consumers(nc, store):
+            if consumer.name in config.consumers.disabled:
+                continue
             runner = ConsumerRunner(nc, store, consumer, config.consumers, registry=registry)
             await tg.start(runner.run)
             runners[consumer.name] = runner

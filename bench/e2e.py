@@ -257,6 +257,8 @@ class Settings:
     timeout: float
     scenarios: tuple[str, ...]
     keep_data: bool
+    node_config: str = ""
+    """Extra TOML for the node (e.g. `--no-consumers`), after the defaults."""
 
 
 def run_generator(
@@ -372,7 +374,7 @@ def kaya_round(settings: Settings, number: int) -> dict[str, Any]:
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
     config = workdir / "bench.toml"
-    config.write_text(NODE_CONFIG)
+    config.write_text(NODE_CONFIG + settings.node_config)
     kaya = Path(sys.executable).parent / "kaya"
     node: Child | None = None
     server_pids: list[int] = []
@@ -633,6 +635,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", choices=["echo", "kaya"], help="run one scenario (no ratio is reported)"
     )
     parser.add_argument("--keep-data", action="store_true", help="keep the nodes' data dirs")
+    parser.add_argument(
+        "--no-consumers",
+        action="store_true",
+        help="run the node without its consumers (analytics, notifications): their cost",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     gen = parser.add_argument_group("generator process (internal)")
     gen.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)
@@ -653,6 +660,11 @@ def _resolve(args: argparse.Namespace) -> Settings:
         timeout=args.timeout,
         scenarios=(args.only,) if args.only else ("echo", "kaya"),
         keep_data=args.keep_data,
+        node_config=(
+            '\n[consumers]\ndisabled = ["analytics", "notifications"]\n'
+            if args.no_consumers
+            else ""
+        ),
     )
     if settings.accounts < 1 or settings.inflight < 1 or settings.rounds < 1:
         raise SystemExit("--accounts, --inflight and --rounds must be at least 1")
