@@ -37,6 +37,9 @@ class NatsConfig(_Section):
     """Embedded server's HTTP monitoring port; 0 turns monitoring off."""
     max_payload: Positive = 1024 * 1024
     startup_timeout: Seconds = 10.0
+    sync_always: bool = False
+    """Embedded server fsyncs every JetStream write (`sync_interval: always`). Off by
+    default: the relay's rewind covers a broker that lost unsynced writes, for far less."""
 
 
 class StoreConfig(_Section):

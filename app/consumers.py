@@ -350,7 +350,7 @@ class ConsumerRunner:
             description=f"Kaya consumer {self.consumer.name}",
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=start,
-            ack_policy=AckPolicy.EXPLICIT,
+            ack_policy=AckPolicy.ALL,  # one ack per batch: acking the last acks all before
             ack_wait=self._config.ack_wait,
             max_ack_pending=self._config.fetch_batch,
             filter_subject=self.consumer.filter_subject,
@@ -399,9 +399,9 @@ class ConsumerRunner:
             items.append((event.position, await self._attempt(event, msg)))
         if last_seq > self._seq:
             await self._commit(items, last_seq)
-        for msg in handled:
+        if handled:
             try:
-                await msg.ack()
+                await handled[-1].ack()
             except nats.errors.Error:
                 log.debug(
                     "consumer %s: ack failed; a redelivery will restart delivery",

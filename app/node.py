@@ -65,6 +65,7 @@ def embedded_settings(config: Config) -> ServerSettings:
         shards=config.shards.count,
         max_payload=config.nats.max_payload,
         name=config.node.name,
+        sync_always=config.nats.sync_always,
     )
 
 

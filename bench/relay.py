@@ -98,6 +98,8 @@ VIEW_SUBJECT = "kaya.view.analytics"
 CONSUMERS = ("analytics", "notifications")
 STREAM_POLL = 0.05
 MAX_PROGRESS_POINTS = 200
+SYNC_ALWAYS = ["false"]
+"""`--sync-always`: the node's embedded server fsyncs every JetStream write."""
 
 NODE_CONFIG = """\
 # Written by bench/relay.py: the defaults, except nothing that could clash with another process.
@@ -107,6 +109,7 @@ data_dir = "{data_dir}"
 [nats]
 port = {port}
 monitor_port = 0
+sync_always = {sync_always}
 
 [log]
 level = "warning"
@@ -604,7 +607,7 @@ def running_node(workdir: Path, data_dir: Path, name: str, *, solo: bool) -> Ite
     """
     port = free_port()
     config = workdir / f"{name}.toml"
-    config.write_text(NODE_CONFIG.format(data_dir=data_dir, port=port))
+    config.write_text(NODE_CONFIG.format(data_dir=data_dir, port=port, sync_always=SYNC_ALWAYS[0]))
     if solo:
         argv = [sys.executable, "-m", "bench.relay", "--solo-node", str(config)]
     else:
@@ -1259,6 +1262,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-inflight", type=int, default=5000, help="open-loop in-flight cap")
     parser.add_argument("--keep-data", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--sync-always",
+        action="store_true",
+        help="the node's nats-server fsyncs every write (sync_interval: always)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     internal = parser.add_argument_group("child processes (internal)")
     internal.add_argument("--publisher", action="store_true", help=argparse.SUPPRESS)
@@ -1312,6 +1320,8 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "sync_always", False):
+        SYNC_ALWAYS[0] = "true"
     if args.solo_node:
         return solo_node_main(args.solo_node)
     if args.publisher:
