@@ -154,10 +154,11 @@ def write_config(path: Path, data_dir: Path, *, port: int, extra: str = "") -> P
     return path
 
 
-def start_kaya(config: Path, *, timeout: float = 30) -> KayaProcess:
-    """`kaya run --config CONFIG` as a child; returns once it printed its `ready` line."""
+def start_kaya(config: Path, *, timeout: float = 30, argv: list[str] | None = None) -> KayaProcess:
+    """`kaya run --config CONFIG` (or `argv`) as a child; returns once it printed `ready`."""
     proc = subprocess.Popen(
-        [str(VENV_BIN / "kaya"), "run", "--config", str(config)],
+        argv or [str(VENV_BIN / "kaya"), "run", "--config", str(config)],
+        cwd=Path(__file__).resolve().parent.parent,
         bufsize=0,  # unbuffered: select() and readline() must agree on what is unread
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -173,3 +174,13 @@ def start_kaya(config: Path, *, timeout: float = 30) -> KayaProcess:
     url = next(tok for tok in line.split() if tok.startswith("nats://"))
     drain(proc, "stdout", deque(maxlen=10))
     return KayaProcess(proc, url, line, log)
+
+
+def wait_gone(pid: int, timeout: float = 15) -> bool:
+    """Poll /proc for the process to disappear: a bounded wait on an observable state."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    return False

@@ -13,10 +13,8 @@ from __future__ import annotations
 import random
 import signal
 import sqlite3
-import subprocess
 import sys
-import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +29,10 @@ from nats.errors import NoRespondersError
 from app.config import load_config
 from tests.servers import (
     KayaProcess,
-    drain,
     free_port,
-    pid_alive,
+    start_kaya,
     stop_pid,
-    wait_for_line,
+    wait_gone,
     write_config,
 )
 
@@ -73,44 +70,9 @@ def plan(rng: random.Random) -> list[Planned]:
 
 
 def start_chaos_node(config: Path, seed: int, timeout: float = 30) -> KayaProcess:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.chaos_node",
-            "--config",
-            str(config),
-            "--fail-rate",
-            str(FAIL_RATE),
-            "--seed",
-            str(seed),
-        ],
-        cwd=ROOT,
-        bufsize=0,  # unbuffered: select() and readline() must agree on what is unread
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    log: deque[str] = deque(maxlen=500)
-    drain(proc, "stderr", log)
-    try:
-        line = wait_for_line(proc, "stdout", b"ready", timeout)
-    except BaseException:
-        stop_pid(proc, signal.SIGKILL)
-        raise
-    url = next(tok for tok in line.split() if tok.startswith("nats://"))
-    drain(proc, "stdout", deque(maxlen=10))
-    return KayaProcess(proc, url, line, log)
-
-
-def wait_gone(pid: int, timeout: float = 15) -> bool:
-    """Poll /proc for the process to disappear: a bounded wait on an observable state."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
+    argv = [sys.executable, "-m", "tests.chaos_node", "--config", str(config),
+            "--fail-rate", str(FAIL_RATE), "--seed", str(seed)]  # fmt: skip
+    return start_kaya(config, timeout=timeout, argv=argv)
 
 
 # ---- talking to it -------------------------------------------------------------------

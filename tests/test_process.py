@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import anyio
@@ -20,9 +19,9 @@ from tests.servers import (
     VENV_BIN,
     KayaProcess,
     free_port,
-    pid_alive,
     start_kaya,
     stop_pid,
+    wait_gone,
     write_config,
 )
 
@@ -37,16 +36,6 @@ def kaya(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
-
-
-def wait_gone(pid: int, timeout: float = 15) -> bool:
-    """Poll /proc for the process to disappear: a bounded wait on an observable state."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def history(config: Path, entity_id: str) -> list[dict[str, object]]:
