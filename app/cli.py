@@ -368,6 +368,16 @@ async def _tail(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _slo(args: argparse.Namespace) -> int:
+    from app.slo import render
+
+    for path, data in render(_config(args).slo).items():
+        await anyio.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        await anyio.Path(path).write_bytes(data)
+        print(f"wrote {path}")
+    return 0
+
+
 async def _status(args: argparse.Namespace) -> int:
     """Polls `kaya.health`; rates come from the difference of two snapshots."""
     from nats.errors import NoRespondersError
@@ -551,6 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--count", type=int, default=0, help="stop after N events")
     remote(tail)
     tail.set_defaults(handler=_tail)
+
+    slo = sub.add_parser("slo", help="write the alerting rules and dashboard from [slo]")
+    slo.add_argument("action", choices=["export"])
+    common(slo, node=False)
+    slo.set_defaults(handler=_slo)
 
     status = sub.add_parser("status", help="a live view of a running node (Ctrl-C to quit)")
     remote(status)

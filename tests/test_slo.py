@@ -53,3 +53,17 @@ async def test_every_metric_used_exists(
         for sample in family.samples
     }
     assert used <= exported, f"unknown metrics: {sorted(used - exported)}"
+
+
+def test_the_cli_writes_the_same_files(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.servers import VENV_BIN
+
+    result = subprocess.run(
+        [str(VENV_BIN / "kaya"), "slo", "export", "--config", str(ROOT / "config.toml")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for path in (RULES_PATH, DASHBOARD_PATH):
+        assert (tmp_path / path).read_bytes() == (ROOT / path).read_bytes()
