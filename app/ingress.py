@@ -131,6 +131,10 @@ class Ingress:
             ("views", "kaya.view.>", self._on_view),
         ):
             await service.add_endpoint(name=name, subject=subject, handler=handler)
+        # nats-py's flush() can write its PING ahead of SUBs still queued in its buffer, so
+        # one PONG does not prove the server has them; the second flush's PING goes after
+        # them. Without it, the first request after `ready` may get "no responders".
+        await self._nc.flush()
         await self._nc.flush()
         self._service = service
 
