@@ -7,13 +7,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import msgspec
 import nats
 import orjson
 import pytest
 from nats.aio.client import Client as NATS
-from nats.errors import NoRespondersError
 
 from actors import Registry
 from app.config import Config, IngressConfig, NatsConfig, NodeConfig
@@ -85,17 +83,7 @@ async def call(
     """One request over the wire, decoded."""
     data = body if isinstance(body, bytes) else orjson.dumps(body)
     headers = {"Kaya-Command-Id": command_id} if command_id else None
-    for _ in range(20):
-        try:
-            msg = await nc.request(subject, data, timeout=timeout, headers=headers)
-            break
-        except NoRespondersError:
-            # Known: ~3 in 100 node starts, the first request from a connection that was
-            # open before the node subscribed gets "no responders" although the node had
-            # flushed its subscriptions; the next one is served. Clients retry 503s anyway.
-            await anyio.sleep(0.05)
-    else:
-        raise AssertionError(f"no responders on {subject}")
+    msg = await nc.request(subject, data, timeout=timeout, headers=headers)
     reply: dict[str, Any] = orjson.loads(msg.data)
     return reply
 
