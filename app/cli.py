@@ -624,6 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code if isinstance(exc, CliError) else 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `kaya status --once | head`: the reader had enough
+        return 0
     except Exception as exc:  # the last line of defence: one line, not a traceback
         from app.embedded import ServerError
         from app.schemas import SchemaConflict

@@ -598,3 +598,20 @@ async def test_a_client_cannot_take_a_step_command_id(node: Node, nc: NATS) -> N
     assert (await start(nc, t, a, b, 30))["ok"] is True
     assert (await wait_ended(nc, t))["status"] == "completed"
     assert await balances(nc, a, b) == [70, 30]
+
+
+@pytest.mark.anyio
+async def test_a_transfer_from_a_missing_account_fails_without_dead_letters(
+    node: Node, nc: NATS
+) -> None:
+    b, t = fresh("b"), fresh("t")
+    await open_account(nc, b, 0)
+    assert (await start(nc, t, fresh("nobody"), b, 5))["ok"] is True
+    state = await wait_ended(nc, t)
+    assert state["status"] == "failed"
+    assert "not open" in state["reason"]
+    with anyio.fail_after(10):
+        await node.relay.wait_caught_up()
+        last = await node.store.last_position()
+        await node.consumers["notifications"].wait_for_position(last)
+    assert node.consumers["notifications"].stats.dead_lettered == 0

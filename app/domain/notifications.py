@@ -109,7 +109,10 @@ class Notifications(Consumer):
             if not rows:
                 raise UnknownOwner(f"no Started seen for transfer {event.entity_id}")
             source = str(rows[0][0])
-        owner = await self._owner_of(source)
+        try:
+            owner = await self._owner_of(source)
+        except UnknownOwner:
+            return  # the source account never existed (that is why it failed): nobody to tell
         message = {
             "dedup_key": event.event_id,
             "entity": "transfer",
