@@ -124,6 +124,11 @@ class SloConfig(_Section):
     overload_ratio_max: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.01
 
 
+class TracingConfig(_Section):
+    otlp_endpoint: str = ""
+    """OTLP/HTTP collector base URL (e.g. http://127.0.0.1:4318); empty: no spans at all."""
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -140,6 +145,7 @@ class Config(_Section):
     shards: ShardsConfig = ShardsConfig()
     metrics: MetricsConfig = MetricsConfig()
     slo: SloConfig = SloConfig()
+    tracing: TracingConfig = TracingConfig()
     log: LogConfig = LogConfig()
 
     @property

@@ -36,7 +36,7 @@ import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import anyio
 import msgspec
@@ -49,6 +49,9 @@ from nats.js.errors import NotFoundError
 
 from actors import Registry, UnknownSchema
 from app.config import ConsumersConfig
+
+if TYPE_CHECKING:
+    from app.tracing import Tracing
 from app.relay import event_headers
 from app.streams import EVENT_SUBJECTS, EVENTS_STREAM, dlq_subject, event_subject
 from store import EventStore, StoredEvent, StoreError
@@ -274,7 +277,9 @@ class ConsumerRunner:
         config: ConsumersConfig,
         *,
         registry: Registry | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
+        self._tracing = tracing
         self._nc = nc
         self._registry = registry
         self._js: JetStreamContext = nc.jetstream()
@@ -424,6 +429,21 @@ class ConsumerRunner:
         return True
 
     async def _attempt(self, event: Delivered, msg: Msg) -> Effects:
+        if self._tracing is None:
+            return await self._attempts(event, msg)
+        attributes = {
+            "kaya.consumer": self.consumer.name,
+            "kaya.event": event.type,
+            "kaya.entity": event.entity,
+            "kaya.id": event.entity_id,
+            "kaya.position": event.position,
+        }
+        with self._tracing.span(
+            f"kaya.consume {self.consumer.name}", event.traceparent, attributes
+        ):
+            return await self._attempts(event, msg)
+
+    async def _attempts(self, event: Delivered, msg: Msg) -> Effects:
         attempt = 1
         while True:
             effects = Effects()

@@ -21,7 +21,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import nats.errors
@@ -43,7 +43,10 @@ from actors import (
 )
 from actors.saga import Saga
 from app.config import IngressConfig
-from app.metrics import CommandMetrics
+from app.metrics import CommandMetrics, reply_outcome
+
+if TYPE_CHECKING:
+    from app.tracing import Tracing
 
 log = logging.getLogger("kaya.ingress")
 
@@ -88,7 +91,9 @@ class Ingress:
         node_name: str,
         views: Mapping[str, ViewFn] | None = None,
         metrics: CommandMetrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
+        self._tracing = tracing
         self._views = dict(views or {})
         # step command ids of sagas are derived as "<saga>/<id>/<step>": a client must not
         # be able to take one (its command would stand in for the saga's step)
@@ -155,6 +160,7 @@ class Ingress:
 
     async def _on_command(self, request: Request) -> None:
         msg: Msg = request._msg
+        span = None
         try:
             self._admit(msg)
             entity_name, entity_id = parse_subject(msg.subject, "cmd")
@@ -180,15 +186,25 @@ class Ingress:
             traceparent = headers.get(HEADER_TRACEPARENT)
             if traceparent is not None and not TRACEPARENT.fullmatch(traceparent):
                 traceparent = None  # W3C: an invalid traceparent is ignored, not an error
+            if self._tracing is not None:
+                span, traceparent = self._tracing.start(
+                    "kaya.command",
+                    traceparent,
+                    {"kaya.entity": entity.name, "kaya.id": entity_id,
+                     "kaya.command": type(command).__name__},
+                    server=True,
+                )  # fmt: skip
             self._runtime.tell(
                 entity,
                 entity_id,
                 command,
-                self._replier(msg.reply, entity.name, type(command).__name__),
+                self._replier(msg.reply, entity.name, type(command).__name__, span),
                 command_id=command_id,
                 traceparent=traceparent,
             )
         except KayaError as exc:
+            if span is not None and self._tracing is not None:
+                self._tracing.finish(span, exc.code)
             await self._refuse(msg, exc)
             return
         self._inflight += 1
@@ -237,9 +253,10 @@ class Ingress:
         if self._inflight >= self._config.max_inflight:
             raise Overloaded(f"{self._inflight} requests in flight; retry later")
 
-    def _replier(self, reply_to: str, entity: str, command: str) -> Any:
+    def _replier(self, reply_to: str, entity: str, command: str, span: Any = None) -> Any:
         nc = self._nc
         record = self.metrics.record
+        tracing = self._tracing
         started = time.perf_counter()
 
         async def reply(data: bytes) -> None:
@@ -250,6 +267,8 @@ class Ingress:
             if reply_to:
                 await nc.publish(reply_to, data)
             record(entity, command, data, time.perf_counter() - started)
+            if span is not None and tracing is not None:
+                tracing.finish(span, reply_outcome(data))
 
         return reply
 

@@ -156,6 +156,12 @@ async def open_node(
         stack.push_async_callback(_close, nc)  # runs after the tasks below are cancelled
         await ensure_streams(nc.jetstream(), config.events)
         await register_schemas(nc.jetstream(), registry, replicas=config.events.replicas)
+        tracing = None
+        if config.tracing.otlp_endpoint:
+            from app.tracing import Tracing  # imported only when tracing is on
+
+            tracing = Tracing(config.tracing.otlp_endpoint, node=config.node.name)
+            stack.callback(tracing.shutdown)  # flushes batched spans, after the tasks stop
         tg = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(tg.cancel_scope.cancel)
         await tg.start(runtime.run)
@@ -187,7 +193,9 @@ async def open_node(
         for consumer in consumers(nc, store):
             if consumer.name in config.consumers.disabled:
                 continue
-            runner = ConsumerRunner(nc, store, consumer, config.consumers, registry=registry)
+            runner = ConsumerRunner(
+                nc, store, consumer, config.consumers, registry=registry, tracing=tracing
+            )
             await tg.start(runner.run)
             runners[consumer.name] = runner
         ingress = Ingress(
@@ -197,6 +205,7 @@ async def open_node(
             config.ingress,
             node_name=config.node.name,
             views=views(store),
+            tracing=tracing,
         )
         node = Node(config, url, nc, store, runtime, ingress, registry, server, relay, runners)
         await _serve_health(node, tg)

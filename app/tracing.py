@@ -1,0 +1,77 @@
+"""Tracing: OpenTelemetry spans exported over OTLP/HTTP (Jaeger and collectors accept it).
+
+Off unless `[tracing] otlp_endpoint` is set, and then the only cost on the command path
+is one span per command and one per consumed event. The W3C `traceparent` is what
+travels: the ingress starts a span as a child of the caller's traceparent (or a new
+trace) and hands the *span's* traceparent to the actor, which stores it with the
+events; the relay puts it on the JetStream messages; consumers and saga steps continue
+from it. So a transfer, its steps, both accounts' events and the notifications share
+one trace id, with the ingress and consumer spans exported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+_propagator = TraceContextTextMapPropagator()
+
+
+class Tracing:
+    """One node's tracer provider; `shutdown()` flushes what is batched."""
+
+    def __init__(self, endpoint: str, *, node: str) -> None:
+        self._provider = TracerProvider(
+            resource=Resource.create({"service.name": "kaya", "service.instance.id": node})
+        )
+        exporter = OTLPSpanExporter(endpoint=endpoint.rstrip("/") + "/v1/traces", timeout=5)
+        self._provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
+        self._tracer = self._provider.get_tracer("kaya")
+
+    def start(
+        self, name: str, traceparent: str | None, attributes: dict[str, Any], *, server: bool
+    ) -> tuple[Span, str]:
+        """A span continuing `traceparent`, and the traceparent that names the new span."""
+        parent = _propagator.extract({"traceparent": traceparent} if traceparent else {})
+        span = self._tracer.start_span(
+            name,
+            context=parent,
+            kind=SpanKind.SERVER if server else SpanKind.CONSUMER,
+            attributes=attributes,
+        )
+        carrier: dict[str, str] = {}
+        _propagator.inject(carrier, context=set_span_in_context(span))
+        return span, carrier["traceparent"]
+
+    @contextmanager
+    def span(
+        self, name: str, traceparent: str | None, attributes: dict[str, Any]
+    ) -> Iterator[Span]:
+        span, _ = self.start(name, traceparent, attributes, server=False)
+        try:
+            yield span
+        except Exception as exc:
+            span.set_status(Status(StatusCode.ERROR, str(exc)))
+            raise
+        finally:
+            span.end()
+
+    def finish(self, span: Span, outcome: str) -> None:
+        span.set_attribute("kaya.outcome", outcome)
+        if outcome not in ("ok", "rejected"):
+            span.set_status(Status(StatusCode.ERROR, outcome))
+        span.end()
+
+    def force_flush(self) -> None:
+        self._provider.force_flush(timeout_millis=5000)
+
+    def shutdown(self) -> None:
+        self._provider.shutdown()
