@@ -48,6 +48,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from actors import Registry, UnknownSchema
+from actors.runtime import trace_id
 from app.config import ConsumersConfig
 
 if TYPE_CHECKING:
@@ -233,6 +234,17 @@ async def ensure_tables(store: EventStore, consumer: Consumer) -> None:
         async with store.transaction() as tx:
             for statement in filter(None, (s.strip() for s in consumer.ddl.split(";"))):
                 await tx.execute(statement)
+
+
+def _log_fields(consumer: str, event: Delivered) -> dict[str, Any]:
+    """What a log line about an event carries, so it can be found from its trace."""
+    return {
+        "consumer": consumer,
+        "entity": event.entity,
+        "id": event.entity_id,
+        "event_id": event.event_id,
+        "trace_id": trace_id(event.traceparent),
+    }
 
 
 async def _unsubscribe(sub: Any) -> None:
@@ -463,6 +475,7 @@ class ConsumerRunner:
                     event.position,
                     attempt,
                     exc,
+                    extra=_log_fields(self.consumer.name, event),
                 )
                 await anyio.sleep(
                     backoff(
@@ -538,6 +551,7 @@ class ConsumerRunner:
             event.position,
             attempts,
             error,
+            extra=_log_fields(self.consumer.name, event),
         )
 
     async def _dead_letter_raw(self, msg: Msg, error: BaseException) -> None:

@@ -160,7 +160,11 @@ async def open_node(
         if config.tracing.otlp_endpoint:
             from app.tracing import Tracing  # imported only when tracing is on
 
-            tracing = Tracing(config.tracing.otlp_endpoint, node=config.node.name)
+            tracing = Tracing(
+                config.tracing.otlp_endpoint,
+                node=config.node.name,
+                sample_ratio=config.tracing.sample_ratio,
+            )
             stack.callback(tracing.shutdown)  # flushes batched spans, after the tasks stop
         tg = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(tg.cancel_scope.cancel)

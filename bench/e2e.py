@@ -636,6 +636,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--keep-data", action="store_true", help="keep the nodes' data dirs")
     parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="export OpenTelemetry spans to a sink collector in this process: their cost",
+    )
+    parser.add_argument(
         "--no-consumers",
         action="store_true",
         help="run the node without its consumers (analytics, notifications): their cost",
@@ -647,6 +652,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     gen.add_argument("--per-account", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def start_span_sink() -> str:
+    """An OTLP/HTTP endpoint that accepts and discards spans (a collector at zero cost)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def _resolve(args: argparse.Namespace) -> Settings:
@@ -664,7 +690,8 @@ def _resolve(args: argparse.Namespace) -> Settings:
             '\n[consumers]\ndisabled = ["analytics", "notifications"]\n'
             if args.no_consumers
             else ""
-        ),
+        )
+        + (f'\n[tracing]\notlp_endpoint = "{start_span_sink()}"\n' if args.tracing else ""),
     )
     if settings.accounts < 1 or settings.inflight < 1 or settings.rounds < 1:
         raise SystemExit("--accounts, --inflight and --rounds must be at least 1")

@@ -5,6 +5,7 @@ Real nats-server (fresh per test), real SQLite, the node in-process.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import uuid
 from collections import defaultdict
@@ -339,8 +340,13 @@ async def picky_total(node: Node) -> int:
 
 
 async def test_a_poison_event_is_dead_lettered_and_replayed_once_fixed(
-    nats_server: NatsServer, tmp_path: Path, nc: NATS, uid: str
+    nats_server: NatsServer,
+    tmp_path: Path,
+    nc: NATS,
+    uid: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="kaya.consumers")
     config = node_config(
         nats_server,
         tmp_path,
@@ -353,13 +359,25 @@ async def test_a_poison_event_is_dead_lettered_and_replayed_once_fixed(
         subject = f"kaya.cmd.account.{uid}"
         await call(nc, subject, open_cmd())
         await call(nc, subject, {"type": "Deposit", "amount": 50})
-        poison = await call(nc, subject, {"type": "Deposit", "amount": 500})
+        trace = "0af7651916cd43dd8448eb211c80319c"
+        reply = await nc.request(
+            subject,
+            orjson.dumps({"type": "Deposit", "amount": 500}),
+            headers={"traceparent": f"00-{trace}-b7ad6b7169203331-01"},
+            timeout=10,
+        )
+        poison = orjson.loads(reply.data)
         await call(nc, subject, {"type": "Deposit", "amount": 7})
         await caught_up(node)
         runner = node.consumers["picky"]
         assert runner.stats.dead_lettered == 1
         assert runner.stats.retries == 2
         assert await picky_total(node) == 57  # the consumer moved on past the poison
+        # its log lines say which event, and which trace, so the request can be followed
+        lines = [r for r in caplog.records if getattr(r, "consumer", None) == "picky"]
+        assert len(lines) == 3  # two retries, one dead letter
+        assert {getattr(r, "trace_id", None) for r in lines} == {trace}
+        assert {getattr(r, "id", None) for r in lines} == {uid}
 
         js = nc.jetstream()
         letters = await list_dead_letters(js, "picky")

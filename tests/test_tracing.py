@@ -73,7 +73,8 @@ async def test_a_transfer_is_one_trace_across_ingress_and_consumers(
 ) -> None:
     endpoint = f"http://127.0.0.1:{collector.server_address[1]}"
     config = node_config(nats_server, tmp_path)
-    config = msgspec.structs.replace(config, tracing=TracingConfig(otlp_endpoint=endpoint))
+    tracing = TracingConfig(otlp_endpoint=endpoint, sample_ratio=1.0)
+    config = msgspec.structs.replace(config, tracing=tracing)
     a, b, t = f"{uid}-a", f"{uid}-b", f"{uid}-t"
     async with open_node(config) as node:
         for account in (a, b):
@@ -113,3 +114,23 @@ async def test_a_transfer_is_one_trace_across_ingress_and_consumers(
     # commands without a traceparent start traces of their own
     others = {trace for name, trace, _ in collector.spans if name == "kaya.command"}
     assert len(others) >= 4
+
+
+@pytest.mark.anyio
+async def test_unsampled_traces_export_nothing_but_still_propagate(
+    nats_server: NatsServer, tmp_path: Path, nc: NATS, uid: str, collector: Collector
+) -> None:
+    endpoint = f"http://127.0.0.1:{collector.server_address[1]}"
+    tracing = TracingConfig(otlp_endpoint=endpoint, sample_ratio=0.0)
+    config = msgspec.structs.replace(node_config(nats_server, tmp_path), tracing=tracing)
+    async with open_node(config) as node:
+        # the caller asked not to sample (flags 00): followed, nothing exported
+        await nc.request(
+            f"kaya.cmd.account.{uid}",
+            orjson.dumps({"type": "Open", "owner": "o", "currency": "EUR"}),
+            headers={"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-00"},
+            timeout=5,
+        )
+        stored = await node.store.read_stream("account", uid)
+    assert TRACE_ID in (stored[0].traceparent or "")  # the trace id still travels
+    assert collector.spans == []
