@@ -198,7 +198,7 @@ class Ingress:
                 entity,
                 entity_id,
                 command,
-                self._replier(msg.reply, entity.name, type(command).__name__, span),
+                self._replier(msg.reply, entity.name, type(command).__name__, span, traceparent),
                 command_id=command_id,
                 traceparent=traceparent,
             )
@@ -253,8 +253,17 @@ class Ingress:
         if self._inflight >= self._config.max_inflight:
             raise Overloaded(f"{self._inflight} requests in flight; retry later")
 
-    def _replier(self, reply_to: str, entity: str, command: str, span: Any = None) -> Any:
+    def _replier(
+        self,
+        reply_to: str,
+        entity: str,
+        command: str,
+        span: Any = None,
+        traceparent: str | None = None,
+    ) -> Any:
+        """The reply callback; it carries the command's traceparent back to the caller."""
         nc = self._nc
+        headers = {HEADER_TRACEPARENT: traceparent} if traceparent else None
         record = self.metrics.record
         tracing = self._tracing
         started = time.perf_counter()
@@ -265,7 +274,7 @@ class Ingress:
             if self._inflight == 0:
                 self._idle.set()
             if reply_to:
-                await nc.publish(reply_to, data)
+                await nc.publish(reply_to, data, headers=headers)
             record(entity, command, data, time.perf_counter() - started)
             if span is not None and tracing is not None:
                 tracing.finish(span, reply_outcome(data))

@@ -173,6 +173,7 @@ async def test_one_trace_spans_a_transfer_its_accounts_and_the_stream(
         timeout=5,
     )
     assert orjson.loads(reply.data)["ok"] is True
+    assert (reply.headers or {})["traceparent"] == traceparent  # the reply names the trace
     with anyio.fail_after(10):
         await ended.wait()
     transfer = await node.store.read_stream("transfer", t)

@@ -89,8 +89,14 @@ async def test_a_transfer_is_one_trace_across_ingress_and_consumers(
 
         await nc.subscribe(f"kaya.evt.transfer.{t}", cb=on_event)
         start = {"type": "Start", "source": a, "target": b, "amount": 20}
-        await nc.request(f"kaya.cmd.transfer.{t}", orjson.dumps(start), timeout=5,
-                         headers={"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"})  # fmt: skip
+        caller = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+        reply = await nc.request(
+            f"kaya.cmd.transfer.{t}", orjson.dumps(start), headers={"traceparent": caller}
+        )
+        # with tracing on, the reply names the ingress span: same trace, a new span id
+        returned = (reply.headers or {})["traceparent"]
+        assert returned.split("-")[1] == TRACE_ID
+        assert returned.split("-")[2] != "00f067aa0ba902b7"
         with anyio.fail_after(10):
             await ended.wait()
             await node.relay.wait_caught_up()
