@@ -23,6 +23,8 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
@@ -40,6 +42,10 @@ if TYPE_CHECKING:
     from actors.runtime import ActorRuntime
 
 log = logging.getLogger("kaya.sagas")
+
+StepObserver = Callable[[str, str, str, str | None], AbstractContextManager[str | None]]
+"""Wraps one saga step (saga, id, step, traceparent) and yields the traceparent its
+commands carry: how the app layer adds a tracing span without actors/ knowing of it."""
 
 TRANSIENT = frozenset({"overloaded", "unavailable", "internal"})
 """Reply codes that say nothing about the step: try it again (same command id)."""
@@ -97,7 +103,9 @@ class SagaDriver:
         *,
         retry_initial: float = 0.05,
         retry_max: float = 2.0,
+        observe_step: StepObserver | None = None,
     ) -> None:
+        self._observe_step = observe_step
         self._runtime = runtime
         self._store = store
         self._registry = registry
@@ -161,6 +169,22 @@ class SagaDriver:
         trace: str | None,
     ) -> None:
         """One step: the same trace as the command that led to it, so a transfer is one trace."""
+        observed = (
+            self._observe_step(saga.name, saga_id, step.name, trace)
+            if self._observe_step is not None
+            else contextlib.nullcontext(trace)
+        )
+        with observed as step_trace:
+            await self._step(saga, saga_id, step, key, step_trace)
+
+    async def _step(
+        self,
+        saga: Saga,
+        saga_id: str,
+        step: Step,
+        key: tuple[str, str, str],
+        trace: str | None,
+    ) -> None:
         try:
             command_id = saga.step_command_id(saga_id, step)
             deadline = None

@@ -169,7 +169,8 @@ async def open_node(
         tg = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(tg.cancel_scope.cancel)
         await tg.start(runtime.run)
-        await tg.start(SagaDriver(runtime, store, registry).run)
+        observe = tracing.saga_step if tracing is not None else None
+        await tg.start(SagaDriver(runtime, store, registry, observe_step=observe).run)
         tg.start_soon(_expire_replies, store, config.store.reply_retention)
         relay = Relay(
             nc,

@@ -68,6 +68,19 @@ class Tracing:
         finally:
             span.end()
 
+    @contextmanager
+    def saga_step(
+        self, saga: str, saga_id: str, step: str, traceparent: str | None
+    ) -> Iterator[str | None]:
+        """A span around one saga step; its commands carry the span's traceparent."""
+        attributes = {"kaya.saga": saga, "kaya.id": saga_id, "kaya.step": step}
+        span, child = self.start(f"kaya.saga {saga} {step}", traceparent, attributes,
+                                 server=False)  # fmt: skip
+        try:
+            yield child
+        finally:
+            span.end()
+
     def finish(self, span: Span, outcome: str) -> None:
         span.set_attribute("kaya.outcome", outcome)
         if outcome not in ("ok", "rejected"):

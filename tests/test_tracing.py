@@ -113,6 +113,7 @@ async def test_a_transfer_is_one_trace_across_ingress_and_consumers(
     assert "kaya.command" in names
     assert "kaya.consume analytics" in names
     assert "kaya.consume notifications" in names
+    assert {"kaya.saga transfer debit", "kaya.saga transfer credit"} <= names
     commands = [attrs for name, attrs in traced if name == "kaya.command"]
     assert commands[0]["kaya.command"] == "Start"
     consumed = {attrs["kaya.id"] for name, attrs in traced if name == "kaya.consume analytics"}
