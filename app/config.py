@@ -127,7 +127,7 @@ class SloConfig(_Section):
 class TracingConfig(_Section):
     otlp_endpoint: str = ""
     """OTLP/HTTP collector base URL (e.g. http://127.0.0.1:4318); empty: no spans at all."""
-    sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.1
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.01
     """Share of new traces recorded; a caller's sampled traceparent is always followed."""
 
 

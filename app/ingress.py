@@ -186,6 +186,7 @@ class Ingress:
             traceparent = headers.get(HEADER_TRACEPARENT)
             if traceparent is not None and not TRACEPARENT.fullmatch(traceparent):
                 traceparent = None  # W3C: an invalid traceparent is ignored, not an error
+            asked = traceparent is not None
             if self._tracing is not None:
                 span, traceparent = self._tracing.start(
                     "kaya.command",
@@ -198,7 +199,14 @@ class Ingress:
                 entity,
                 entity_id,
                 command,
-                self._replier(msg.reply, entity.name, type(command).__name__, span, traceparent),
+                self._replier(
+                    msg.reply,
+                    entity.name,
+                    type(command).__name__,
+                    span,
+                    # a caller that sent a trace, or a recorded span, gets it back
+                    traceparent if asked or span is not None else None,
+                ),
                 command_id=command_id,
                 traceparent=traceparent,
             )
