@@ -74,9 +74,3 @@ def error_from(exc: KayaError) -> bytes:
 
 def decode_reply(data: bytes) -> AnyReply:
     return _decoder.decode(data)
-
-
-def reply_code(data: bytes) -> str:
-    """`ok` or the error code of an encoded reply: cheap enough for metrics and logs."""
-    reply = _decoder.decode(data)
-    return "ok" if reply.ok else (reply.error.code if reply.error else "internal")

@@ -174,58 +174,48 @@ class SagaDriver:
             if self._observe_step is not None
             else contextlib.nullcontext(trace)
         )
-        with observed as step_trace:
-            await self._step(saga, saga_id, step, key, step_trace)
-
-    async def _step(
-        self,
-        saga: Saga,
-        saga_id: str,
-        step: Step,
-        key: tuple[str, str, str],
-        trace: str | None,
-    ) -> None:
-        try:
-            command_id = saga.step_command_id(saga_id, step)
-            deadline = None
-            if step.timeout is not None:
-                deadline = await step_deadline(
-                    self._store, saga.name, saga_id, step.name, time.time() + step.timeout
-                )
-            target = self._registry.get(step.entity)
-            attempt = 0
-            while True:
-                done = None
-                try:
-                    reply = await self._runtime.ask(
-                        target,
-                        step.entity_id,
-                        step.command,
-                        command_id=command_id,
-                        deadline=deadline,
-                        traceparent=trace,
+        with observed as trace:
+            try:
+                command_id = saga.step_command_id(saga_id, step)
+                deadline = None
+                if step.timeout is not None:
+                    deadline = await step_deadline(
+                        self._store, saga.name, saga_id, step.name, time.time() + step.timeout
                     )
-                    done = saga.step_result(step, decode_reply(reply))
-                except KayaError as exc:  # overloaded or unavailable right now
-                    log.debug("saga %s/%s step %s: %s", saga.name, saga_id, step.name, exc)
-                if done is not None:
-                    break
-                attempt += 1
-                self.retries += 1
-                await anyio.sleep(self._backoff(attempt))
-            await self._report(saga, saga_id, done, f"{command_id}/done", trace)
-            self.steps_done += 1
-            if step.timeout is not None:
-                await forget_deadline(self._store, saga.name, saga_id, step.name)
-        except Exception:
-            log.exception(
-                "saga %s/%s step %s failed; it resumes on the next activation",
-                saga.name,
-                saga_id,
-                step.name,
-            )
-        finally:
-            self._running.discard(key)
+                target = self._registry.get(step.entity)
+                attempt = 0
+                while True:
+                    done = None
+                    try:
+                        reply = await self._runtime.ask(
+                            target,
+                            step.entity_id,
+                            step.command,
+                            command_id=command_id,
+                            deadline=deadline,
+                            traceparent=trace,
+                        )
+                        done = saga.step_result(step, decode_reply(reply))
+                    except KayaError as exc:  # overloaded or unavailable right now
+                        log.debug("saga %s/%s step %s: %s", saga.name, saga_id, step.name, exc)
+                    if done is not None:
+                        break
+                    attempt += 1
+                    self.retries += 1
+                    await anyio.sleep(self._backoff(attempt))
+                await self._report(saga, saga_id, done, f"{command_id}/done", trace)
+                self.steps_done += 1
+                if step.timeout is not None:
+                    await forget_deadline(self._store, saga.name, saga_id, step.name)
+            except Exception:
+                log.exception(
+                    "saga %s/%s step %s failed; it resumes on the next activation",
+                    saga.name,
+                    saga_id,
+                    step.name,
+                )
+            finally:
+                self._running.discard(key)
         self._wake(saga, saga_id)  # look again: the next step may have been skipped meanwhile
 
     async def _report(

@@ -43,7 +43,7 @@ from actors import (
 )
 from actors.saga import Saga
 from app.config import IngressConfig
-from app.metrics import CommandMetrics, reply_outcome
+from app.metrics import CommandMetrics
 
 if TYPE_CHECKING:
     from app.tracing import Tracing
@@ -283,9 +283,9 @@ class Ingress:
                 self._idle.set()
             if reply_to:
                 await nc.publish(reply_to, data, headers=headers)
-            record(entity, command, data, time.perf_counter() - started)
+            outcome = record(entity, command, data, time.perf_counter() - started)
             if span is not None and tracing is not None:
-                tracing.finish(span, reply_outcome(data))
+                tracing.finish(span, outcome)
 
         return reply
 

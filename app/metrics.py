@@ -14,9 +14,8 @@ registry, outcomes from the contract's error codes).
 from __future__ import annotations
 
 import bisect
-import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -82,14 +81,16 @@ class CommandMetrics:
         self.latency: defaultdict[str, Histogram] = defaultdict(Histogram)
         self.overloaded = 0
 
-    def record(self, entity: str, command: str, reply: bytes, seconds: float | None) -> None:
-        """`seconds` None: refused before it was queued, so no latency worth measuring."""
+    def record(self, entity: str, command: str, reply: bytes, seconds: float | None) -> str:
+        """Count the reply; return its outcome. `seconds` None: refused before it was queued,
+        so no latency worth measuring."""
         outcome = reply_outcome(reply)
         self.outcomes[(entity, command, outcome)] += 1
         if seconds is not None:
             self.latency[entity].observe(seconds)
         if outcome == "overloaded":
             self.overloaded += 1
+        return outcome
 
 
 def reply_outcome(reply: bytes) -> str:
@@ -211,8 +212,3 @@ class Metrics:
         # the one figure that needs the database, read before the synchronous collect
         self.collector.snapshot = {"last_position": await self._node.store.last_position()}
         return generate_latest(self.registry)
-
-
-def stopwatch() -> Callable[[], float]:
-    start = time.perf_counter()
-    return lambda: time.perf_counter() - start
