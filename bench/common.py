@@ -375,3 +375,57 @@ def write_results(name: str, results: dict[str, Any], started: dt.datetime) -> l
         tmp.write_text(text)
         tmp.replace(path)
     return [stamped, latest]
+
+
+# ---- targets -----------------------------------------------------------------------------
+
+
+def target(
+    name: str,
+    value: float,
+    baseline: float,
+    goal: float,
+    *,
+    unit: str = "ratio",
+    lower_is_better: bool = False,
+) -> dict[str, Any]:
+    """A target from the issue as data: `value / baseline` against `goal`, met or not.
+
+    Targets are ratios measured in the same run (the machine is shared and noisy);
+    `unit` says what the ratio means when it is not plain throughput over
+    throughput (e.g. "x p99"). With `lower_is_better` (latency, memory) the
+    target is met when the ratio is at most `goal`. Pass `baseline=1.0` for an
+    absolute goal (e.g. RSS in MiB).
+    """
+    ratio = value / baseline if baseline else math.nan
+    met = ratio <= goal if lower_is_better else ratio >= goal
+    return {
+        "name": name,
+        "value": value,
+        "baseline": baseline,
+        "ratio": ratio,
+        "goal": goal,
+        "unit": unit,
+        "lower_is_better": lower_is_better,
+        "met": bool(met) and not math.isnan(ratio),
+    }
+
+
+def render_targets(targets: Sequence[dict[str, Any]]) -> str:
+    """One line per target: the ratio, the goal, met or MISSED."""
+    lines = []
+    for t in targets:
+        op = "<=" if t["lower_is_better"] else ">="
+        mark = "met" if t["met"] else "MISSED"
+        lines.append(
+            f"  {t['name']:<52} {t['ratio']:>8.2f} {t['unit']:<8} (goal {op} {t['goal']:g})  {mark}"
+        )
+    return "\n".join(lines)
+
+
+def print_written(paths: Sequence[Path | None]) -> None:
+    """Say where results went, relative to the working directory when under it."""
+    cwd = Path.cwd()
+    for path in paths:
+        if path is not None:
+            print(f"wrote {path.relative_to(cwd) if path.is_relative_to(cwd) else path}")
