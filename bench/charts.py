@@ -77,3 +77,53 @@ def line_chart(
     finally:
         plt.close(fig)
     return path
+
+
+def bar_chart(
+    name: str,
+    title: str,
+    ylabel: str,
+    bars: Mapping[str, Mapping[str, float]],
+    *,
+    note: str = "",
+    logy: bool = False,
+) -> Path | None:
+    """Write `bench/results/<name>.png`: one bar per label at its median, min-max as error bar.
+
+    `bars` maps a label to a spread (`{"median", "min", "max"}`, as bench.common.spread
+    returns): a noisy machine's figure is a range, and the chart shows it.
+    """
+    if not available():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(bars)
+    medians = [bars[k]["median"] for k in labels]
+    low = [bars[k]["median"] - bars[k]["min"] for k in labels]
+    high = [bars[k]["max"] - bars[k]["median"] for k in labels]
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    try:
+        ax.bar(labels, medians, yerr=[low, high], capsize=4, color="tab:blue", alpha=0.8)
+        for x, y in enumerate(medians):
+            ax.annotate(
+                f"{y:,.0f}" if y >= 100 else f"{y:.2f}",
+                (x, y),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        if logy:
+            ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title + (f"\n{note}" if note else ""), fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+        fig.tight_layout()
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        path = RESULTS_DIR / f"{name}.png"
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path

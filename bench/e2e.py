@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import math
 import random
@@ -41,23 +42,22 @@ from typing import Any
 
 import msgspec
 
+from bench.charts import bar_chart
 from bench.common import (
     BenchError,
     Child,
-    child_pids,
     cpu_seconds,
-    ensure_gone,
-    free_port,
     machine_info,
-    memory_kib,
-    nats_server_binary,
     percentile,
+    print_written,
+    render_targets,
     spread,
+    target,
     utc_now,
     versions,
-    wait_for_port,
     write_results,
 )
+from bench.targets import STATEFUL, running
 
 DEPOSIT = b'{"type":"Deposit","amount":1}'
 RESULT_PREFIX = "RESULT "
@@ -262,7 +262,13 @@ class Settings:
 
 
 def run_generator(
-    settings: Settings, url: str, seed: int, workdir: Path, cpu_pids: dict[str, int]
+    settings: Settings,
+    url: str,
+    seed: int,
+    workdir: Path,
+    cpu_pids: dict[str, int],
+    *,
+    accounts: int | None = None,
 ) -> dict[str, Any]:
     """Run one generator process to the end; sample the others' CPU over its window."""
     argv = [
@@ -273,7 +279,7 @@ def run_generator(
         "--url",
         url,
         "--accounts",
-        str(settings.accounts),
+        str(accounts or settings.accounts),
         "--inflight",
         str(settings.inflight),
         "--warmup",
@@ -323,125 +329,52 @@ def _sample_cpu(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def echo_round(settings: Settings, number: int) -> dict[str, Any]:
-    """nats-server + raw echo responder, each its own process, stopped in finally blocks."""
-    workdir = Path(tempfile.mkdtemp(prefix="kaya-bench-echo-"))
-    port = free_port()
-    url = f"nats://127.0.0.1:{port}"
-    server = responder = None
+def scenario_round(settings: Settings, scenario: str, number: int) -> dict[str, Any]:
+    """One round of one scenario on a fresh target: open, load, verify, stop by PID.
+
+    `hotkey` is the kaya target with every request on one account: per-key order
+    serialises it through one mailbox, which is what it measures.
+    """
+    target_name = "kaya" if scenario == "hotkey" else scenario
+    accounts = 1 if scenario == "hotkey" else settings.accounts
+    workdir = Path(tempfile.mkdtemp(prefix=f"kaya-bench-{scenario}-"))
+    out: dict[str, Any] = {"scenario": scenario, "round": number, "accounts": accounts}
     try:
-        server = Child(
-            "nats-server",
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)],
-            workdir / "nats-server.log",
-        )
-        wait_for_port(port, timeout=10, process=server.process)
-        responder = Child(
-            "echo", [sys.executable, "-m", "bench.echo", "--url", url], workdir / "echo.log"
-        )
-        responder.wait_for_line("ready", timeout=20)
-        result = run_generator(
-            settings,
-            url,
-            seed=number,
-            workdir=workdir,
-            cpu_pids={"responder": responder.pid, "nats_server": server.pid},
-        )
-        result.pop("ok_per_account", None)
-        result.pop("unknown_outcome", None)
-    finally:
-        if responder is not None:
-            responder.stop()
-        if server is not None:
-            server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-    return {"scenario": "echo", "round": number, **result}
-
-
-NODE_CONFIG = """\
-# Written by bench/e2e.py: the defaults, except nothing that could clash with another process.
-[nats]
-monitor_port = 0
-
-[log]
-level = "warning"
-"""
-
-
-def kaya_round(settings: Settings, number: int) -> dict[str, Any]:
-    """A fresh node: open the accounts, load it, verify every acknowledged deposit is there."""
-    workdir = Path(tempfile.mkdtemp(prefix="kaya-bench-node-"))
-    port = free_port()
-    url = f"nats://127.0.0.1:{port}"
-    config = workdir / "bench.toml"
-    config.write_text(NODE_CONFIG + settings.node_config)
-    kaya = Path(sys.executable).parent / "kaya"
-    node: Child | None = None
-    server_pids: list[int] = []
-    out: dict[str, Any] = {"scenario": "kaya", "round": number}
-    try:
-        node = Child(
-            "kaya",
-            [
-                str(kaya),
-                "run",
-                "--data-dir",
-                str(workdir / "data"),
-                "--nats-port",
-                str(port),
-                "--config",
-                str(config),
-                "--log-level",
-                "warning",
-            ],
-            workdir / "node.log",
-        )
-        t0 = time.monotonic()
-        node.wait_for_line("ready", timeout=60)
-        out["startup_s"] = round(time.monotonic() - t0, 3)
-        server_pids = child_pids(node.pid)
-        t0 = time.monotonic()
-        asyncio.run(open_accounts(url, settings.accounts))
-        opened_in = time.monotonic() - t0
-        out["open"] = {
-            "accounts": settings.accounts,
-            "seconds": round(opened_in, 3),
-            "per_s": round(settings.accounts / opened_in),
-        }
-        cpu_pids = {"node": node.pid}
-        if len(server_pids) == 1:
-            cpu_pids["nats_server"] = server_pids[0]
-        result = run_generator(settings, url, seed=number, workdir=workdir, cpu_pids=cpu_pids)
-        ok_per_account: list[int] = result.pop("ok_per_account")
-        unknown: dict[str, int] = result.pop("unknown_outcome")
-        out.update(result)
-        out["verification"] = asyncio.run(
-            verify_balances(url, ok_per_account, unknown, seed=number)
-        )
-        out["memory"] = memory_kib(node.pid)
-    finally:
-        if node is not None:
-            t0 = time.monotonic()
-            out["node_exit_code"] = node.stop(timeout=30)
-            out["stop_s"] = round(time.monotonic() - t0, 3)
-            if out["node_exit_code"] != 0:
-                out["node_stderr_tail"] = node.stderr_tail()
-            out["node_stderr"] = _stderr_lines(workdir / "node.log")
-        out["server_left_behind"] = [pid for pid in server_pids if ensure_gone(pid)]
+        with running(target_name, workdir, node_config=settings.node_config) as target:
+            out["startup_s"] = target.info.get("startup_s")
+            stateful = target_name in STATEFUL
+            if stateful:
+                t0 = time.monotonic()
+                asyncio.run(open_accounts(target.url, accounts))
+                opened_in = time.monotonic() - t0
+                out["open"] = {
+                    "accounts": accounts,
+                    "seconds": round(opened_in, 3),
+                    "per_s": round(accounts / opened_in),
+                }
+            result = run_generator(
+                settings,
+                target.url,
+                seed=number,
+                workdir=workdir,
+                cpu_pids=target.cpu_pids,
+                accounts=accounts,
+            )
+            ok_per_account: list[int] = result.pop("ok_per_account")
+            unknown: dict[str, int] = result.pop("unknown_outcome")
+            out.update(result)
+            if stateful:
+                out["verification"] = asyncio.run(
+                    verify_balances(target.url, ok_per_account, unknown, seed=number)
+                )
+            out["memory"] = target.memory()
+        out.update(target.info)
         if settings.keep_data:
             out["workdir"] = str(workdir)
-        else:
+    finally:
+        if not settings.keep_data:
             shutil.rmtree(workdir, ignore_errors=True)
     return out
-
-
-def _stderr_lines(log: Path, limit: int = 5) -> dict[str, Any]:
-    """How many lines the node wrote on stderr (warnings and up, at this log level), first few."""
-    try:
-        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
-    except OSError:
-        return {"count": 0, "first": []}
-    return {"count": len(lines), "first": [x[:300] for x in lines[:limit]]}
 
 
 async def _connect(url: str) -> Any:
@@ -538,8 +471,22 @@ async def verify_balances(
 # ---- summary and output ------------------------------------------------------------------------
 
 
+SCENARIOS = ("echo", "kaya", "hotkey", "naive", "faststream", "eventsourcing")
+QUICK_SCENARIOS = ("echo", "kaya", "hotkey", "naive")
+"""Quick runs leave out the two slowest baselines to stay under a minute."""
+
+GOALS: tuple[tuple[str, str, float, str], ...] = (
+    # (baseline scenario, figure, goal, what the target says), kaya / baseline
+    ("echo", "throughput", 0.5, "end-to-end peak vs raw echo responder"),
+    ("echo", "p99", 2.0, "end-to-end p99 vs echo p99 at 100 in flight"),
+    ("naive", "throughput", 10.0, "vs naive pipeline (one transaction per request)"),
+    ("faststream", "throughput", 2.0, "vs FastStream NATS responder"),
+    ("eventsourcing", "throughput", 10.0, "vs eventsourcing library (SQLite)"),
+)
+
+
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians with min-max per scenario, and the kaya/echo ratios: the figure to quote."""
+    """Medians with min-max per scenario, ratios against kaya from the same rounds."""
     out: dict[str, Any] = {}
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rounds:
@@ -553,18 +500,75 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             "p99.9_ms": spread([r["latency_ms"]["p99.9"] for r in rs]),
             "errors": dict(sum((Counter(r["errors"]) for r in rs), Counter())),
         }
-        if scenario == "kaya":
+        if any("verification" in r for r in rs):
             out[scenario]["verified"] = all(r["verification"]["verified"] for r in rs)
-    if "echo" in by and "kaya" in by:
-        pairs = list(zip(by["echo"], by["kaya"], strict=False))
-        med = {s: out[s] for s in ("echo", "kaya")}
-        out["ratio"] = {
-            "throughput": med["kaya"]["throughput"]["median"] / med["echo"]["throughput"]["median"],
-            "p99": med["kaya"]["p99_ms"]["median"] / med["echo"]["p99_ms"]["median"],
-            "throughput_per_round": [k["throughput"] / e["throughput"] for e, k in pairs],
-            "p99_per_round": [k["latency_ms"]["p99"] / e["latency_ms"]["p99"] for e, k in pairs],
-        }
+    if "kaya" in by:
+        ratios: dict[str, Any] = {}
+        for other, rs in by.items():
+            if other == "kaya":
+                continue
+            pairs = list(zip(rs, by["kaya"], strict=False))
+            ratios[other] = {
+                "throughput": out["kaya"]["throughput"]["median"]
+                / out[other]["throughput"]["median"],
+                "p99": out["kaya"]["p99_ms"]["median"] / out[other]["p99_ms"]["median"],
+                "throughput_per_round": [k["throughput"] / o["throughput"] for o, k in pairs],
+                "p99_per_round": [
+                    k["latency_ms"]["p99"] / o["latency_ms"]["p99"] for o, k in pairs
+                ],
+            }
+        out["kaya_over"] = ratios
     return out
+
+
+def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's end-to-end targets, for the baselines that ran."""
+    out = []
+    kaya = summary.get("kaya")
+    for baseline, figure, goal, what in GOALS:
+        other = summary.get(baseline)
+        if kaya is None or other is None:
+            continue
+        key = "throughput" if figure == "throughput" else "p99_ms"
+        out.append(
+            target(
+                f"e2e {what}",
+                kaya[key]["median"],
+                other[key]["median"],
+                goal,
+                unit="x" if figure == "throughput" else "x p99",
+                lower_is_better=figure == "p99",
+            )
+        )
+    return out
+
+
+def chart(results: dict[str, Any]) -> list[str]:
+    """Throughput and p99 per scenario, medians with the rounds' range as error bars."""
+    summary = results["summary"]
+    names = [s for s in SCENARIOS if s in summary]
+    m, v, s = results["machine"], results["versions"], results["settings"]
+    note = (
+        f"{m['nproc']} cores, {s['accounts']} accounts, {s['inflight']} in flight, git {v['git']}"
+    )
+    paths = [
+        bar_chart(
+            "e2e-throughput",
+            "End-to-end commands/s (median, min-max over rounds)",
+            "req/s",
+            {n: summary[n]["throughput"] for n in names},
+            note=note,
+        ),
+        bar_chart(
+            "e2e-p99",
+            "End-to-end p99 latency (median, min-max over rounds)",
+            "ms",
+            {n: summary[n]["p99_ms"] for n in names},
+            note=note,
+            logy=True,
+        ),
+    ]
+    return [str(p) for p in paths if p is not None]
 
 
 def _fmt_spread(s: dict[str, float], fmt: str) -> str:
@@ -579,7 +583,7 @@ def render(results: dict[str, Any]) -> str:
         f"{s['accounts']} accounts, {s['inflight']} in flight, {s['duration']:g} s measured "
         f"after {s['warmup']:g} s warm-up, {s['rounds']} round(s) each",
         "",
-        f"{'round':<6}{'scenario':<9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}"
+        f"{'round':<6}{'scenario':<14}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}"
         f"  {'verified':<9}{'errors':<16}cpu, in cores (x_loop: its main thread)",
     ]
     for r in results["rounds"]:
@@ -588,29 +592,35 @@ def render(results: dict[str, Any]) -> str:
         verified = "-" if "verification" not in r else str(r["verification"]["verified"]).lower()
         errors = " ".join(f"{k}={n}" for k, n in r["errors"].items()) or "-"
         lines.append(
-            f"{r['round']:<6}{r['scenario']:<9}{r['throughput']:>9,.0f}{lat['p50']:>9.2f}"
+            f"{r['round']:<6}{r['scenario']:<14}{r['throughput']:>9,.0f}{lat['p50']:>9.2f}"
             f"{lat['p99']:>9.2f}{lat['p99.9']:>10.2f}  {verified:<9}{errors:<16}{cpu}"
         )
     summary = results["summary"]
     lines += ["", "median (min-max) over rounds:"]
-    for scenario in ("echo", "kaya"):
+    for scenario in SCENARIOS:
         if scenario in summary:
             x = summary[scenario]
             lines.append(
-                f"  {scenario:<5} {_fmt_spread(x['throughput'], ',.0f')} req/s   "
+                f"  {scenario:<13} {_fmt_spread(x['throughput'], ',.0f'):>24} req/s   "
                 f"p50 {_fmt_spread(x['p50_ms'], '.2f')} ms   "
                 f"p99 {_fmt_spread(x['p99_ms'], '.2f')} ms"
             )
-    if "ratio" in summary:
-        ratio = summary["ratio"]
+    for other, ratio in summary.get("kaya_over", {}).items():
         tp, p99 = ratio["throughput_per_round"], ratio["p99_per_round"]
         lines.append(
-            f"  kaya/echo: throughput {ratio['throughput']:.2f} "
+            f"  kaya/{other:<13} throughput {ratio['throughput']:6.2f} "
             f"(per round {min(tp):.2f}-{max(tp):.2f}), "
-            f"p99 x{ratio['p99']:.1f} (per round {min(p99):.1f}-{max(p99):.1f})"
+            f"p99 x{ratio['p99']:.2f} (per round {min(p99):.2f}-{max(p99):.2f})"
         )
-    if "kaya" in summary:
-        lines.append(f"  kaya verified: {str(summary['kaya']['verified']).lower()}")
+    verified = {
+        k: x["verified"] for k, x in summary.items() if isinstance(x, dict) and "verified" in x
+    }
+    if verified:
+        lines.append(
+            "  verified: " + " ".join(f"{k}={str(ok).lower()}" for k, ok in verified.items())
+        )
+    if results.get("targets"):
+        lines += ["", "targets:", render_targets(results["targets"])]
     return "\n".join(lines)
 
 
@@ -622,17 +632,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench.e2e",
         description="End-to-end deposits through a Kaya node vs a raw NATS echo, same run.",
     )
-    parser.add_argument("--quick", action="store_true", help="500 accounts, 3 s, 1 round each")
-    parser.add_argument("--accounts", type=int, help="accounts opened (default 2000; quick 500)")
+    parser.add_argument(
+        "--quick", action="store_true", help="500 accounts, 3 s, 1 round, fewer baselines"
+    )
+    parser.add_argument("--accounts", type=int, help="accounts opened (default 10000; quick 500)")
     parser.add_argument("--inflight", type=int, default=100, help="concurrent requesters")
-    parser.add_argument("--duration", type=float, help="measured seconds (default 10; quick 3)")
+    parser.add_argument("--duration", type=float, help="measured seconds (default 5; quick 3)")
     parser.add_argument(
         "--warmup", type=float, help="unmeasured seconds first (default 2; quick 1)"
     )
     parser.add_argument("--rounds", type=int, help="rounds of each scenario (default 3; quick 1)")
     parser.add_argument("--timeout", type=float, default=5.0, help="per-request timeout, seconds")
     parser.add_argument(
-        "--only", choices=["echo", "kaya"], help="run one scenario (no ratio is reported)"
+        "--only",
+        help=f"comma-separated scenarios to run, of {','.join(SCENARIOS)} "
+        f"(default all; quick {','.join(QUICK_SCENARIOS)})",
     )
     parser.add_argument("--keep-data", action="store_true", help="keep the nodes' data dirs")
     parser.add_argument(
@@ -678,13 +692,13 @@ def start_span_sink() -> str:
 def _resolve(args: argparse.Namespace) -> Settings:
     quick = bool(args.quick)
     settings = Settings(
-        accounts=args.accounts or (500 if quick else 2000),
+        accounts=args.accounts or (500 if quick else 10_000),
         inflight=args.inflight,
-        duration=args.duration or (3.0 if quick else 10.0),
+        duration=args.duration or (3.0 if quick else 5.0),
         warmup=args.warmup if args.warmup is not None else (1.0 if quick else 2.0),
         rounds=args.rounds or (1 if quick else 3),
         timeout=args.timeout,
-        scenarios=(args.only,) if args.only else ("echo", "kaya"),
+        scenarios=_scenarios(args.only, quick),
         keep_data=args.keep_data,
         node_config=(
             '\n[consumers]\ndisabled = ["analytics", "notifications"]\n'
@@ -700,8 +714,44 @@ def _resolve(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def _scenarios(only: str | None, quick: bool) -> tuple[str, ...]:
+    if not only:
+        return QUICK_SCENARIOS if quick else SCENARIOS
+    chosen = tuple(x.strip() for x in only.split(",") if x.strip())
+    unknown = [x for x in chosen if x not in SCENARIOS]
+    if unknown:
+        raise SystemExit(
+            f"--only: unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}"
+        )
+    return chosen
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop children
+
+
+def run(settings: Settings, quick: bool = False) -> dict[str, Any]:
+    """Every round of every scenario, alternated so drift on the machine hits all alike."""
+    started = utc_now()
+    results: dict[str, Any] = {
+        "benchmark": "e2e",
+        "started_at": started.isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "versions": versions(
+            ("nats-py", "msgspec", "anyio", "uvloop", "faststream", "eventsourcing")
+        ),
+        "settings": {**asdict(settings), "quick": quick},
+        "rounds": [],
+    }
+    rounds: list[dict[str, Any]] = results["rounds"]
+    for number in range(1, settings.rounds + 1):
+        for scenario in settings.scenarios:
+            print(f"round {number}/{settings.rounds}: {scenario} ...", file=sys.stderr, flush=True)
+            rounds.append(scenario_round(settings, scenario, number))
+    results["finished_at"] = utc_now().isoformat(timespec="seconds")
+    results["summary"] = summarize(rounds)
+    results["targets"] = targets(results["summary"])
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -713,31 +763,19 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = _resolve(args)
     signal.signal(signal.SIGTERM, _terminate)
-    started = utc_now()
-    results: dict[str, Any] = {
-        "benchmark": "e2e",
-        "started_at": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "versions": versions(),
-        "settings": {**asdict(settings), "quick": bool(args.quick)},
-        "rounds": [],
-    }
-    rounds: list[dict[str, Any]] = results["rounds"]
-    for number in range(1, settings.rounds + 1):
-        for scenario in settings.scenarios:
-            run = echo_round if scenario == "echo" else kaya_round
-            print(f"round {number}/{settings.rounds}: {scenario} ...", file=sys.stderr, flush=True)
-            rounds.append(run(settings, number))
-    results["finished_at"] = utc_now().isoformat(timespec="seconds")
-    results["summary"] = summarize(rounds)
+    results = run(settings, quick=bool(args.quick))
+    if not args.no_write:
+        results["charts"] = chart(results)
     print(render(results))
     if not args.no_write:
-        for path in write_results("e2e", results, started):
-            print(
-                f"wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}"
-            )
-    kaya = results["summary"].get("kaya")
-    return 1 if kaya is not None and not kaya["verified"] else 0
+        started = dt.datetime.fromisoformat(results["started_at"])
+        print_written([*write_results("e2e", results, started), *map(Path, results["charts"])])
+    failed = [
+        k
+        for k, x in results["summary"].items()
+        if isinstance(x, dict) and x.get("verified") is False
+    ]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -82,7 +82,6 @@ from bench.e2e import (
     RESULT_PREFIX,
     WINDOW_END,
     WINDOW_START,
-    _stderr_lines,
     account_id,
     command_subject,
     open_accounts,
@@ -90,6 +89,7 @@ from bench.e2e import (
     run_generator,
 )
 from bench.e2e import Settings as E2ESettings
+from bench.targets import stderr_lines
 
 EVENTS_PER_ACCOUNT = 100
 """Pre-filled streams hold this many events each: one Opened, then Deposited."""
@@ -628,7 +628,7 @@ def running_node(workdir: Path, data_dir: Path, name: str, *, solo: bool) -> Ite
         info["stop_s"] = round(time.monotonic() - t0, 3)
         if info["node_exit_code"] != 0:
             info["node_stderr_tail"] = child.stderr_tail()
-        info["node_stderr"] = _stderr_lines(log)
+        info["node_stderr"] = stderr_lines(log)
         info["server_left_behind"] = [pid for pid in pids if ensure_gone(pid)]
 
 

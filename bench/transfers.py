@@ -43,8 +43,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,11 +53,7 @@ from bench import e2e
 from bench.common import (
     BenchError,
     Child,
-    child_pids,
-    ensure_gone,
-    free_port,
     machine_info,
-    memory_kib,
     percentile,
     spread,
     utc_now,
@@ -74,6 +68,7 @@ from bench.e2e import (
     open_accounts,
     reply_code,
 )
+from bench.targets import Running, running
 
 EVENT_SUBJECTS = "kaya.evt.transfer.>"
 TERMINAL = ("Completed", "Failed")
@@ -349,63 +344,6 @@ class Settings:
         )
 
 
-@dataclass
-class _Node:
-    child: Child
-    url: str
-    workdir: Path
-    server_pids: list[int]
-
-
-@contextmanager
-def running_node(out: dict[str, Any], keep_data: bool) -> Iterator[_Node]:
-    """A fresh `kaya run` as bench.e2e starts it; stopped by PID, its server checked gone."""
-    workdir = Path(tempfile.mkdtemp(prefix="kaya-bench-transfers-"))
-    port = free_port()
-    config = workdir / "bench.toml"
-    config.write_text(e2e.NODE_CONFIG)
-    kaya = Path(sys.executable).parent / "kaya"
-    child: Child | None = None
-    server_pids: list[int] = []
-    try:
-        child = Child(
-            "kaya",
-            [
-                str(kaya),
-                "run",
-                "--data-dir",
-                str(workdir / "data"),
-                "--nats-port",
-                str(port),
-                "--config",
-                str(config),
-                "--log-level",
-                "warning",
-            ],
-            workdir / "node.log",
-        )
-        t0 = time.monotonic()
-        child.wait_for_line("ready", timeout=60)
-        out["startup_s"] = round(time.monotonic() - t0, 3)
-        server_pids = child_pids(child.pid)
-        yield _Node(child, f"nats://127.0.0.1:{port}", workdir, server_pids)
-        out["memory"] = memory_kib(child.pid)
-    finally:
-        if child is not None:
-            t0 = time.monotonic()
-            out["node_exit_code"] = child.stop(timeout=30)
-            out["stop_s"] = round(time.monotonic() - t0, 3)
-            out["node_stderr"] = e2e._stderr_lines(workdir / "node.log")
-            if out["node_exit_code"] != 0:  # the log is closed by now: read the file
-                lines = (workdir / "node.log").read_text(errors="replace").splitlines()
-                out["node_stderr_tail"] = " | ".join(lines[-8:])
-        out["server_left_behind"] = [pid for pid in server_pids if ensure_gone(pid)]
-        if keep_data:
-            out["workdir"] = str(workdir)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-
 async def _requests(
     url: str, subjects: list[str], body: bytes, *, timeout: float = 10.0
 ) -> list[bytes]:
@@ -482,14 +420,14 @@ def _check(before: list[int], after: list[int], expected_delta: list[int]) -> di
     }
 
 
-def deposits_phase(settings: Settings, node: _Node, seed: int) -> dict[str, Any]:
+def deposits_phase(settings: Settings, node: Running, workdir: Path, seed: int) -> dict[str, Any]:
     before = read_balances(node.url, settings.accounts)
     result = e2e.run_generator(
         settings.deposit_settings(),
         node.url,
         seed=seed,
-        workdir=node.workdir,
-        cpu_pids=_cpu_pids(node),
+        workdir=workdir,
+        cpu_pids=node.cpu_pids,
     )
     ok_per_account: list[int] = result.pop("ok_per_account")
     unknown: dict[str, int] = result.pop("unknown_outcome")
@@ -509,7 +447,7 @@ def deposits_phase(settings: Settings, node: _Node, seed: int) -> dict[str, Any]
     return result
 
 
-def transfers_phase(settings: Settings, node: _Node, seed: int) -> dict[str, Any]:
+def transfers_phase(settings: Settings, node: Running, workdir: Path, seed: int) -> dict[str, Any]:
     before = read_balances(node.url, settings.accounts)
     argv = [
         sys.executable,
@@ -535,8 +473,8 @@ def transfers_phase(settings: Settings, node: _Node, seed: int) -> dict[str, Any
         "--seed",
         str(seed),
     ]
-    cpu_pids = _cpu_pids(node)
-    generator = Child("transfers-generator", argv, node.workdir / "transfers-generator.log")
+    cpu_pids = node.cpu_pids
+    generator = Child("transfers-generator", argv, workdir / "transfers-generator.log")
     try:
         generator.wait_for_line(WINDOW_START, timeout=settings.warmup + 30)
         cpu_before = e2e._sample_cpu(cpu_pids)
@@ -583,18 +521,28 @@ def transfers_phase(settings: Settings, node: _Node, seed: int) -> dict[str, Any
     return result
 
 
-def _cpu_pids(node: _Node) -> dict[str, int]:
-    pids = {"node": node.child.pid}
-    if len(node.server_pids) == 1:
-        pids["nats_server"] = node.server_pids[0]
-    return pids
-
-
 def run_round(settings: Settings, number: int) -> dict[str, Any]:
     # alternate the order, so neither phase always runs on the node with more history
     order = settings.phases if number % 2 else tuple(reversed(settings.phases))
     out: dict[str, Any] = {"round": number, "order": list(order)}
-    with running_node(out, settings.keep_data) as node:
+    workdir = Path(tempfile.mkdtemp(prefix="kaya-bench-transfers-"))
+    try:
+        _run_round(settings, number, order, out, workdir)
+    finally:
+        if settings.keep_data:
+            out["workdir"] = str(workdir)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if "deposits" in out and "transfers" in out:
+        out["ratio"] = out["transfers"]["throughput"] / out["deposits"]["throughput"]
+    return out
+
+
+def _run_round(
+    settings: Settings, number: int, order: tuple[str, ...], out: dict[str, Any], workdir: Path
+) -> None:
+    with running("kaya", workdir) as node:
+        out["startup_s"] = node.info.get("startup_s")
         t0 = time.monotonic()
         asyncio.run(open_accounts(node.url, settings.accounts))
         fund_accounts(node.url, settings.accounts, settings.initial)
@@ -605,7 +553,7 @@ def run_round(settings: Settings, number: int) -> dict[str, Any]:
         for phase in order:
             print(f"  {phase} ...", file=sys.stderr, flush=True)
             run = deposits_phase if phase == "deposits" else transfers_phase
-            out[phase] = run(settings, node, seed=number)
+            out[phase] = run(settings, node, workdir, seed=number)
             # the 1-minute load at the end of a phase: others' work on a shared machine
             out[phase]["loadavg_after"] = round(os.getloadavg()[0], 2)
         final = out[order[-1]].pop("balances_after")
@@ -622,9 +570,8 @@ def run_round(settings: Settings, number: int) -> dict[str, Any]:
             and sum(final) == initial_total + acknowledged
             and all(out[p]["check"]["verified"] for p in order),
         }
-    if "deposits" in out and "transfers" in out:
-        out["ratio"] = out["transfers"]["throughput"] / out["deposits"]["throughput"]
-    return out
+        out["memory"] = node.memory()
+    out.update(node.info)
 
 
 # ---- summary and output --------------------------------------------------------------------

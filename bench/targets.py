@@ -1,0 +1,196 @@
+"""The systems a benchmark drives, each started as real processes and stopped by PID.
+
+Every scenario that sends commands over NATS needs the same few things from what it
+measures: a URL to send to, the PIDs whose CPU and memory to sample, and a
+guarantee that every process is gone afterwards, even when the round fails. The
+targets:
+
+- `kaya`: `kaya run` with a fresh data dir, its embedded nats-server, the defaults
+  except a free port, the log level and monitoring (off unless asked for).
+- `echo`: a nats-server and the raw nats-py echo responder (bench/echo.py): the
+  transport's limit.
+- `naive`, `faststream`, `eventsourcing`: a nats-server and one of the baseline
+  responders in bench/baselines/, each with its own SQLite file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    Child,
+    child_pids,
+    ensure_gone,
+    free_port,
+    memory_kib,
+    nats_server_binary,
+    wait_for_port,
+)
+
+BASELINES = ("naive", "faststream", "eventsourcing")
+TARGETS = ("echo", "kaya", *BASELINES)
+STATEFUL = ("kaya", *BASELINES)
+"""Targets that keep accounts: they need opening first and can be verified afterwards."""
+
+NODE_CONFIG = """\
+# Written by bench/targets.py: the defaults, except nothing that could clash with another process.
+[nats]
+monitor_port = {monitor_port}
+
+[log]
+level = "warning"
+"""
+
+
+@dataclass
+class Running:
+    """A started target: where to send, whom to sample, what was learnt on the way out."""
+
+    name: str
+    url: str
+    main_pid: int
+    """The process that does the work (the node, the responder): its RSS is reported."""
+    cpu_pids: dict[str, int]
+    monitor_url: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def memory(self) -> dict[str, int]:
+        return memory_kib(self.main_pid)
+
+    def server_varz(self) -> dict[str, Any] | None:
+        """nats-server's /varz (slow consumers, connections), when monitoring is on."""
+        if self.monitor_url is None:
+            return None
+        try:
+            with urllib.request.urlopen(f"{self.monitor_url}/varz", timeout=5) as response:
+                varz: dict[str, Any] = json.load(response)
+        except OSError:
+            return None
+        return varz
+
+
+def stderr_lines(log: Path, limit: int = 5) -> dict[str, Any]:
+    """How many lines a process wrote on stderr (warnings and up, at this log level), first few."""
+    try:
+        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return {"count": 0, "first": []}
+    return {"count": len(lines), "first": [x[:300] for x in lines[:limit]]}
+
+
+@contextlib.contextmanager
+def running(
+    name: str, workdir: Path, *, node_config: str = "", monitor: bool = False
+) -> Iterator[Running]:
+    """Start target `name` under `workdir`; yield once it answers; stop everything after."""
+    if name == "kaya":
+        with _running_kaya(workdir, node_config, monitor) as target:
+            yield target
+    elif name == "echo":
+        with _running_responder(name, workdir, ["bench.echo"], monitor) as target:
+            yield target
+    elif name in BASELINES:
+        from bench.baselines import RESPONDERS
+
+        argv = [RESPONDERS[name], "--db", str(workdir / f"{name}.sqlite")]
+        with _running_responder(name, workdir, argv, monitor) as target:
+            yield target
+    else:
+        raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
+
+
+@contextlib.contextmanager
+def _running_kaya(workdir: Path, node_config: str, monitor: bool) -> Iterator[Running]:
+    port = free_port()
+    monitor_port = free_port() if monitor else 0
+    config = workdir / "bench.toml"
+    config.write_text(NODE_CONFIG.format(monitor_port=monitor_port) + node_config)
+    kaya = Path(sys.executable).parent / "kaya"
+    argv = [
+        str(kaya),
+        "run",
+        "--data-dir",
+        str(workdir / "data"),
+        "--nats-port",
+        str(port),
+        "--config",
+        str(config),
+        "--log-level",
+        "warning",
+    ]
+    log = workdir / "node.log"
+    node = Child("kaya", argv, log)
+    server_pids: list[int] = []
+    info: dict[str, Any] = {}
+    try:
+        t0 = time.monotonic()
+        node.wait_for_line("ready", timeout=60)
+        info["startup_s"] = round(time.monotonic() - t0, 3)
+        server_pids = child_pids(node.pid)
+        cpu_pids = {"node": node.pid}
+        if len(server_pids) == 1:
+            cpu_pids["nats_server"] = server_pids[0]
+        yield Running(
+            name="kaya",
+            url=f"nats://127.0.0.1:{port}",
+            main_pid=node.pid,
+            cpu_pids=cpu_pids,
+            monitor_url=f"http://127.0.0.1:{monitor_port}" if monitor else None,
+            info=info,
+        )
+    finally:
+        t0 = time.monotonic()
+        info["node_exit_code"] = node.stop(timeout=30)
+        info["stop_s"] = round(time.monotonic() - t0, 3)
+        if info["node_exit_code"] != 0:
+            info["node_stderr_tail"] = node.stderr_tail()
+        info["node_stderr"] = stderr_lines(log)
+        info["server_left_behind"] = [pid for pid in server_pids if ensure_gone(pid)]
+
+
+@contextlib.contextmanager
+def _running_responder(
+    name: str, workdir: Path, module_argv: list[str], monitor: bool
+) -> Iterator[Running]:
+    """A nats-server of our own and a responder process on it."""
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    server_argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)]
+    monitor_port = free_port() if monitor else 0
+    if monitor:
+        server_argv += ["-m", str(monitor_port)]
+    server = Child("nats-server", server_argv, workdir / "nats-server.log")
+    responder: Child | None = None
+    info: dict[str, Any] = {}
+    try:
+        wait_for_port(port, timeout=10, process=server.process)
+        t0 = time.monotonic()
+        responder = Child(
+            name,
+            [sys.executable, "-m", module_argv[0], "--url", url, *module_argv[1:]],
+            workdir / f"{name}.log",
+        )
+        responder.wait_for_line("ready", timeout=30)
+        info["startup_s"] = round(time.monotonic() - t0, 3)
+        yield Running(
+            name=name,
+            url=url,
+            main_pid=responder.pid,
+            cpu_pids={"responder": responder.pid, "nats_server": server.pid},
+            monitor_url=f"http://127.0.0.1:{monitor_port}" if monitor else None,
+            info=info,
+        )
+    finally:
+        if responder is not None:
+            info["responder_exit_code"] = responder.stop()
+            if info["responder_exit_code"] != 0:
+                info["responder_stderr_tail"] = responder.stderr_tail()
+        server.stop()
