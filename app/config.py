@@ -63,6 +63,14 @@ class ActorsConfig(_Section):
 class IngressConfig(_Section):
     max_inflight: Positive = 10_000
     """Commands and queries accepted but not yet answered; beyond it: `overloaded`."""
+    max_queued: Positive = 1000
+    """Requests received but not yet looked at (the client's per-subscription buffer);
+    beyond it a request is refused `overloaded` before it is decoded."""
+    max_loop_lag: Annotated[float, msgspec.Meta(ge=0)] = 0.015
+    """Seconds the event loop may run behind, while busy with its own work, before
+    commands are refused `overloaded` (queries still served); 0 turns it off. Requests
+    wait for a busy loop in the socket, where nothing else sees them: refusing while
+    it is behind keeps refusals fast."""
     max_body: Positive = 64 * 1024
     """Largest command body in bytes; beyond it: `bad_request`."""
     queue_group: str = "kaya"

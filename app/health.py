@@ -61,7 +61,10 @@ async def node_status(node: Node, commands: CommandMetrics) -> dict[str, Any]:
             "mailbox_depth": runtime.queued,
             "crashes": runtime.crashes,
         },
-        "ingress": {"inflight": node.ingress.inflight},
+        "ingress": {
+            "inflight": node.ingress.inflight,
+            "loop_lag_ms": round(node.ingress.loop_lag * 1000, 1),
+        },
         "store": {
             "last_position": last,
             "commits": store.batches,

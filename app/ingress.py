@@ -43,6 +43,7 @@ from actors import (
 )
 from actors.saga import Saga
 from app.config import IngressConfig
+from app.lag import LoopLag
 from app.metrics import CommandMetrics
 
 if TYPE_CHECKING:
@@ -92,8 +93,10 @@ class Ingress:
         views: Mapping[str, ViewFn] | None = None,
         metrics: CommandMetrics | None = None,
         tracing: Tracing | None = None,
+        lag: LoopLag | None = None,
     ) -> None:
         self._tracing = tracing
+        self._lag = lag
         self._views = dict(views or {})
         # step command ids of sagas are derived as "<saga>/<id>/<step>": a client must not
         # be able to take one (its command would stand in for the saga's step)
@@ -114,6 +117,11 @@ class Ingress:
     @property
     def inflight(self) -> int:
         return self._inflight
+
+    @property
+    def loop_lag(self) -> float:
+        """Seconds the event loop runs behind (smoothed); 0 when not measured."""
+        return self._lag.lag if self._lag is not None else 0.0
 
     @property
     def serving(self) -> bool:
@@ -163,6 +171,9 @@ class Ingress:
         span = None
         try:
             self._admit(msg)
+            lag, max_lag = self._lag, self._config.max_loop_lag
+            if lag is not None and max_lag and lag.behind(max_lag):
+                raise Overloaded(f"node is {lag.lag * 1000:.0f} ms behind; retry later")
             entity_name, entity_id = parse_subject(msg.subject, "cmd")
             entity = self._registry.get(entity_name)
             if len(msg.data) > self._config.max_body:
@@ -258,8 +269,20 @@ class Ingress:
             await self._nc.publish(msg.reply, orjson.dumps({"ok": True, "view": name, **result}))
 
     def _admit(self, msg: Msg) -> None:
+        """Refuse early, before any decoding, while the node is behind.
+
+        Two bounds: requests accepted and not yet answered (the work queued in actors
+        and the store), and requests received but not yet handled, which wait in
+        nats-py's subscription buffer where nothing else bounds them short of its
+        512k-message limit (at which it drops them silently). Past the second, the node
+        sheds the backlog cheaply so refusals come back in milliseconds, not after the
+        seconds it took to reach them.
+        """
         if self._inflight >= self._config.max_inflight:
             raise Overloaded(f"{self._inflight} requests in flight; retry later")
+        sub = self._nc._subs.get(msg._sid) if msg._sid is not None else None  # nats-py internals
+        if sub is not None and sub.pending_msgs > self._config.max_queued:
+            raise Overloaded(f"{sub.pending_msgs} requests queued at this node; retry later")
 
     def _replier(
         self,

@@ -135,6 +135,12 @@ class NodeCollector(Collector):
             "kaya_ingress_inflight", "Requests accepted, not yet answered",
             value=node.ingress.inflight,
         )  # fmt: skip
+        yield GaugeMetricFamily(
+            "kaya_event_loop_lag_seconds",
+            "How late the node's event loop runs timers (smoothed); commands are refused "
+            "above ingress.max_loop_lag",
+            value=node.ingress.loop_lag,
+        )
         runtime = node.runtime.statistics()
         yield GaugeMetricFamily("kaya_actors_active", "Actors in memory", value=runtime.active)
         yield GaugeMetricFamily(

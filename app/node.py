@@ -29,6 +29,7 @@ from app.embedded import EmbeddedServer, ServerSettings, run_embedded_server
 from app.health import node_status, readiness, status_json
 from app.http import serve_http
 from app.ingress import Ingress, ViewFn
+from app.lag import LoopLag
 from app.metrics import CONTENT_TYPE, Metrics
 from app.relay import Relay
 from app.schemas import register_schemas
@@ -172,6 +173,8 @@ async def open_node(
         observe = tracing.saga_step if tracing is not None else None
         await tg.start(SagaDriver(runtime, store, registry, observe_step=observe).run)
         tg.start_soon(_expire_replies, store, config.store.reply_retention)
+        lag = LoopLag()
+        await tg.start(lag.run)
         relay = Relay(
             nc,
             store,
@@ -211,6 +214,7 @@ async def open_node(
             node_name=config.node.name,
             views=views(store),
             tracing=tracing,
+            lag=lag,
         )
         node = Node(config, url, nc, store, runtime, ingress, registry, server, relay, runners)
         await _serve_health(node, tg)
