@@ -35,15 +35,13 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)
-	$(BIN)/python -m bench.e2e
-	$(BIN)/python -m bench.relay
-	$(BIN)/python -m bench.transfers
+# The whole suite, one benchmark after another; JSON, PNG charts and a table of targets
+# under bench/results/ (bench/README.md says what each figure means).
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.suite
 
-bench-quick: $(STAMP)
-	$(BIN)/python -m bench.e2e --quick
-	$(BIN)/python -m bench.relay --quick
-	$(BIN)/python -m bench.transfers --quick
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python -m bench.suite --quick
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -115,7 +115,10 @@ async def generate(s: OpenLoopSettings) -> dict[str, Any]:
     async def on_reply(msg: Any) -> None:
         token = int(msg.subject[prefix_len:])
         if token in outstanding:  # else: already swept as a timeout
-            settle(token, reply_code(msg.data), clock())
+            if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+                settle(token, "no_responders", clock())
+            else:
+                settle(token, reply_code(msg.data), clock())
 
     def sweep(now: int) -> None:
         expired = [t for t, (_, sent_at) in outstanding.items() if now - sent_at > timeout_ns]
