@@ -418,7 +418,7 @@ def render_targets(targets: Sequence[dict[str, Any]]) -> str:
         op = "<=" if t["lower_is_better"] else ">="
         mark = "met" if t["met"] else "MISSED"
         lines.append(
-            f"  {t['name']:<52} {t['ratio']:>8.2f} {t['unit']:<8} (goal {op} {t['goal']:g})  {mark}"
+            f"  {t['name']:<58} {t['ratio']:>8.2f} {t['unit']:<8} (goal {op} {t['goal']:g})  {mark}"
         )
     return "\n".join(lines)
 

@@ -60,6 +60,7 @@ from typing import Any
 import orjson
 
 from app.streams import EVENTS_STREAM
+from bench.charts import bar_chart, line_chart
 from bench.common import (
     BenchError,
     Child,
@@ -71,7 +72,10 @@ from bench.common import (
     machine_info,
     nats_server_binary,
     percentile,
+    print_written,
+    render_targets,
     spread,
+    target,
     utc_now,
     versions,
     wait_for_port,
@@ -1131,6 +1135,56 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's relay target: the relay at >= 80% of raw `publish_async`, same run."""
+    summary = results.get("summary", {})
+    out = []
+    for name, what in (("relay-solo", "relay alone"), ("relay", "relay beside both consumers")):
+        if name in summary and "raw" in summary:
+            out.append(
+                target(
+                    f"relay: {what} vs raw publish_async",
+                    summary[name]["throughput"]["median"],
+                    summary["raw"]["throughput"]["median"],
+                    0.8,
+                )
+            )
+    return out
+
+
+def chart(results: dict[str, Any]) -> list[str]:
+    summary = results.get("summary", {})
+    m, v = results["machine"], results["versions"]
+    note = f"{results['settings']['events']:,} events; {m['nproc']} cores, git {v['git']}"
+    paths = []
+    bars = {
+        name: summary[name]["throughput"]
+        for name in ("raw", "raw-lean", "relay-solo", "relay")
+        if name in summary
+    }
+    if bars:
+        paths.append(
+            bar_chart("relay-throughput", "Events/s into KAYA_EVENTS", "events/s", bars, note=note)
+        )
+    lag = results.get("lag")
+    if lag:
+        series = {
+            f"{what} lag": [(q, lag[key][f"p{q}"]) for q in (50, 90, 99)]
+            for what, key in (("read model", "view_lag_ms"), ("relay", "relay_lag_ms"))
+        }
+        paths.append(
+            line_chart(
+                "relay-lag",
+                f"Lag behind the reply at {lag['rate']:,.0f} deposits/s",
+                "percentile",
+                "ms",
+                series,
+                note=f"{m['nproc']} cores, git {v['git']}",
+            )
+        )
+    return [str(p) for p in paths if p is not None]
+
+
 def _cpu_text(cpu: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.2f}" for k, v in cpu.items()) or "-"
 
@@ -1373,12 +1427,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     results["finished_at"] = utc_now().isoformat(timespec="seconds")
-    print(render(results))
+    results["targets"] = targets(results)
     if not args.no_write:
-        for path in write_results("relay", results, started):
-            print(
-                f"wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}"
-            )
+        results["charts"] = chart(results)
+    print(render(results))
+    if results["targets"]:
+        print("\ntargets:\n" + render_targets(results["targets"]))
+    if not args.no_write:
+        print_written([*write_results("relay", results, started), *map(Path, results["charts"])])
     incomplete = [r for r in results.get("rounds", []) if not r["completed"]]
     lag = results.get("lag")
     return 1 if incomplete or (lag is not None and not lag["caught_up"]) else 0
