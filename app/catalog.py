@@ -24,6 +24,7 @@ from actors import Entity, Registry
 from actors.replies import AnyReply
 from app.consumers import Consumer
 from app.schemas import SCHEMAS_BUCKET, Kind, resolved, schema_key, type_schema
+from app.streams import subscribes
 
 API_VERSION = "1.0.0"
 """The wire contract's version (DESIGN.md: "Wire contract (v1)")."""
@@ -115,17 +116,6 @@ def _trigger(pattern: ast.pattern) -> str:
     if isinstance(pattern, ast.MatchOr):
         return " | ".join(_trigger(p) for p in pattern.patterns)
     return ast.unparse(pattern)
-
-
-def subscribes(filter_subject: str, subject: str) -> bool:
-    """Whether a NATS filter subject (with `*` and `>`) matches a subject."""
-    pattern, tokens = filter_subject.split("."), subject.split(".")
-    for i, token in enumerate(pattern):
-        if token == ">":
-            return len(tokens) > i
-        if i >= len(tokens) or token not in ("*", tokens[i]):
-            return False
-    return len(pattern) == len(tokens)
 
 
 def build_catalog(registry: Registry, consumers: Sequence[type[Consumer]]) -> Catalog:

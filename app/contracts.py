@@ -28,7 +28,6 @@ from typing import Any, Literal
 import orjson
 
 from actors import Registry, UnknownSchema
-from app.catalog import subscribes
 from app.consumers import (
     Consumer,
     Effects,
@@ -38,6 +37,7 @@ from app.consumers import (
     ensure_tables,
 )
 from app.schemas import resolved
+from app.streams import subscribes
 from store import EventStore, StoredEvent
 
 SAMPLE = "contract"

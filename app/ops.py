@@ -30,7 +30,7 @@ from app.consumers import (
     delivered_from_stored,
     ensure_tables,
 )
-from app.streams import DLQ_STREAM, EVENTS_STREAM, dlq_subject
+from app.streams import DLQ_STREAM, EVENTS_STREAM, dlq_subject, event_subject, subscribes
 from store import EventStore, StoredEvent, StoreError, Transaction, open_event_store
 
 ViewReader = Callable[[EventStore], Any]
@@ -272,7 +272,9 @@ async def rebuild_projection(
                     break
                 async with scratch.transaction() as tx:
                     for event in stored:
-                        if _matches(consumer.filter_subject, event.entity, event.entity_id):
+                        if subscribes(
+                            consumer.filter_subject, event_subject(event.entity, event.entity_id)
+                        ):
                             await _apply_stored(consumer, event, registry, tx)
                         events += 1
                     position = stored[-1].position
@@ -327,22 +329,13 @@ async def _swap_in(
                 break
             for row in rows:
                 event = StoredEvent(*row)
-                if _matches(consumer.filter_subject, event.entity, event.entity_id):
+                if subscribes(
+                    consumer.filter_subject, event_subject(event.entity, event.entity_id)
+                ):
                     await _apply_stored(consumer, event, registry, tx)
                 position = event.position
         await tx.set_checkpoint(consumer.checkpoint_name(), position)
     return position
-
-
-def _matches(filter_subject: str, entity: str, entity_id: str) -> bool:
-    tokens = filter_subject.split(".")
-    subject = ["kaya", "evt", entity, entity_id]
-    for i, token in enumerate(tokens):
-        if token == ">":
-            return True
-        if i >= len(subject) or (token != "*" and token != subject[i]):
-            return False
-    return len(tokens) == len(subject)
 
 
 def _comparable(view: Any) -> Any:

@@ -158,11 +158,15 @@ class Relay:
             committed=await self._store.last_position(),
         )
 
+    def _wake_waiters(self) -> None:
+        """Wake every `wait_caught_up`, then arm a fresh event for the next ones."""
+        self._caught_up.set()
+        self._caught_up = anyio.Event()
+
     async def wait_caught_up(self) -> None:
         """Until everything committed so far has been acknowledged by the broker."""
         target = await self._store.last_position()
         while self._published < target:
-            self._caught_up = anyio.Event()
             await self._caught_up.wait()
 
     async def run(
@@ -181,7 +185,7 @@ class Relay:
                 events = await self._store.read_all(self._position, self._batch)
                 if not events:
                     await self._save_checkpoint()
-                    self._caught_up.set()
+                    self._wake_waiters()
                     with anyio.move_on_after(1.0):
                         await self._store.wait_for_commit(seen)
                     continue
@@ -191,7 +195,7 @@ class Relay:
                     self._published = max(self._published, self._position)
                     if time.monotonic() - self._saved_at >= SAVE_EVERY:
                         await self._save_checkpoint()
-                    self._caught_up.set()
+                    self._wake_waiters()
                 if acked < len(events):
                     failures += 1
                     self.failures += 1

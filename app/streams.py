@@ -59,3 +59,14 @@ async def ensure_streams(js: JetStreamContext, config: EventsConfig) -> None:
             await js.update_stream(stream)
         except NotFoundError:
             await js.add_stream(stream)
+
+
+def subscribes(filter_subject: str, subject: str) -> bool:
+    """Whether a NATS filter subject (with `*` and `>`) matches a subject."""
+    pattern, tokens = filter_subject.split("."), subject.split(".")
+    for i, token in enumerate(pattern):
+        if token == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or token not in ("*", tokens[i]):
+            return False
+    return len(pattern) == len(tokens)

@@ -13,7 +13,6 @@ from app.catalog import (
     decide_cases,
     render_asyncapi,
     render_markdown,
-    subscribes,
 )
 from app.domain import (
     Account,
@@ -22,6 +21,7 @@ from app.domain import (
     reference_consumers,
     reference_registry,
 )
+from app.streams import subscribes
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
