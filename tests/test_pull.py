@@ -53,6 +53,11 @@ async def test_batches_come_in_stream_order_and_stop_when_drained(
         await pull.stop()
 
 
+async def _drain_until_gone(pull: LeanPull) -> None:
+    while True:
+        await pull.next_batch(timeout=0.5)
+
+
 async def test_a_deleted_consumer_is_reported_not_waited_on_forever(
     nats_server: NatsServer, nc: NATS
 ) -> None:
@@ -64,7 +69,6 @@ async def test_a_deleted_consumer_is_reported_not_waited_on_forever(
         assert [m.data for m in first] == [b"0", b"1", b"2"]
         await nc.jetstream().delete_consumer("PULLTEST", "c")
         with anyio.fail_after(20), pytest.raises(PullGone):
-            while True:
-                await pull.next_batch(timeout=0.5)
+            await _drain_until_gone(pull)
     finally:
         await pull.stop()
