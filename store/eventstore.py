@@ -7,11 +7,12 @@ projections, checkpoints) run in savepoints of that same open transaction and
 share its fsync instead of paying one each.
 
 Where the work runs matters more than how much there is. Every hop to a thread
-and back costs about 100 µs of latency, and a thread that releases and retakes
-the GIL for every row (as Python's sqlite3 does with executemany) waits for the
-busy event loop each time. So a batch's rows go in as a few multi-row INSERTs on
-the loop's thread, and only the commit (the fsync) hops to the writer's thread:
-one hop per group commit.
+and back costs about 100 µs of latency, so a batch's rows go in on the loop's
+thread as a few multi-row INSERTs (a handful of prepared statements instead of
+one step per row), and only the commit (the fsync) hops to the writer's thread:
+one hop per group commit. A multi-row INSERT, like any statement inside a
+savepoint, stages its rows in a temporary table: `temp_store = MEMORY` keeps
+that off the disk, which was a third of an append's cost (bench.store).
 
 Reads use a second connection: WAL lets them run beside the writer.
 """
@@ -76,9 +77,8 @@ def _insert_rows(
 ) -> None:
     """Insert rows given as one flat parameter list, many rows per statement.
 
-    executemany runs one statement per row and Python's sqlite3 releases and retakes
-    the GIL around each, which the event loop's thread then waits for. Chunks of
-    1, 2, 4 ... 256 rows keep a handful of prepared statements in the cache.
+    Fewer statement steps than executemany's one per row. Chunks of 1, 2, 4 ... 256
+    rows keep a handful of prepared statements in the cache.
     """
     rows = len(params) // width
     done = 0
@@ -784,6 +784,7 @@ def _open_writer(path: Path, synchronous: Synchronous) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA wal_autocheckpoint = 10000")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute("PRAGMA temp_store = MEMORY")  # statement staging: see the module doc
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         conn.executescript(DDL)
         conn.execute(
