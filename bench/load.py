@@ -80,6 +80,7 @@ class Settings:
     overload_duration: float
     timeout: float
     parts: tuple[str, ...]
+    curve_targets: tuple[str, ...] = ("echo", "kaya")
 
 
 # ---- running the generators ------------------------------------------------------------------
@@ -444,16 +445,21 @@ def render(results: dict[str, Any]) -> str:
 # ---- command line ----------------------------------------------------------------------------
 
 
-def resolve(quick: bool, only: str | None = None) -> Settings:
+def resolve(args: argparse.Namespace) -> Settings:
+    quick = bool(args.quick)
+    fractions = QUICK_FRACTIONS if quick else CURVE_FRACTIONS
+    if args.points:
+        fractions = fractions[:: max(1, len(fractions) // args.points)][: args.points]
     return Settings(
         accounts=500 if quick else 10_000,
-        peak_duration=2.0 if quick else 4.0,
-        point_duration=2.0 if quick else 4.0,
+        peak_duration=args.duration or (2.0 if quick else 4.0),
+        point_duration=args.duration or (2.0 if quick else 4.0),
         warmup=0.5 if quick else 1.0,
-        fractions=QUICK_FRACTIONS if quick else CURVE_FRACTIONS,
-        overload_duration=5.0 if quick else 20.0,
+        fractions=fractions,
+        overload_duration=args.overload_duration or (5.0 if quick else 20.0),
         timeout=5.0,
-        parts=(only,) if only else ("curve", "overload"),
+        parts=(args.only,) if args.only else ("curve", "overload"),
+        curve_targets=tuple(args.curve.split(",")) if args.curve else ("echo", "kaya"),
     )
 
 
@@ -468,7 +474,7 @@ def run(settings: Settings, quick: bool = False) -> dict[str, Any]:
     }
     if "curve" in settings.parts:
         results["curves"] = {}
-        for name in ("echo", "kaya"):
+        for name in settings.curve_targets:
             print(f"curve: {name} ...", file=sys.stderr, flush=True)
             results["curves"][name] = curve(settings, name)
     if "overload" in settings.parts:
@@ -492,10 +498,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="500 accounts, 4 points, 5 s overload")
     parser.add_argument("--only", choices=["curve", "overload"], help="run one part")
+    parser.add_argument(
+        "--curve", help="targets for the curve, comma-separated (default echo,kaya)"
+    )
+    parser.add_argument(
+        "--points", type=int, help="offered loads on the curve (default 8; quick 4)"
+    )
+    parser.add_argument("--duration", type=float, help="seconds per curve point and peak")
+    parser.add_argument(
+        "--overload-duration", type=float, help="seconds at 3x (default 20; quick 5)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     args = parser.parse_args(argv)
+    if args.curve and set(args.curve.split(",")) - {"echo", "kaya"}:
+        raise SystemExit("--curve takes echo, kaya or both")
     signal.signal(signal.SIGTERM, _terminate)
-    results = run(resolve(args.quick, args.only), quick=bool(args.quick))
+    results = run(resolve(args), quick=bool(args.quick))
     if not args.no_write:
         results["charts"] = chart(results)
     print(render(results))

@@ -47,17 +47,54 @@ class Benchmark:
     quick_args: tuple[str, ...]
     full_args: tuple[str, ...] = ()
     limit_s: float = 600.0
+    quick: bool = True
+    """Part of the quick suite too (the full suite runs everything)."""
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
-    Benchmark("e2e", "1-2 end-to-end commands, hot key, baselines", ("--quick",)),
-    Benchmark("load", "1, 7 latency vs offered load; overload at 3x peak", ("--quick",)),
-    Benchmark("store", "3 event store alone: group commit vs raw sqlite3", ("--quick",)),
-    Benchmark("relay", "4 relay vs raw publish; read-model lag", ("--quick",)),
-    Benchmark("consumers", "4 consumers vs raw fetch+ack", ("--quick",)),
-    Benchmark("actors", "5 actors in-process: mailboxes, memory, 1M entities", ("--quick",)),
-    Benchmark("recovery", "6 activation vs history, restart vs store size", ("--quick",)),
-    Benchmark("transfers", "sagas: transfers vs deposits", ("--quick",)),
+    # quick: the least that still measures each scenario beside its baseline (~1 min in all)
+    Benchmark(
+        "e2e",
+        "1-2 end-to-end commands, hot key, baselines",
+        ("--quick", "--only", "echo,kaya,naive", "--duration", "1.5", "--warmup", "0.5"),
+    ),
+    Benchmark(
+        "load",
+        "1, 7 latency vs offered load; overload at 3x peak",
+        (
+            "--quick",
+            "--curve",
+            "kaya",
+            "--points",
+            "3",
+            "--duration",
+            "1.5",
+            "--overload-duration",
+            "3",
+        ),
+    ),
+    Benchmark(
+        "store",
+        "3 event store alone: group commit vs raw sqlite3",
+        ("--quick", "--duration", "1", "--warmup", "0.3"),
+    ),
+    Benchmark(
+        "relay",
+        "4 relay vs raw publish; read-model lag",
+        ("--quick", "--events", "10000", "--duration", "3", "--no-solo"),
+    ),
+    Benchmark("consumers", "4 consumers vs raw fetch+ack", ("--quick", "--events", "10000")),
+    Benchmark(
+        "actors",
+        "5 actors in-process: mailboxes, memory, 1M entities",
+        ("--quick", "--sizes", "1000,100000"),
+    ),
+    Benchmark(
+        "recovery",
+        "6 activation vs history, restart vs store size",
+        ("--quick", "--rounds", "3", "--no-unrelayed"),
+    ),
+    Benchmark("transfers", "sagas: transfers vs deposits", ("--quick",), quick=False),
 )
 
 
@@ -165,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     for bench in BENCHMARKS:
         if chosen is not None and bench.name not in chosen:
+            continue
+        if args.quick and not bench.quick and chosen is None:
             continue
         if not _available(bench.name):
             summary["benchmarks"].append({"name": bench.name, "skipped": True})
