@@ -25,7 +25,8 @@ def render_status(current: dict[str, Any], previous: dict[str, Any] | None, dlq:
         "",
         f"commands  {_rate(current, previous, 'commands', 'total'):9.1f}/s"
         f"   total {current['commands']['total']}"
-        f"   in flight {current['ingress']['inflight']}",
+        f"   in flight {current['ingress']['inflight']}"
+        f"   loop lag {current['ingress'].get('loop_lag_ms', 0.0):.1f} ms",
     ]
     outcomes = current["commands"]["by_outcome"]
     if outcomes:
