@@ -66,7 +66,7 @@ class IngressConfig(_Section):
     max_queued: Positive = 1000
     """Requests received but not yet looked at (the client's per-subscription buffer);
     beyond it a request is refused `overloaded` before it is decoded."""
-    max_loop_lag: Annotated[float, msgspec.Meta(ge=0)] = 0.02
+    max_loop_lag: Annotated[float, msgspec.Meta(ge=0)] = 0.05
     """Seconds the event loop may run behind, while busy with its own work, before
     commands are refused `overloaded` (queries still served); 0 turns it off. Requests
     wait for a busy loop in the socket, where nothing else sees them: refusing while

@@ -40,6 +40,7 @@ from actors import (
     Overloaded,
     Registry,
     error_from,
+    error_reply,
 )
 from actors.saga import Saga
 from app.config import IngressConfig
@@ -77,6 +78,12 @@ def parse_subject(subject: str, kind: str) -> tuple[str, str]:
     if not ENTITY_ID.fullmatch(entity_id):
         raise BadRequest(f"id {entity_id!r} must be 1-64 characters of [A-Za-z0-9_-]")
     return entity, entity_id
+
+
+BEHIND = error_reply(
+    "overloaded",
+    "node is behind (its event loop runs later than ingress.max_loop_lag); retry later",
+)
 
 
 class Ingress:
@@ -168,12 +175,17 @@ class Ingress:
 
     async def _on_command(self, request: Request) -> None:
         msg: Msg = request._msg
+        lag, max_lag = self._lag, self._config.max_loop_lag
+        if lag is not None and max_lag and lag.behind(max_lag):
+            # the cheapest answer there is: while shedding, refusals are most of the work
+            self.refused += 1
+            self.metrics.shed()
+            if msg.reply:
+                await self._nc.publish(msg.reply, BEHIND)
+            return
         span = None
         try:
             self._admit(msg)
-            lag, max_lag = self._lag, self._config.max_loop_lag
-            if lag is not None and max_lag and lag.behind(max_lag):
-                raise Overloaded(f"node is {lag.lag * 1000:.0f} ms behind; retry later")
             entity_name, entity_id = parse_subject(msg.subject, "cmd")
             entity = self._registry.get(entity_name)
             if len(msg.data) > self._config.max_body:

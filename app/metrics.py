@@ -92,6 +92,11 @@ class CommandMetrics:
             self.overloaded += 1
         return outcome
 
+    def shed(self) -> None:
+        """A command refused `overloaded` before it was looked at (the loop is behind)."""
+        self.outcomes[("-", "-", "overloaded")] += 1
+        self.overloaded += 1
+
 
 def reply_outcome(reply: bytes) -> str:
     """`ok` or the error code, read off the reply's fixed prefix without decoding it."""

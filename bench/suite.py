@@ -57,6 +57,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "e2e",
         "1-2 end-to-end commands, hot key, baselines",
         ("--quick", "--only", "echo,kaya,naive", "--duration", "1.5", "--warmup", "0.5"),
+        ("--rounds", "2"),
     ),
     Benchmark(
         "load",
@@ -82,8 +83,14 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "relay",
         "4 relay vs raw publish; read-model lag",
         ("--quick", "--events", "10000", "--duration", "3", "--no-solo"),
+        ("--events", "100000", "--rounds", "2"),
     ),
-    Benchmark("consumers", "4 consumers vs raw fetch+ack", ("--quick", "--events", "10000")),
+    Benchmark(
+        "consumers",
+        "4 consumers vs raw fetch+ack",
+        ("--quick", "--events", "10000"),
+        ("--rounds", "2"),
+    ),
     Benchmark(
         "actors",
         "5 actors in-process: mailboxes, memory, 1M entities",
@@ -94,7 +101,9 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "6 activation vs history, restart vs store size",
         ("--quick", "--rounds", "3", "--no-unrelayed"),
     ),
-    Benchmark("transfers", "sagas: transfers vs deposits", ("--quick",), quick=False),
+    Benchmark(
+        "transfers", "sagas: transfers vs deposits", ("--quick",), ("--rounds", "2"), quick=False
+    ),
 )
 
 

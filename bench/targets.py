@@ -15,6 +15,7 @@ targets:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sys
@@ -65,6 +66,17 @@ class Running:
     def memory(self) -> dict[str, int]:
         return memory_kib(self.main_pid)
 
+    def wait_quiet(self, timeout: float = 60.0) -> float:
+        """Until a node has caught up (relay and consumers) and its loop is idle; seconds taken.
+
+        A load step right after a heavy one would otherwise measure the node still
+        relaying and projecting the previous step's events. Other targets have no
+        background work: 0 at once.
+        """
+        if self.name != "kaya":
+            return 0.0
+        return asyncio.run(_wait_quiet(self.url, timeout))
+
     def server_varz(self) -> dict[str, Any] | None:
         """nats-server's /varz (slow consumers, connections), when monitoring is on."""
         if self.monitor_url is None:
@@ -75,6 +87,29 @@ class Running:
         except OSError:
             return None
         return varz
+
+
+QUIET_LOOP_LAG_MS = 5.0
+
+
+async def _wait_quiet(url: str, timeout: float) -> float:
+    import nats
+
+    nc = await nats.connect(url, name="bench-wait-quiet", allow_reconnect=False)
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < timeout:
+            msg = await nc.request("kaya.health", b"", timeout=5)
+            status = json.loads(msg.data)
+            caught_up = status["relay"]["backlog"] == 0 and all(
+                c["lag"] == 0 for c in status["consumers"].values()
+            )
+            if caught_up and status["ingress"]["loop_lag_ms"] < QUIET_LOOP_LAG_MS:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+    return round(time.monotonic() - t0, 2)
 
 
 def stderr_lines(log: Path, limit: int = 5) -> dict[str, Any]:
