@@ -84,6 +84,7 @@ from bench.common import (
     BenchError,
     Child,
     cpu_seconds,
+    fmt_spread,
     machine_busy_seconds,
     machine_info,
     memory_kib,
@@ -1022,10 +1023,6 @@ def _num(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:,.0f}"
 
 
-def _fmt(s: dict[str, float], fmt: str) -> str:
-    return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
-
-
 def render(results: dict[str, Any]) -> str:
     m, v, s = results["machine"], results["versions"], results["settings"]
     summary = results["summary"]
@@ -1041,8 +1038,10 @@ def render(results: dict[str, Any]) -> str:
     ]
     for name, x in summary["throughput"].items():
         lines.append(
-            f"  {name:<15}{_fmt(x['throughput'], ',.0f'):>26}{_fmt(x['x_queue'], '.2f'):>20}"
-            f"{_fmt(x['cpu_us_per_msg'], '.1f'):>20}{_fmt(x['x_queue_cpu'], '.2f'):>20}"
+            f"  {name:<15}{fmt_spread(x['throughput'], ',.0f'):>26}"
+            f"{fmt_spread(x['x_queue'], '.2f'):>20}"
+            f"{fmt_spread(x['cpu_us_per_msg'], '.1f'):>20}"
+            f"{fmt_spread(x['x_queue_cpu'], '.2f'):>20}"
             f"{x['cpu_loop']['median']:>6.2f}{x['cpu_others']['median']:>7.2f}"
         )
     apc = [
@@ -1053,9 +1052,9 @@ def render(results: dict[str, Any]) -> str:
     lines.append(f"  appends per group commit (NORMAL, FULL by round): {apc}")
     ratios = summary["ratios"]
     lines.append(
-        f"  per-round ratios: query/queue {_fmt(ratios['query_over_queue'], '.2f')}, "
-        f"deposit NORMAL/query {_fmt(ratios['deposit_normal_over_query'], '.3f')}, "
-        f"FULL/NORMAL {_fmt(ratios['deposit_full_over_normal'], '.2f')}"
+        f"  per-round ratios: query/queue {fmt_spread(ratios['query_over_queue'], '.2f')}, "
+        f"deposit NORMAL/query {fmt_spread(ratios['deposit_normal_over_query'], '.3f')}, "
+        f"FULL/NORMAL {fmt_spread(ratios['deposit_full_over_normal'], '.2f')}"
     )
     errors = {k: x["errors"] for k, x in summary["throughput"].items() if x["errors"]}
     lines.append(f"  error replies: {errors or 'none'}")

@@ -292,6 +292,13 @@ def spread(values: Sequence[float]) -> dict[str, float]:
     return {"median": mid, "min": ordered[0], "max": ordered[-1]}
 
 
+def fmt_spread(s: dict[str, float], fmt: str = ",.0f") -> str:
+    """`median (min-max)` of a spread, "-" when nothing was measured."""
+    if math.isnan(s["median"]):
+        return "-"
+    return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
+
+
 # ---- provenance --------------------------------------------------------------------------
 
 

@@ -86,8 +86,7 @@ from app.streams import DLQ_STREAM, EVENT_SUBJECTS, EVENTS_STREAM
 from bench.common import (
     BenchError,
     Child,
-    child_pids,
-    ensure_gone,
+    fmt_spread,
     free_port,
     machine_info,
     nats_server_binary,
@@ -108,10 +107,10 @@ from bench.relay import (
     copy_store,
     cpu_share,
     prefill_store,
+    running_node,
     sample_cpu,
     watch_stream,
 )
-from bench.targets import stderr_lines
 
 CONSUMERS = ("analytics", "notifications")
 RAW_SCENARIOS = ("raw", "raw-ackall", "raw-ackall-filtered")
@@ -131,25 +130,6 @@ GOAL = 0.8
 POLL = 0.05
 FETCH_TIMEOUT = 1.0
 """Seconds a fetch waits for messages: ConsumerRunner's value."""
-
-NODE_CONFIG = """\
-# Written by bench/consumers.py: the defaults, except the port, the data dir and:
-[node]
-data_dir = "{data_dir}"
-
-[nats]
-port = {port}
-monitor_port = 0
-
-[log]
-level = "warning"
-
-[events]
-relay_rewind = {rewind}
-
-[consumers]
-disabled = [{disabled}]
-"""
 
 PROFILE_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("fetch (nats-py PullSubscription.fetch)", ("JetStreamContext.PullSubscription.fetch",)),
@@ -335,43 +315,17 @@ def consumer_figures(
 # ---- the template: a node's data dir whose KAYA_EVENTS holds the N events ----------------
 
 
-def node_config_text(data_dir: Path, port: int, *, rewind: float, disabled: Sequence[str]) -> str:
-    return NODE_CONFIG.format(
-        data_dir=data_dir,
-        port=port,
-        rewind=rewind,
-        disabled=", ".join(f'"{name}"' for name in disabled),
-    )
-
-
 @contextlib.contextmanager
 def consumer_node(
     rundir: Path, data_dir: Path, *, rewind: float, disabled: Sequence[str]
 ) -> Iterator[NodeHandle]:
-    """`kaya run` with this benchmark's config; yields once its nats-server accepts
-    connections (the consumers start before the node prints `ready`). Stopped by PID,
-    then its own nats-server is checked gone, as bench/relay.py's `running_node` does."""
-    port = free_port()
-    config = rundir / "node.toml"
-    config.write_text(node_config_text(data_dir, port, rewind=rewind, disabled=disabled))
-    argv = [str(Path(sys.executable).parent / "kaya"), "run", "--config", str(config)]
-    log = rundir / "node.log"
-    info: dict[str, Any] = {}
-    child = Child("node", argv, log)
-    handle = NodeHandle(child, f"nats://127.0.0.1:{port}", time.time(), [], info)
-    try:
-        wait_for_port(port, timeout=60, process=child.process)
-        handle.server_pids = child_pids(child.pid)
+    """`kaya run` (bench/relay.py's `running_node`) with the relay's rewind and the
+    disabled consumers set; yields once its nats-server accepts connections (the
+    consumers start before the node prints `ready`)."""
+    names = ", ".join(f'"{name}"' for name in disabled)
+    extra = f"\n[events]\nrelay_rewind = {rewind}\n\n[consumers]\ndisabled = [{names}]\n"
+    with running_node(rundir, data_dir, "node", solo=False, extra_config=extra) as handle:
         yield handle
-    finally:
-        pids = handle.server_pids or child_pids(child.pid)
-        t0 = time.monotonic()
-        info["node_exit_code"] = child.stop(timeout=30)
-        info["stop_s"] = round(time.monotonic() - t0, 3)
-        if info["node_exit_code"] != 0:
-            info["node_stderr_tail"] = child.stderr_tail()
-        info["node_stderr"] = stderr_lines(log)
-        info["server_left_behind"] = [pid for pid in pids if ensure_gone(pid)]
 
 
 async def _relay_checkpoint(store_path: Path) -> int:
@@ -1003,12 +957,6 @@ def run(quick: bool) -> dict[str, Any]:
 # ---- output ------------------------------------------------------------------------------
 
 
-def _fmt(s: dict[str, float], fmt: str = ",.0f") -> str:
-    if math.isnan(s["median"]):
-        return "-"
-    return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
-
-
 def _cpu(cpu: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.2f}" for k, v in cpu.items()) or "-"
 
@@ -1056,8 +1004,8 @@ def render(results: dict[str, Any]) -> str:
     for name in RAW_SCENARIOS:
         if name in summary:
             lines.append(
-                f"  {name:<40}{_fmt(summary[name]['events_per_s'])}"
-                f"   polled {_fmt(summary[name]['events_per_s_polled'])}"
+                f"  {name:<40}{fmt_spread(summary[name]['events_per_s'])}"
+                f"   polled {fmt_spread(summary[name]['events_per_s_polled'])}"
             )
     for name, running in KAYA_SCENARIOS.items():
         if name not in summary:
@@ -1065,7 +1013,7 @@ def render(results: dict[str, Any]) -> str:
         e = summary[name]
         figures = [*running, *(("both", "sum") if len(running) > 1 else ())]
         for f in figures:
-            lines.append(f"  {name + ' ' + f:<40}{_fmt(e[f])}")
+            lines.append(f"  {name + ' ' + f:<40}{fmt_spread(e[f])}")
         lines.append(
             f"  {'':<40}verified: {str(e['verified']).lower()}; stream grew (relay "
             f"republished): {str(e['relay_republished']).lower()}"

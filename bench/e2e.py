@@ -47,6 +47,7 @@ from bench.common import (
     BenchError,
     Child,
     cpu_seconds,
+    fmt_spread,
     machine_info,
     percentile,
     print_written,
@@ -571,10 +572,6 @@ def chart(results: dict[str, Any]) -> list[str]:
     return [str(p) for p in paths if p is not None]
 
 
-def _fmt_spread(s: dict[str, float], fmt: str) -> str:
-    return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
-
-
 def render(results: dict[str, Any]) -> str:
     m, v, s = results["machine"], results["versions"], results["settings"]
     lines = [
@@ -601,9 +598,9 @@ def render(results: dict[str, Any]) -> str:
         if scenario in summary:
             x = summary[scenario]
             lines.append(
-                f"  {scenario:<13} {_fmt_spread(x['throughput'], ',.0f'):>24} req/s   "
-                f"p50 {_fmt_spread(x['p50_ms'], '.2f')} ms   "
-                f"p99 {_fmt_spread(x['p99_ms'], '.2f')} ms"
+                f"  {scenario:<13} {fmt_spread(x['throughput'], ',.0f'):>24} req/s   "
+                f"p50 {fmt_spread(x['p50_ms'], '.2f')} ms   "
+                f"p99 {fmt_spread(x['p99_ms'], '.2f')} ms"
             )
     for other, ratio in summary.get("kaya_over", {}).items():
         tp, p99 = ratio["throughput_per_round"], ratio["p99_per_round"]

@@ -76,6 +76,7 @@ from bench.common import (
     Child,
     child_pids,
     ensure_gone,
+    fmt_spread,
     free_port,
     machine_info,
     print_written,
@@ -606,10 +607,6 @@ def chart(results: dict[str, Any]) -> list[str]:
     return [str(p) for p in paths if p is not None]
 
 
-def _fmt(s: dict[str, float], fmt: str) -> str:
-    return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
-
-
 def render(results: dict[str, Any]) -> str:
     m, v, s = results["machine"], results["versions"], results["settings"]
     summary = results["summary"]
@@ -629,8 +626,8 @@ def render(results: dict[str, Any]) -> str:
         ]
         for variant, x in summary["activation"]["variants"].items():
             for row in x["by_length"].values():
-                activation = _fmt(row["activation_ms"], ".2f")
-                warm = _fmt(row["warm_query_ms"], ".3f")
+                activation = fmt_spread(row["activation_ms"], ".2f")
+                warm = fmt_spread(row["warm_query_ms"], ".3f")
                 lines.append(
                     f"  {row['events']:>8,}  {variant:<14}{row['replayed']:>9,}  "
                     f"{activation:<26}{warm:<22}"
@@ -656,8 +653,9 @@ def render(results: dict[str, Any]) -> str:
         for case, rows in summary["restart"]["cases"].items():
             for size, row in rows.items():
                 lines.append(
-                    f"  {int(size):>10,}  {case:<10}{_fmt(row['ready_s'], '.2f'):<20}"
-                    f"{_fmt(row['first_reply_s'], '.2f'):<20}{_fmt(row['stop_s'], '.2f'):<20}"
+                    f"  {int(size):>10,}  {case:<10}{fmt_spread(row['ready_s'], '.2f'):<20}"
+                    f"{fmt_spread(row['first_reply_s'], '.2f'):<20}"
+                    f"{fmt_spread(row['stop_s'], '.2f'):<20}"
                 )
         r = summary["restart"]
         lines.append(

@@ -603,7 +603,9 @@ class NodeHandle:
 
 
 @contextlib.contextmanager
-def running_node(workdir: Path, data_dir: Path, name: str, *, solo: bool) -> Iterator[NodeHandle]:
+def running_node(
+    workdir: Path, data_dir: Path, name: str, *, solo: bool, extra_config: str = ""
+) -> Iterator[NodeHandle]:
     """A node (`kaya run`, or the solo runner) on a free port; stopped by PID on the way out.
 
     Yields once its nats-server accepts connections, which is before `ready`: the relay
@@ -611,7 +613,9 @@ def running_node(workdir: Path, data_dir: Path, name: str, *, solo: bool) -> Ite
     """
     port = free_port()
     config = workdir / f"{name}.toml"
-    config.write_text(NODE_CONFIG.format(data_dir=data_dir, port=port, sync_always=SYNC_ALWAYS[0]))
+    config.write_text(
+        NODE_CONFIG.format(data_dir=data_dir, port=port, sync_always=SYNC_ALWAYS[0]) + extra_config
+    )
     if solo:
         argv = [sys.executable, "-m", "bench.relay", "--solo-node", str(config)]
     else:

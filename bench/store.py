@@ -61,6 +61,7 @@ from typing import Any
 
 from bench.common import (
     cpu_seconds,
+    fmt_spread,
     machine_info,
     percentile,
     print_written,
@@ -444,10 +445,6 @@ def run(quick: bool, settings: Settings | None = None) -> dict[str, Any]:
     return results
 
 
-def _fmt(s: dict[str, float], fmt: str) -> str:
-    return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
-
-
 def render(results: dict[str, Any]) -> str:
     m, v, s = results["machine"], results["versions"], results["settings"]
     lines = [
@@ -475,11 +472,13 @@ def render(results: dict[str, Any]) -> str:
         k, raw = x["kaya"], x["raw"]
         per = x["ratio_per_round"]
         lines += [
-            f"  {mode:<7} raw  {_fmt(raw['appends_per_s'], ',.0f')} appends/s "
-            f"(batch {_fmt(raw['batch'], '.0f')}, tx {_fmt(raw['transaction_ms'], '.2f')} ms)",
-            f"  {'':<7} kaya {_fmt(k['appends_per_s'], ',.0f')} appends/s, "
-            f"{_fmt(k['commits_per_s'], ',.0f')} commits/s, batch {_fmt(k['mean_batch'], '.1f')}, "
-            f"p50 {_fmt(k['p50_ms'], '.2f')} ms, p99 {_fmt(k['p99_ms'], '.2f')} ms",
+            f"  {mode:<7} raw  {fmt_spread(raw['appends_per_s'], ',.0f')} appends/s "
+            f"(batch {fmt_spread(raw['batch'], '.0f')}, "
+            f"tx {fmt_spread(raw['transaction_ms'], '.2f')} ms)",
+            f"  {'':<7} kaya {fmt_spread(k['appends_per_s'], ',.0f')} appends/s, "
+            f"{fmt_spread(k['commits_per_s'], ',.0f')} commits/s, "
+            f"batch {fmt_spread(k['mean_batch'], '.1f')}, "
+            f"p50 {fmt_spread(k['p50_ms'], '.2f')} ms, p99 {fmt_spread(k['p99_ms'], '.2f')} ms",
             f"  {'':<7} kaya/raw {x['ratio']:.2f} (per round {min(per):.2f}-{max(per):.2f})",
         ]
     if results.get("targets"):

@@ -53,6 +53,7 @@ from bench import e2e
 from bench.common import (
     BenchError,
     Child,
+    fmt_spread,
     machine_info,
     percentile,
     spread,
@@ -616,10 +617,6 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _fmt(s: dict[str, float], fmt: str) -> str:
-    return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
-
-
 def render(results: dict[str, Any]) -> str:
     m, v, s = results["machine"], results["versions"], results["settings"]
     lines = [
@@ -650,15 +647,15 @@ def render(results: dict[str, Any]) -> str:
     if "deposits" in summary:
         d = summary["deposits"]
         lines.append(
-            f"  deposits   {_fmt(d['throughput'], ',.0f')} commands/s   "
-            f"p50 {_fmt(d['p50_ms'], '.2f')} ms   p99 {_fmt(d['p99_ms'], '.2f')} ms"
+            f"  deposits   {fmt_spread(d['throughput'], ',.0f')} commands/s   "
+            f"p50 {fmt_spread(d['p50_ms'], '.2f')} ms   p99 {fmt_spread(d['p99_ms'], '.2f')} ms"
         )
     if "transfers" in summary:
         t = summary["transfers"]
         lines.append(
-            f"  transfers  {_fmt(t['throughput'], ',.0f')} completed/s   start->completion "
-            f"p50 {_fmt(t['p50_ms'], '.2f')} ms   p99 {_fmt(t['p99_ms'], '.2f')} ms   "
-            f"p99.9 {_fmt(t['p99.9_ms'], '.2f')} ms"
+            f"  transfers  {fmt_spread(t['throughput'], ',.0f')} completed/s   start->completion "
+            f"p50 {fmt_spread(t['p50_ms'], '.2f')} ms   p99 {fmt_spread(t['p99_ms'], '.2f')} ms   "
+            f"p99.9 {fmt_spread(t['p99.9_ms'], '.2f')} ms"
         )
         lines.append(
             f"             completed {t['completed']:,}, failed {t['failed']:,} (in the windows); "
