@@ -400,7 +400,13 @@ class ConsumerRunner:
             handled.append(msg)
             last_seq = max(last_seq, stream_seq)
             if wanted != EVENT_SUBJECTS and not subscribes(wanted, msg.subject):
-                continue  # not this consumer's: acknowledged with the batch, never seen
+                # not this consumer's: never seen, but passed, so its checkpoint (and lag)
+                # counts it as done
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    position = int(msg.headers["Kaya-Position"])  # type: ignore[index]
+                    if position > self.stats.checkpoint:
+                        items.append((position, Effects()))
+                continue
             try:
                 event = delivered_from(msg)
             except MalformedEvent as exc:

@@ -615,3 +615,28 @@ async def test_a_transfer_from_a_missing_account_fails_without_dead_letters(
         last = await node.store.last_position()
         await node.consumers["notifications"].wait_for_position(last)
     assert node.consumers["notifications"].stats.dead_lettered == 0
+
+
+@pytest.mark.anyio
+async def test_consumers_pass_over_events_not_theirs_and_catch_up_to_the_last(
+    node: Node, nc: NATS
+) -> None:
+    """Analytics reads only account events; a transfer's own events are the last ones in
+    the stream, and its checkpoint (so its lag) still reaches them."""
+    a, b, t = fresh("a"), fresh("b"), fresh("t")
+    await open_account(nc, a, 100)
+    await open_account(nc, b, 0)
+    assert (await start(nc, t, a, b, 40))["ok"] is True
+    assert (await wait_ended(nc, t))["status"] == "completed"
+    last = await node.store.last_position()
+    with anyio.fail_after(15):
+        for runner in node.consumers.values():
+            await runner.wait_for_position(last)
+    tail = await node.store.read_all(last - 1, 1)
+    assert tail[0].entity == "transfer"  # the last event is not an account's
+    analytics = node.consumers["analytics"]
+    assert analytics.stats.checkpoint == last
+    assert analytics.stats.dead_lettered == 0
+    view = await call(nc, "kaya.view.analytics")
+    assert view["operations"]["deposits"] >= 2  # the opening deposit and the credit
+    assert view["operations"]["withdrawals"] >= 1  # the debit
