@@ -11,8 +11,9 @@ serves commands, that overhead was the largest part of a consumer's cost
 - `PREFETCH` pull requests of `batch` messages each are kept outstanding, so the
   server delivers the next batch while the previous one is handled and committed
   (the durable's `max_ack_pending` must allow `PREFETCH * batch`);
-- a request that ends (a `408` when it expires, `404`/`409` when nothing is
-  left to give) is replaced; a request nobody answered for `expires` plus a
+- a request that ends (a `408` when it expires) is replaced; a `409` (the consumer
+  deleted, a leadership change, a limit exceeded) or a `503` (no such consumer) makes
+  `next_batch` raise `PullGone`; a request nobody answered for `expires` plus a
   grace period (a server that restarted, a reconnect that dropped it) is
   replaced too, and after `LOST_REQUESTS_FAIL` such losses in a row `next_batch`
   raises so the caller can recreate the durable consumer.
@@ -94,8 +95,12 @@ class LeanPull:
             status = headers["Status"]
             if status == "100":  # heartbeat or flow control: not a request's end
                 return
-            if status == "409" and "Consumer Deleted" in headers.get("Description", ""):
-                self._gone = "the consumer was deleted"
+            if status == "409":  # consumer deleted, leadership change, a limit exceeded:
+                # start over (the caller recreates the consumer, with backoff) rather than
+                # re-ask at once and be refused again
+                self._gone = f"409 {headers.get('Description', '')}".strip()
+            elif status == "503":  # nobody serves the pull subject: no such consumer or stream
+                self._gone = "no responders for the pull request"
             if self._requests:  # 404, 408, 409: the oldest request is over
                 self._requests.pop(0)
             self._arrived.set()

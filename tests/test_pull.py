@@ -72,3 +72,16 @@ async def test_a_deleted_consumer_is_reported_not_waited_on_forever(
             await _drain_until_gone(pull)
     finally:
         await pull.stop()
+
+
+async def test_a_consumer_that_does_not_exist_is_reported_at_once(
+    nats_server: NatsServer, nc: NATS
+) -> None:
+    await _stream_with(nc, 1)
+    pull = LeanPull(nc, "PULLTEST", "nobody", batch=4, expires=0.3)
+    await pull.start()
+    try:
+        with anyio.fail_after(5), pytest.raises(PullGone, match="no responders"):
+            await _drain_until_gone(pull)
+    finally:
+        await pull.stop()
