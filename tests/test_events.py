@@ -169,6 +169,13 @@ async def test_a_broker_that_lost_its_data_gets_it_back_from_the_store(
                     await anyio.sleep(0.05)
             msgs = await stream_messages(nc, f"kaya.evt.account.{uid}")
             assert [orjson.loads(m.data)["type"] for m in msgs] == ["Opened", "Deposited"]
+            # the consumers lost their durables with the data: they recreate them and go on,
+            # counting the republished events once
+            await call(nc, f"kaya.cmd.account.{uid}", {"type": "Deposit", "amount": 4})
+            await caught_up(node)
+            view = await call(nc, "kaya.view.analytics")
+            assert view["currencies"]["EUR"]["balance"] == 13
+            assert view["operations"]["deposits"] == 2
             await nc.close()
     finally:
         if revived is not None:
