@@ -52,11 +52,11 @@ class Benchmark:
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
-    # quick: the least that still measures each scenario beside its baseline (~1 min in all)
+    # quick: the least that still measures each scenario beside its baseline (~65 s in all)
     Benchmark(
         "e2e",
         "1-2 end-to-end commands, hot key, baselines",
-        ("--quick", "--only", "echo,kaya,naive", "--duration", "1.5", "--warmup", "0.5"),
+        ("--quick", "--only", "echo,kaya,naive", "--duration", "1", "--warmup", "0.5"),
         ("--rounds", "2"),
     ),
     Benchmark(
@@ -67,22 +67,22 @@ BENCHMARKS: tuple[Benchmark, ...] = (
             "--curve",
             "kaya",
             "--points",
-            "3",
+            "2",
             "--duration",
-            "1.5",
+            "1",
             "--overload-duration",
-            "3",
+            "2",
         ),
     ),
     Benchmark(
         "store",
         "3 event store alone: group commit vs raw sqlite3",
-        ("--quick", "--duration", "1", "--warmup", "0.3"),
+        ("--quick", "--duration", "0.5", "--warmup", "0.3"),
     ),
     Benchmark(
         "relay",
         "4 relay vs raw publish; read-model lag",
-        ("--quick", "--events", "10000", "--duration", "3", "--no-solo"),
+        ("--quick", "--events", "10000", "--duration", "2", "--no-solo"),
         ("--events", "100000", "--rounds", "2"),
     ),
     Benchmark(
@@ -94,12 +94,12 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "actors",
         "5 actors in-process: mailboxes, memory, 1M entities",
-        ("--quick", "--sizes", "1000,100000"),
+        ("--quick", "--sizes", "1000,50000"),
     ),
     Benchmark(
         "recovery",
         "6 activation vs history, restart vs store size",
-        ("--quick", "--rounds", "3", "--no-unrelayed"),
+        ("--quick", "--rounds", "2", "--no-unrelayed"),
     ),
     Benchmark(
         "transfers", "sagas: transfers vs deposits", ("--quick",), ("--rounds", "2"), quick=False
