@@ -108,6 +108,8 @@ def dashboard(slo: SloConfig) -> dict[str, Any]:
          " / clamp_min(sum(rate(kaya_commands_total[5m])), 1e-9)", "percentunit"),
         ("Overload refusals/s", "rate(kaya_ingress_overloaded_total[1m])", "reqps"),
         ("In flight", "kaya_ingress_inflight", "short"),
+        ("Event loop lag (commands shed above ingress.max_loop_lag)",
+         "kaya_event_loop_lag_seconds", "s"),
         ("Active / busy actors", "kaya_actors_active", "short"),
         ("Mailbox depth", "kaya_mailbox_depth", "short"),
         ("Events committed/s", "rate(kaya_store_events_total[1m])", "short"),
