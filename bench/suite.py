@@ -52,7 +52,8 @@ class Benchmark:
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
-    # quick: the least that still measures each scenario beside its baseline (~65 s in all)
+    # quick: the least that still measures each scenario beside its baseline (~65 s in all);
+    # full: every scenario at its size, 2-3 rounds (~9-10 min in all)
     Benchmark(
         "e2e",
         "1-2 end-to-end commands, hot key, baselines",
@@ -73,11 +74,13 @@ BENCHMARKS: tuple[Benchmark, ...] = (
             "--overload-duration",
             "2",
         ),
+        ("--duration", "3"),
     ),
     Benchmark(
         "store",
         "3 event store alone: group commit vs raw sqlite3",
         ("--quick", "--duration", "0.5", "--warmup", "0.3"),
+        ("--rounds", "2"),
     ),
     Benchmark(
         "relay",
@@ -95,6 +98,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "actors",
         "5 actors in-process: mailboxes, memory, 1M entities",
         ("--quick", "--sizes", "1000,50000"),
+        ("--rounds", "3"),
     ),
     Benchmark(
         "recovery",
