@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import anyio
 import pytest
 from nats.aio.client import Client as NATS
@@ -36,10 +39,8 @@ async def test_batches_come_in_stream_order_and_stop_when_drained(
     nats_server: NatsServer, nc: NATS
 ) -> None:
     await _stream_with(nc, 25)
-    pull = LeanPull(nc, "PULLTEST", "c", batch=4, expires=0.5)
-    await pull.start()
     seen: list[int] = []
-    try:
+    async with pulling(nc, "c", expires=0.5) as pull:
         with anyio.fail_after(20):
             while len(seen) < 25:
                 batch = await pull.next_batch(timeout=1.0)
@@ -49,6 +50,14 @@ async def test_batches_come_in_stream_order_and_stop_when_drained(
                     await batch[-1].ack()  # AckPolicy.ALL: the last one acks the batch
         assert seen == list(range(1, 26))
         assert await pull.next_batch(timeout=0.6) == []  # drained: no error, just nothing
+
+
+@contextlib.asynccontextmanager
+async def pulling(nc: NATS, consumer: str, *, expires: float) -> AsyncIterator[LeanPull]:
+    pull = LeanPull(nc, "PULLTEST", consumer, batch=4, expires=expires)
+    await pull.start()
+    try:
+        yield pull
     finally:
         await pull.stop()
 
@@ -62,26 +71,18 @@ async def test_a_deleted_consumer_is_reported_not_waited_on_forever(
     nats_server: NatsServer, nc: NATS
 ) -> None:
     await _stream_with(nc, 3)
-    pull = LeanPull(nc, "PULLTEST", "c", batch=4, expires=0.3)
-    await pull.start()
-    try:
+    async with pulling(nc, "c", expires=0.3) as pull:
         first = await pull.next_batch(timeout=2.0)
         assert [m.data for m in first] == [b"0", b"1", b"2"]
         await nc.jetstream().delete_consumer("PULLTEST", "c")
         with anyio.fail_after(20), pytest.raises(PullGone):
             await _drain_until_gone(pull)
-    finally:
-        await pull.stop()
 
 
 async def test_a_consumer_that_does_not_exist_is_reported_at_once(
     nats_server: NatsServer, nc: NATS
 ) -> None:
     await _stream_with(nc, 1)
-    pull = LeanPull(nc, "PULLTEST", "nobody", batch=4, expires=0.3)
-    await pull.start()
-    try:
+    async with pulling(nc, "nobody", expires=0.3) as pull:
         with anyio.fail_after(5), pytest.raises(PullGone, match="no responders"):
             await _drain_until_gone(pull)
-    finally:
-        await pull.stop()
