@@ -13,8 +13,9 @@ slowing the generator down.
 The chart plots p50/p99 against the offered rate for both; where a curve turns
 up is the knee a capacity plan should stay below.
 
-`overload` (scenario 7). A fresh node with monitoring on gets 3x its saturation
-peak (from the curve, or measured first) for 20 s (quick: 5 s). What must hold:
+`overload` (scenario 7). The curve's node (or, without a curve on kaya, a fresh one
+with its saturation peak measured first), monitoring on, gets 3x its saturation
+peak for 20 s (quick: 5 s). What must hold:
 
 - accepted commands/s stays near the peak (the node keeps working at capacity
   instead of thrashing);
@@ -188,12 +189,20 @@ def open_loop(
 # ---- the scenarios ---------------------------------------------------------------------------
 
 
-def curve(settings: Settings, name: str) -> dict[str, Any]:
-    """Peak, then the offered-load sweep, on one fresh instance of target `name`."""
+def curve(
+    settings: Settings, name: str, *, then_overload: bool = False
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Peak, then the offered-load sweep, on one fresh instance of target `name`.
+
+    With `then_overload` (kaya), the overload runs on the same node afterwards: it has
+    its accounts open and its saturation peak measured already, and a node that has
+    been working is what meets an overload in production anyway.
+    """
     workdir = Path(tempfile.mkdtemp(prefix=f"kaya-bench-curve-{name}-"))
     out: dict[str, Any] = {"target": name, "points": []}
+    over: dict[str, Any] | None = None
     try:
-        with running(name, workdir) as target:
+        with running(name, workdir, monitor=then_overload) as target:
             if name in STATEFUL:
                 asyncio.run(e2e.open_accounts(target.url, settings.accounts))
             out["peak"] = closed_loop_peak(settings, target, workdir, 100)
@@ -206,43 +215,48 @@ def curve(settings: Settings, name: str) -> dict[str, Any]:
                 point = open_loop(settings, target, workdir, rate, settings.point_duration, i + 1)
                 point.pop("rss_series")
                 out["points"].append({"fraction": fraction, "waited_quiet_s": quiet_s, **point})
+            if then_overload:
+                over = overload_on(settings, target, workdir, {"throughput": peak, "from": "curve"})
         out.update(target.info)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out, over
+
+
+def overload(settings: Settings) -> dict[str, Any]:
+    """3x the saturation peak on a fresh node with monitoring (when no curve ran on kaya)."""
+    workdir = Path(tempfile.mkdtemp(prefix="kaya-bench-overload-"))
+    try:
+        with running("kaya", workdir, monitor=True) as node:
+            asyncio.run(e2e.open_accounts(node.url, settings.accounts))
+            peak = closed_loop_peak(settings, node, workdir, SATURATION_INFLIGHT)
+            out = overload_on(settings, node, workdir, peak)
+        out.update(node.info)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return out
 
 
-def overload(settings: Settings, peak_hint: float | None) -> dict[str, Any]:
-    """3x peak on a fresh node with monitoring; then the sum of balances is checked."""
-    workdir = Path(tempfile.mkdtemp(prefix="kaya-bench-overload-"))
-    out: dict[str, Any] = {}
-    try:
-        with running("kaya", workdir, monitor=True) as node:
-            asyncio.run(e2e.open_accounts(node.url, settings.accounts))
-            if peak_hint is None:
-                out["peak"] = closed_loop_peak(settings, node, workdir, SATURATION_INFLIGHT)
-                peak = out["peak"]["throughput"]
-            else:
-                peak = peak_hint
-                out["peak"] = {"throughput": peak, "from": "curve"}
-            out["waited_quiet_s"] = node.wait_quiet()
-            before = asyncio.run(sum_of_balances(node.url, settings.accounts))
-            varz_before = node.server_varz() or {}
-            rate = OVERLOAD_FACTOR * peak
-            print(f"  kaya at {rate:,.0f}/s (3x peak) ...", file=sys.stderr)
-            run = open_loop(settings, node, workdir, rate, settings.overload_duration, 99)
-            varz_after = node.server_varz() or {}
-            out["run"] = run
-            out["slow_consumers"] = {
-                "before": varz_before.get("slow_consumers"),
-                "after": varz_after.get("slow_consumers"),
-            }
-            after = asyncio.run(sum_of_balances(node.url, settings.accounts))
-            out["balances"] = check_sum(before, after, run)
-            out["memory"] = node.memory()
-        out.update(node.info)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+def overload_on(
+    settings: Settings, node: Running, workdir: Path, peak: dict[str, Any]
+) -> dict[str, Any]:
+    """3x `peak` on a node whose accounts are open; then the sum of balances is checked."""
+    out: dict[str, Any] = {"peak": peak}
+    out["waited_quiet_s"] = node.wait_quiet()
+    before = asyncio.run(sum_of_balances(node.url, settings.accounts))
+    varz_before = node.server_varz() or {}
+    rate = OVERLOAD_FACTOR * peak["throughput"]
+    print(f"  kaya at {rate:,.0f}/s (3x peak) ...", file=sys.stderr)
+    run = open_loop(settings, node, workdir, rate, settings.overload_duration, 99)
+    varz_after = node.server_varz() or {}
+    out["run"] = run
+    out["slow_consumers"] = {
+        "before": varz_before.get("slow_consumers"),
+        "after": varz_after.get("slow_consumers"),
+    }
+    after = asyncio.run(sum_of_balances(node.url, settings.accounts))
+    out["balances"] = check_sum(before, after, run)
+    out["memory"] = node.memory()
     return out
 
 
@@ -476,16 +490,18 @@ def run(settings: Settings, quick: bool = False) -> dict[str, Any]:
         "versions": versions(),
         "settings": {**asdict(settings), "quick": quick},
     }
+    want_overload = "overload" in settings.parts
     if "curve" in settings.parts:
         results["curves"] = {}
         for name in settings.curve_targets:
             print(f"curve: {name} ...", file=sys.stderr, flush=True)
-            results["curves"][name] = curve(settings, name)
-    if "overload" in settings.parts:
+            then = want_overload and name == "kaya"
+            results["curves"][name], over = curve(settings, name, then_overload=then)
+            if over is not None:
+                results["overload"] = over
+    if want_overload and "overload" not in results:
         print("overload ...", file=sys.stderr, flush=True)
-        kaya_curve = results.get("curves", {}).get("kaya")
-        hint = None if kaya_curve is None else kaya_curve["saturation"]["throughput"]
-        results["overload"] = overload(settings, hint)
+        results["overload"] = overload(settings)
     results["finished_at"] = utc_now().isoformat(timespec="seconds")
     results["targets"] = targets(results)
     return results
