@@ -52,7 +52,7 @@ class Benchmark:
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
-    # quick: the least that still measures each scenario beside its baseline (~65 s in all);
+    # quick: the least that still measures each scenario beside its baseline (under a minute);
     # full: every scenario at its size, 2-3 rounds (~9-10 min in all)
     Benchmark(
         "e2e",
