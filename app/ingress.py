@@ -292,7 +292,11 @@ class Ingress:
         """
         if self._inflight >= self._config.max_inflight:
             raise Overloaded(f"{self._inflight} requests in flight; retry later")
-        sub = self._nc._subs.get(msg._sid) if msg._sid is not None else None  # nats-py internals
+        # the depth of nats-py's buffer for this subscription is only reachable through its
+        # internals: without them (another nats-py), this check is skipped, not fatal
+        sid = getattr(msg, "_sid", None)
+        subs = getattr(self._nc, "_subs", None)
+        sub = subs.get(sid) if sid is not None and isinstance(subs, dict) else None
         if sub is not None and sub.pending_msgs > self._config.max_queued:
             raise Overloaded(f"{sub.pending_msgs} requests queued at this node; retry later")
 

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import anyio
 import anyio.lowlevel
+import orjson
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 import app.node
+from app.config import IngressConfig
 from app.lag import LoopLag
 from tests.conftest import call, node_config
 from tests.servers import NatsServer
@@ -83,3 +86,40 @@ async def test_a_node_behind_refuses_commands_at_once_and_changes_nothing(
         state = await call(nc, f"kaya.qry.account.{uid}")
         assert state["version"] == 1
         assert state["state"]["balance"] == 0
+
+
+async def test_requests_beyond_the_queued_bound_are_refused_and_change_nothing(
+    nats_server: NatsServer, tmp_path: Path, nc: NATS, uid: str
+) -> None:
+    """300 deposits sent in one burst land in nats-py's buffer together: beyond
+    `max_queued` waiting there, a request is refused before it is even decoded."""
+    # lag shedding off: only the buffer bound may refuse here
+    ingress = IngressConfig(max_queued=5, max_loop_lag=0)
+    config = node_config(nats_server, tmp_path, ingress=ingress)
+    subject = f"kaya.cmd.account.{uid}"
+    async with app.node.open_node(config):
+        assert (await call(nc, subject, OPEN))["ok"] is True
+        inbox = nc.new_inbox()
+        replies: list[bytes] = []
+        all_in = anyio.Event()
+
+        async def collect(msg: Msg) -> None:
+            replies.append(msg.data)
+            if len(replies) == 300:
+                all_in.set()
+
+        await nc.subscribe(inbox, cb=collect)
+        body = orjson.dumps({"type": "Deposit", "amount": 1})
+        for _ in range(300):
+            await nc.publish(subject, body, reply=inbox)
+        await nc.flush()
+        with anyio.fail_after(30):
+            await all_in.wait()
+        decoded = [orjson.loads(r) for r in replies]
+        refused = [d for d in decoded if not d["ok"]]
+        assert refused, "the burst never filled the buffer past max_queued"
+        assert {d["error"]["code"] for d in refused} == {"overloaded"}
+        assert all("queued at this node" in d["error"]["message"] for d in refused)
+        ok = sum(1 for d in decoded if d["ok"])
+        state = await call(nc, f"kaya.qry.account.{uid}")
+        assert state["state"]["balance"] == ok  # nothing refused was applied
