@@ -49,7 +49,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import aiosqlite
 import msgspec
@@ -57,6 +57,8 @@ import nats
 import uvloop
 from nats.aio.msg import Msg
 
+from actors import replies
+from actors.errors import ErrorCode
 from store.schema import DDL as KAYA_DDL
 
 ENTITY = "account"
@@ -177,48 +179,23 @@ def decide(state: AccountState, command: Command) -> Event:
     return Deposited(amount=command.amount)
 
 
-# ---- replies: the wire contract's envelopes (actors/replies.py) ----------------------------
-
-
-class _CommandDone(msgspec.Struct, kw_only=True):
-    ok: bool = True
-    entity: str
-    id: str
-    version: int
-    events: list[Any]
-
-
-class _StateReply(msgspec.Struct, kw_only=True):
-    ok: bool = True
-    entity: str
-    id: str
-    version: int
-    state: Any
-
-
-class _ErrorBody(msgspec.Struct):
-    code: str
-    message: str
-
-
-class _ErrorReply(msgspec.Struct, kw_only=True):
-    ok: bool = False
-    error: _ErrorBody
+# ---- replies: the wire contract's envelopes, encoded by Kaya's own code -----------------------
 
 
 _encode = msgspec.json.Encoder().encode
+"""Event bodies for the events table."""
 
 
 def command_done(entity_id: str, version: int, events: list[Any]) -> bytes:
-    return _encode(_CommandDone(entity=ENTITY, id=entity_id, version=version, events=events))
+    return replies.command_done(ENTITY, entity_id, version, events)
 
 
 def state_reply(entity_id: str, version: int, state: Any) -> bytes:
-    return _encode(_StateReply(entity=ENTITY, id=entity_id, version=version, state=state))
+    return replies.state_reply(ENTITY, entity_id, version, state)
 
 
 def error_reply(code: str, message: str) -> bytes:
-    return _encode(_ErrorReply(error=_ErrorBody(code=code, message=message)))
+    return replies.error_reply(cast(ErrorCode, code), message)
 
 
 # ---- the store: one transaction per command --------------------------------------------------
