@@ -73,11 +73,7 @@ import msgspec
 
 from bench.common import (
     BenchError,
-    Child,
-    child_pids,
-    ensure_gone,
     fmt_spread,
-    free_port,
     machine_info,
     print_written,
     render_targets,
@@ -88,6 +84,7 @@ from bench.common import (
     write_results,
 )
 from bench.store import INSERT_EVENT, EventIds, open_raw
+from bench.targets import running
 
 VARIANTS = ("none", "snapshot", "snapshot+tail")
 FLAT_GOAL = 1.5
@@ -100,15 +97,6 @@ POPULATE_BATCH = 100_000
 ASK_TIMEOUT = 120.0
 NODE_READY_TIMEOUT = 120.0
 QUERY_TIMEOUT = 60.0
-
-NODE_CONFIG = """\
-# Written by bench/recovery.py: the defaults, except nothing that could clash with another process.
-[nats]
-monitor_port = 0
-
-[log]
-level = "warning"
-"""
 
 
 class _Reply(msgspec.Struct):
@@ -405,47 +393,18 @@ async def first_reply(url: str, subject: str, expect_version: int) -> dict[str, 
 
 def node_start(workdir: Path, data_dir: Path, events: int, label: str) -> dict[str, Any]:
     """Start `kaya run` on the data dir; time `ready` and the first query reply; stop it."""
-    port = free_port()
-    config = workdir / "node.toml"
-    config.write_text(NODE_CONFIG)
-    kaya = Path(sys.executable).parent / "kaya"
-    argv = [
-        str(kaya),
-        "run",
-        "--data-dir",
-        str(data_dir),
-        "--nats-port",
-        str(port),
-        "--config",
-        str(config),
-        "--log-level",
-        "warning",
-    ]
     accounts = math.ceil(events / EVENTS_PER_ACCOUNT)
     index = accounts // 2
     expect = min(EVENTS_PER_ACCOUNT, events - index * EVENTS_PER_ACCOUNT) if events else 0
     out: dict[str, Any] = {"case": label, "events": events}
-    node: Child | None = None
-    server_pids: list[int] = []
-    try:
-        t0 = time.monotonic()
-        node = Child("kaya", argv, workdir / f"node-{label}.log")
-        node.wait_for_line(" ready on ", timeout=NODE_READY_TIMEOUT)
-        out["ready_s"] = time.monotonic() - t0
-        server_pids = child_pids(node.pid)
-        reply = asyncio.run(
-            first_reply(f"nats://127.0.0.1:{port}", f"kaya.qry.account.acc-{index}", expect)
-        )
-        out["first_reply_s"] = reply.pop("reply_at") - t0
+    with running("kaya", workdir, data_dir=data_dir, ready_timeout=NODE_READY_TIMEOUT) as node:
+        out["ready_s"] = node.info["startup_s"]
+        reply = asyncio.run(first_reply(node.url, f"kaya.qry.account.acc-{index}", expect))
+        out["first_reply_s"] = reply.pop("reply_at") - node.spawned
         out.update(reply)
-    finally:
-        if node is not None:
-            t1 = time.monotonic()
-            out["node_exit_code"] = node.stop(timeout=30)
-            out["stop_s"] = time.monotonic() - t1
-            if out["node_exit_code"] != 0:
-                out["node_stderr_tail"] = node.stderr_tail()
-        out["server_left_behind"] = [pid for pid in server_pids if ensure_gone(pid)]
+    for key in ("node_exit_code", "stop_s", "node_stderr_tail", "server_left_behind"):
+        if key in node.info:
+            out[key] = node.info[key]
     return out
 
 

@@ -62,6 +62,8 @@ class Running:
     cpu_pids: dict[str, int]
     monitor_url: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    spawned: float = 0.0
+    """time.monotonic() just before the main process was spawned (start-up timings)."""
 
     def memory(self) -> dict[str, int]:
         return memory_kib(self.main_pid)
@@ -123,11 +125,21 @@ def stderr_lines(log: Path, limit: int = 5) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def running(
-    name: str, workdir: Path, *, node_config: str = "", monitor: bool = False
+    name: str,
+    workdir: Path,
+    *,
+    node_config: str = "",
+    monitor: bool = False,
+    data_dir: Path | None = None,
+    ready_timeout: float = 60.0,
 ) -> Iterator[Running]:
-    """Start target `name` under `workdir`; yield once it answers; stop everything after."""
+    """Start target `name` under `workdir`; yield once it answers; stop everything after.
+
+    A node gets a fresh data dir under `workdir` unless `data_dir` names one to start on.
+    """
     if name == "kaya":
-        with _running_kaya(workdir, node_config, monitor) as target:
+        data_dir = data_dir or workdir / "data"
+        with _running_kaya(workdir, node_config, monitor, data_dir, ready_timeout) as target:
             yield target
     elif name == "echo":
         with _running_responder(name, workdir, ["bench.echo"], monitor) as target:
@@ -143,7 +155,9 @@ def running(
 
 
 @contextlib.contextmanager
-def _running_kaya(workdir: Path, node_config: str, monitor: bool) -> Iterator[Running]:
+def _running_kaya(
+    workdir: Path, node_config: str, monitor: bool, data_dir: Path, ready_timeout: float
+) -> Iterator[Running]:
     port = free_port()
     monitor_port = free_port() if monitor else 0
     config = workdir / "bench.toml"
@@ -153,7 +167,7 @@ def _running_kaya(workdir: Path, node_config: str, monitor: bool) -> Iterator[Ru
         str(kaya),
         "run",
         "--data-dir",
-        str(workdir / "data"),
+        str(data_dir),
         "--nats-port",
         str(port),
         "--config",
@@ -162,12 +176,12 @@ def _running_kaya(workdir: Path, node_config: str, monitor: bool) -> Iterator[Ru
         "warning",
     ]
     log = workdir / "node.log"
+    t0 = time.monotonic()
     node = Child("kaya", argv, log)
     server_pids: list[int] = []
     info: dict[str, Any] = {}
     try:
-        t0 = time.monotonic()
-        node.wait_for_line("ready", timeout=60)
+        node.wait_for_line("ready", timeout=ready_timeout)
         info["startup_s"] = round(time.monotonic() - t0, 3)
         server_pids = child_pids(node.pid)
         cpu_pids = {"node": node.pid}
@@ -180,11 +194,12 @@ def _running_kaya(workdir: Path, node_config: str, monitor: bool) -> Iterator[Ru
             cpu_pids=cpu_pids,
             monitor_url=f"http://127.0.0.1:{monitor_port}" if monitor else None,
             info=info,
+            spawned=t0,
         )
     finally:
-        t0 = time.monotonic()
+        t1 = time.monotonic()
         info["node_exit_code"] = node.stop(timeout=30)
-        info["stop_s"] = round(time.monotonic() - t0, 3)
+        info["stop_s"] = round(time.monotonic() - t1, 3)
         if info["node_exit_code"] != 0:
             info["node_stderr_tail"] = node.stderr_tail()
         info["node_stderr"] = stderr_lines(log)
