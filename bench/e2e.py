@@ -408,6 +408,28 @@ async def open_accounts(url: str, count: int, concurrency: int = 100) -> None:
         raise BenchError(f"{len(failures)} accounts failed to open, e.g. {failures[:3]}")
 
 
+async def request_all(
+    url: str, subjects: list[str], body: bytes, *, timeout: float = 10.0
+) -> list[bytes]:
+    """One request per subject, QUERY_CONCURRENCY at a time; replies in subject order."""
+    nc = await _connect(url)
+    replies: list[bytes] = [b""] * len(subjects)
+    todo = iter(range(len(subjects)))
+
+    async def worker() -> None:
+        for i in todo:
+            replies[i] = (await nc.request(subjects[i], body, timeout=timeout)).data
+
+    try:
+        await asyncio.wait_for(
+            asyncio.gather(*(worker() for _ in range(QUERY_CONCURRENCY))),
+            timeout=60 + len(subjects) / 100,
+        )
+    finally:
+        await nc.close()
+    return replies
+
+
 async def verify_balances(
     url: str, ok_per_account: list[int], unknown: dict[str, int], *, seed: int
 ) -> dict[str, Any]:
@@ -423,27 +445,15 @@ async def verify_balances(
         sample = list(range(n))
     else:
         sample = sorted(random.Random(seed).sample(range(n), VERIFY_ALL_UP_TO))
-    nc = await _connect(url)
     read: dict[int, tuple[int, int]] = {}
     problems: list[str] = []
-    todo = iter(sample)
-
-    async def worker() -> None:
-        for i in todo:
-            msg = await nc.request(f"kaya.qry.account.{account_id(i)}", b"", timeout=10)
-            reply = _decode_reply(msg.data)
-            if not reply.ok or reply.state is None:
-                problems.append(f"{account_id(i)}: {msg.data[:200]!r}")
-                continue
-            read[i] = (int(reply.state.get("balance", -1)), reply.version)
-
-    try:
-        await asyncio.wait_for(
-            asyncio.gather(*(worker() for _ in range(QUERY_CONCURRENCY))),
-            timeout=60 + len(sample) / 100,
-        )
-    finally:
-        await nc.close()
+    subjects = [f"kaya.qry.account.{account_id(i)}" for i in sample]
+    for i, data in zip(sample, await request_all(url, subjects, b""), strict=True):
+        reply = _decode_reply(data)
+        if not reply.ok or reply.state is None:
+            problems.append(f"{account_id(i)}: {data[:200]!r}")
+            continue
+        read[i] = (int(reply.state.get("balance", -1)), reply.version)
 
     mismatched: list[str] = []
     for i, (balance, version) in sorted(read.items()):

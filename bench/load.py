@@ -262,25 +262,14 @@ def overload_on(
 
 async def sum_of_balances(url: str, accounts: int) -> tuple[int, int]:
     """(sum of balances, accounts that could not be read) over acc-0..acc-N-1."""
-    nc = await e2e._connect(url)
-    total = 0
-    failures = 0
-    todo = iter(range(accounts))
-
-    async def worker() -> None:
-        nonlocal total, failures
-        for i in todo:
-            msg = await nc.request(f"kaya.qry.account.{e2e.account_id(i)}", b"", timeout=10)
-            reply = e2e._decode_reply(msg.data)
-            if reply.ok and reply.state is not None:
-                total += int(reply.state.get("balance", 0))
-            else:
-                failures += 1
-
-    try:
-        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(100))), 60 + accounts / 100)
-    finally:
-        await nc.close()
+    subjects = [f"kaya.qry.account.{e2e.account_id(i)}" for i in range(accounts)]
+    total = failures = 0
+    for data in await e2e.request_all(url, subjects, b""):
+        reply = e2e._decode_reply(data)
+        if reply.ok and reply.state is not None:
+            total += int(reply.state.get("balance", 0))
+        else:
+            failures += 1
     return total, failures
 
 

@@ -345,34 +345,12 @@ class Settings:
         )
 
 
-async def _requests(
-    url: str, subjects: list[str], body: bytes, *, timeout: float = 10.0
-) -> list[bytes]:
-    """One request per subject, QUERY_CONCURRENCY at a time; replies in subject order."""
-    nc = await e2e._connect(url)
-    replies: list[bytes] = [b""] * len(subjects)
-    todo = iter(range(len(subjects)))
-
-    async def worker() -> None:
-        for i in todo:
-            replies[i] = (await nc.request(subjects[i], body, timeout=timeout)).data
-
-    try:
-        await asyncio.wait_for(
-            asyncio.gather(*(worker() for _ in range(QUERY_CONCURRENCY))),
-            timeout=60 + len(subjects) / 100,
-        )
-    finally:
-        await nc.close()
-    return replies
-
-
 def fund_accounts(url: str, count: int, amount: int) -> None:
     body = json.dumps({"type": "Deposit", "amount": amount}).encode()
     subjects = [e2e.command_subject(i) for i in range(count)]
     bad = [
         f"{account_id(i)}: {r[:200]!r}"
-        for i, r in enumerate(asyncio.run(_requests(url, subjects, body)))
+        for i, r in enumerate(asyncio.run(e2e.request_all(url, subjects, body)))
         if reply_code(r) != "ok"
     ]
     if bad:
@@ -382,7 +360,7 @@ def fund_accounts(url: str, count: int, amount: int) -> None:
 def read_balances(url: str, count: int) -> list[int]:
     subjects = [f"kaya.qry.account.{account_id(i)}" for i in range(count)]
     balances: list[int] = []
-    for i, data in enumerate(asyncio.run(_requests(url, subjects, b""))):
+    for i, data in enumerate(asyncio.run(e2e.request_all(url, subjects, b""))):
         reply = e2e._decode_reply(data)
         if not reply.ok or reply.state is None:
             raise BenchError(f"query of {account_id(i)} failed: {data[:200]!r}")
@@ -397,7 +375,7 @@ def resolve_unfinished(url: str, unfinished: list[list[Any]]) -> dict[str, str]:
     todo = [str(u[0]) for u in unfinished]
     while todo and time.monotonic() < deadline:
         subjects = [f"kaya.qry.transfer.{tid}" for tid in todo]
-        for tid, data in zip(todo, asyncio.run(_requests(url, subjects, b"")), strict=True):
+        for tid, data in zip(todo, asyncio.run(e2e.request_all(url, subjects, b"")), strict=True):
             reply = e2e._decode_reply(data)
             status[tid] = str((reply.state or {}).get("status", "unreadable"))
         todo = [tid for tid in todo if status[tid] == "pending"]
