@@ -3,8 +3,8 @@
 It knows nothing of NATS (replies are bytes handed to a callback) nor of any domain.
 """
 
-from actors.entity import Command, Entity, Event, UnknownSchema, Upcaster
-from actors.errors import (
+from kaya.actors.entity import Command, Entity, Event, UnknownSchema, Upcaster
+from kaya.actors.errors import (
     BadRequest,
     Conflict,
     ErrorCode,
@@ -16,9 +16,9 @@ from actors.errors import (
     UnknownCommand,
     UnknownEntity,
 )
-from actors.registry import Registry
-from actors.replies import AnyReply, decode_reply, error_from, error_reply
-from actors.runtime import ActorRuntime, ReplyFn, RuntimeSettings, RuntimeStatistics
+from kaya.actors.registry import Registry
+from kaya.actors.replies import AnyReply, decode_reply, error_from, error_reply
+from kaya.actors.runtime import ActorRuntime, ReplyFn, RuntimeSettings, RuntimeStatistics
 
 __all__ = [
     "ActorRuntime",

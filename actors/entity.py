@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Generic, TypeVar, Union
 
 import msgspec
 
-from actors.errors import BadRequest, UnknownCommand
+from kaya.actors.errors import BadRequest, UnknownCommand
 
 
 class Command(

@@ -6,8 +6,8 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from actors.entity import Entity
-from actors.errors import UnknownEntity
+from kaya.actors.entity import Entity
+from kaya.actors.errors import UnknownEntity
 
 ENTITY_NAME = re.compile(r"[a-z][a-z0-9]{0,31}")
 

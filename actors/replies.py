@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from actors.errors import ErrorCode, KayaError
+from kaya.actors.errors import ErrorCode, KayaError
 
 
 class CommandDone(msgspec.Struct, kw_only=True):

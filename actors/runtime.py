@@ -32,11 +32,11 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
-from actors.entity import Command, Entity
-from actors.errors import Conflict, Internal, KayaError, Overloaded, Rejected, Unavailable
-from actors.masking import masked
-from actors.replies import command_done, error_from, error_reply, state_reply
-from store import Append, EventStore, NewEvent, Reply, Snapshot, StoreError, VersionConflict
+from kaya.actors.entity import Command, Entity
+from kaya.actors.errors import Conflict, Internal, KayaError, Overloaded, Rejected, Unavailable
+from kaya.actors.masking import masked
+from kaya.actors.replies import command_done, error_from, error_reply, state_reply
+from kaya.store import Append, EventStore, NewEvent, Reply, Snapshot, StoreError, VersionConflict
 
 log = logging.getLogger("kaya.actors")
 

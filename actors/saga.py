@@ -31,15 +31,15 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
-from actors.entity import Command, Entity
-from actors.errors import KayaError
-from actors.registry import Registry
-from actors.replies import AnyReply, decode_reply
-from store import EventStore
-from store.sagas import ensure_saga_tables, forget_deadline, step_deadline, unfinished
+from kaya.actors.entity import Command, Entity
+from kaya.actors.errors import KayaError
+from kaya.actors.registry import Registry
+from kaya.actors.replies import AnyReply, decode_reply
+from kaya.store import EventStore
+from kaya.store.sagas import ensure_saga_tables, forget_deadline, step_deadline, unfinished
 
 if TYPE_CHECKING:
-    from actors.runtime import ActorRuntime
+    from kaya.actors.runtime import ActorRuntime
 
 log = logging.getLogger("kaya.sagas")
 

@@ -20,11 +20,11 @@ from typing import Any
 
 import msgspec
 
-from actors import Entity, Registry
-from actors.replies import AnyReply
-from app.consumers import Consumer
-from app.schemas import SCHEMAS_BUCKET, Kind, resolved, schema_key, type_schema
-from app.streams import subscribes
+from kaya.actors import Entity, Registry
+from kaya.actors.replies import AnyReply
+from kaya.app.consumers import Consumer
+from kaya.app.schemas import SCHEMAS_BUCKET, Kind, resolved, schema_key, type_schema
+from kaya.app.streams import subscribes
 
 API_VERSION = "1.0.0"
 """The wire contract's version (DESIGN.md: "Wire contract (v1)")."""

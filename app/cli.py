@@ -31,7 +31,7 @@ from typing import Any
 import anyio
 import orjson
 
-from app.config import Config, ConfigError, load_config, with_overrides
+from kaya.app.config import Config, ConfigError, load_config, with_overrides
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -72,8 +72,8 @@ def _url(args: argparse.Namespace) -> str:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from app.logs import configure_logging
-    from app.node import open_node
+    from kaya.app.logs import configure_logging
+    from kaya.app.node import open_node
 
     config = _config(args)
     configure_logging(
@@ -189,7 +189,7 @@ async def _get(args: argparse.Namespace) -> int:
 
 
 async def _history(args: argparse.Namespace) -> int:
-    from store import StoreError, open_event_store
+    from kaya.store import StoreError, open_event_store
 
     config = _config(args)
     try:
@@ -222,7 +222,7 @@ def _print_json(value: Any) -> None:
 
 
 async def _streams(args: argparse.Namespace) -> int:
-    from app.ops import describe_streams
+    from kaya.app.ops import describe_streams
 
     nc = await _connect(_url(args))
     try:
@@ -250,7 +250,7 @@ async def _streams(args: argparse.Namespace) -> int:
 
 
 async def _dlq(args: argparse.Namespace) -> int:
-    from app import ops
+    from kaya.app import ops
 
     nc = await _connect(_url(args))
     try:
@@ -285,9 +285,9 @@ async def _dlq(args: argparse.Namespace) -> int:
 
 
 async def _dlq_replay(args: argparse.Namespace, nc: Any) -> int:
-    from app import ops
-    from app.domain import reference_consumers, reference_registry
-    from store import open_event_store
+    from kaya.app import ops
+    from kaya.app.domain import reference_consumers, reference_registry
+    from kaya.store import open_event_store
 
     config = _config(args)
     async with open_event_store(config.store_path) as store:
@@ -314,9 +314,9 @@ async def _dlq_replay(args: argparse.Namespace, nc: Any) -> int:
 
 
 async def _replay(args: argparse.Namespace) -> int:
-    from app.domain import reference_read_models, reference_registry, reference_views
-    from app.ops import rebuild_projection
-    from store import open_event_store
+    from kaya.app.domain import reference_read_models, reference_registry, reference_views
+    from kaya.app.ops import rebuild_projection
+    from kaya.store import open_event_store
 
     config = _config(args)
     async with open_event_store(config.store_path) as store:
@@ -363,7 +363,7 @@ async def _replay(args: argparse.Namespace) -> int:
 
 
 async def _tail(args: argparse.Namespace) -> int:
-    from app.ops import tail_events
+    from kaya.app.ops import tail_events
 
     nc = await _connect(_url(args))
     try:
@@ -379,7 +379,7 @@ async def _tail(args: argparse.Namespace) -> int:
 
 
 async def _slo(args: argparse.Namespace) -> int:
-    from app.slo import render
+    from kaya.app.slo import render
 
     for path, data in render(_config(args).slo).items():
         await anyio.Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -393,7 +393,7 @@ async def _status(args: argparse.Namespace) -> int:
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
 
-    from app.status import render_status
+    from kaya.app.status import render_status
 
     url = _url(args)
     nc = await _connect(url)
@@ -427,8 +427,8 @@ async def _dlq_size(nc: Any) -> int | None:
 
 
 async def _server_config(args: argparse.Namespace) -> int:
-    from app.embedded import server_config
-    from app.node import embedded_settings
+    from kaya.app.embedded import server_config
+    from kaya.app.node import embedded_settings
 
     print(server_config(embedded_settings(_config(args))), end="")
     return 0
@@ -438,8 +438,8 @@ async def _server_config(args: argparse.Namespace) -> int:
 
 
 async def _schema(args: argparse.Namespace) -> int:
-    from app import schemas
-    from app.domain import reference_registry
+    from kaya.app import schemas
+    from kaya.app.domain import reference_registry
 
     registry = reference_registry()
     current = schemas.code_schemas(registry)
@@ -482,8 +482,8 @@ async def _schema(args: argparse.Namespace) -> int:
 
 
 async def _catalog(args: argparse.Namespace) -> int:
-    from app.catalog import build_catalog, render_asyncapi, render_markdown
-    from app.domain import reference_consumer_types, reference_registry
+    from kaya.app.catalog import build_catalog, render_asyncapi, render_markdown
+    from kaya.app.domain import reference_consumer_types, reference_registry
 
     catalog = build_catalog(reference_registry(), reference_consumer_types())
     if args.format == "asyncapi":
@@ -637,9 +637,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `kaya status --once | head`: the reader had enough
         return 0
     except Exception as exc:  # the last line of defence: one line, not a traceback
-        from app.embedded import ServerError
-        from app.schemas import SchemaConflict
-        from store import StoreError
+        from kaya.app.embedded import ServerError
+        from kaya.app.schemas import SchemaConflict
+        from kaya.store import StoreError
 
         cause: BaseException = exc
         while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:

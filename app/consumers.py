@@ -47,16 +47,16 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from actors import Registry, UnknownSchema
-from actors.runtime import trace_id
-from app.config import ConsumersConfig
+from kaya.actors import Registry, UnknownSchema
+from kaya.actors.runtime import trace_id
+from kaya.app.config import ConsumersConfig
 
 if TYPE_CHECKING:
-    from app.tracing import Tracing
-from app.pull import PREFETCH, LeanPull, ack_tokens
-from app.relay import event_headers
-from app.streams import EVENT_SUBJECTS, EVENTS_STREAM, dlq_subject, event_subject, subscribes
-from store import EventStore, StoredEvent, StoreError
+    from kaya.app.tracing import Tracing
+from kaya.app.pull import PREFETCH, LeanPull, ack_tokens
+from kaya.app.relay import event_headers
+from kaya.app.streams import EVENT_SUBJECTS, EVENTS_STREAM, dlq_subject, event_subject, subscribes
+from kaya.store import EventStore, StoredEvent, StoreError
 
 log = logging.getLogger("kaya.consumers")
 

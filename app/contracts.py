@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 import orjson
 
-from actors import Registry, UnknownSchema
-from app.consumers import (
+from kaya.actors import Registry, UnknownSchema
+from kaya.app.consumers import (
     Consumer,
     Effects,
     admit,
@@ -36,9 +36,9 @@ from app.consumers import (
     delivered_from_stored,
     ensure_tables,
 )
-from app.schemas import resolved
-from app.streams import subscribes
-from store import EventStore, StoredEvent
+from kaya.app.schemas import resolved
+from kaya.app.streams import subscribes
+from kaya.store import EventStore, StoredEvent
 
 SAMPLE = "contract"
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 if TYPE_CHECKING:
-    from app.metrics import CommandMetrics
-    from app.node import Node
+    from kaya.app.metrics import CommandMetrics
+    from kaya.app.node import Node
 
 STARTED = time.time()
 

@@ -32,7 +32,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-from actors import (
+from kaya.actors import (
     ActorRuntime,
     BadRequest,
     Internal,
@@ -42,13 +42,13 @@ from actors import (
     error_from,
     error_reply,
 )
-from actors.saga import Saga
-from app.config import IngressConfig
-from app.lag import LoopLag
-from app.metrics import CommandMetrics
+from kaya.actors.saga import Saga
+from kaya.app.config import IngressConfig
+from kaya.app.lag import LoopLag
+from kaya.app.metrics import CommandMetrics
 
 if TYPE_CHECKING:
-    from app.tracing import Tracing
+    from kaya.app.tracing import Tracing
 
 log = logging.getLogger("kaya.ingress")
 

@@ -20,21 +20,21 @@ from anyio.abc import TaskGroup
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from actors import ActorRuntime, Registry, RuntimeSettings
-from actors.saga import SagaDriver
-from app.config import Config
-from app.consumers import Consumer, ConsumerRunner
-from app.domain import reference_consumers, reference_registry, reference_views
-from app.embedded import EmbeddedServer, ServerSettings, run_embedded_server
-from app.health import node_status, readiness, status_json
-from app.http import serve_http
-from app.ingress import Ingress, ViewFn
-from app.lag import LoopLag
-from app.metrics import CONTENT_TYPE, Metrics
-from app.relay import Relay
-from app.schemas import register_schemas
-from app.streams import ensure_streams
-from store import EventStore, StoreError, open_event_store
+from kaya.actors import ActorRuntime, Registry, RuntimeSettings
+from kaya.actors.saga import SagaDriver
+from kaya.app.config import Config
+from kaya.app.consumers import Consumer, ConsumerRunner
+from kaya.app.domain import reference_consumers, reference_registry, reference_views
+from kaya.app.embedded import EmbeddedServer, ServerSettings, run_embedded_server
+from kaya.app.health import node_status, readiness, status_json
+from kaya.app.http import serve_http
+from kaya.app.ingress import Ingress, ViewFn
+from kaya.app.lag import LoopLag
+from kaya.app.metrics import CONTENT_TYPE, Metrics
+from kaya.app.relay import Relay
+from kaya.app.schemas import register_schemas
+from kaya.app.streams import ensure_streams
+from kaya.store import EventStore, StoreError, open_event_store
 
 ConsumersFactory = Callable[[NATS, EventStore], list[Consumer]]
 ViewsFactory = Callable[[EventStore], dict[str, ViewFn]]
@@ -159,7 +159,7 @@ async def open_node(
         await register_schemas(nc.jetstream(), registry, replicas=config.events.replicas)
         tracing = None
         if config.tracing.otlp_endpoint:
-            from app.tracing import Tracing  # imported only when tracing is on
+            from kaya.app.tracing import Tracing  # imported only when tracing is on
 
             tracing = Tracing(
                 config.tracing.otlp_endpoint,

@@ -21,8 +21,8 @@ from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 
-from actors import Registry, UnknownSchema
-from app.consumers import (
+from kaya.actors import Registry, UnknownSchema
+from kaya.app.consumers import (
     Consumer,
     Delivered,
     Effects,
@@ -30,8 +30,8 @@ from app.consumers import (
     delivered_from_stored,
     ensure_tables,
 )
-from app.streams import DLQ_STREAM, EVENTS_STREAM, dlq_subject, event_subject, subscribes
-from store import EventStore, StoredEvent, StoreError, Transaction, open_event_store
+from kaya.app.streams import DLQ_STREAM, EVENTS_STREAM, dlq_subject, event_subject, subscribes
+from kaya.store import EventStore, StoredEvent, StoreError, Transaction, open_event_store
 
 ViewReader = Callable[[EventStore], Any]
 

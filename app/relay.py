@@ -26,8 +26,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.protocol.command import hpub_cmd
 
-from app.streams import event_subject
-from store import EventStore, StoredEvent, StoreError
+from kaya.app.streams import event_subject
+from kaya.store import EventStore, StoredEvent, StoreError
 
 log = logging.getLogger("kaya.relay")
 

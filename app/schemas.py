@@ -30,7 +30,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
-from actors import Registry
+from kaya.actors import Registry
 
 log = logging.getLogger("kaya.schemas")
 

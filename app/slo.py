@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from app.config import SloConfig
+from kaya.app.config import SloConfig
 
 RULES_PATH = Path("deploy/prometheus/kaya-rules.yml")
 DASHBOARD_PATH = Path("deploy/grafana/kaya-dashboard.json")

@@ -10,7 +10,7 @@ from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from app.config import EventsConfig
+from kaya.app.config import EventsConfig
 
 EVENTS_STREAM = "KAYA_EVENTS"
 DLQ_STREAM = "KAYA_DLQ"

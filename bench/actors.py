@@ -150,8 +150,8 @@ def prefill_accounts(path: Path, count: int) -> dict[str, Any]:
     stream here gets exactly version 1, so it is dropped for the load and the
     store's DDL (CREATE TRIGGER IF NOT EXISTS) puts it back when the store opens.
     """
-    from app.domain.account import Opened
-    from store.schema import DDL
+    from kaya.app.domain.account import Opened
+    from kaya.store.schema import DDL
 
     t0 = time.monotonic()
     conn = sqlite3.connect(path, isolation_level=None)
@@ -196,7 +196,7 @@ class ReadsFromMemory:
     async def read_stream(self, entity: str, entity_id: str, after_version: int = 0) -> list[Any]:
         if not self.on:
             return cast(list[Any], await self.store.read_stream(entity, entity_id, after_version))
-        from store.records import StoredEvent
+        from kaya.store.records import StoredEvent
 
         if after_version >= 1:
             return []
@@ -400,9 +400,9 @@ async def runtime_rounds(s: Settings, seed: int, synchronous: str, workdir: Path
     """A fresh store and runtime: open the accounts, then (NORMAL only) queries, then deposits."""
     import anyio
 
-    from actors import ActorRuntime, RuntimeSettings
-    from app.domain.account import Account, Deposit, Open
-    from store import open_event_store
+    from kaya.actors import ActorRuntime, RuntimeSettings
+    from kaya.app.domain.account import Account, Deposit, Open
+    from kaya.store import open_event_store
 
     account = Account()
     deposit = Deposit(amount=1)
@@ -477,9 +477,9 @@ async def scale_child(p: dict[str, Any]) -> dict[str, Any]:
     """Activate `entities` accounts, keep them all active, measure RSS and rates."""
     import anyio
 
-    from actors import ActorRuntime, RuntimeSettings
-    from app.domain.account import Account, Deposit
-    from store import EventStore, open_event_store
+    from kaya.actors import ActorRuntime, RuntimeSettings
+    from kaya.app.domain.account import Account, Deposit
+    from kaya.store import EventStore, open_event_store
 
     n, senders = int(p["entities"]), int(p["senders"])
     sample = min(int(p["store_sample"]), n)
@@ -560,9 +560,9 @@ async def profile_child(p: dict[str, Any]) -> dict[str, Any]:
     """tracemalloc over activation (top allocation sites) and sizeof of one actor's parts."""
     import anyio
 
-    from actors import ActorRuntime, RuntimeSettings
-    from app.domain.account import Account
-    from store import EventStore, open_event_store
+    from kaya.actors import ActorRuntime, RuntimeSettings
+    from kaya.app.domain.account import Account
+    from kaya.store import EventStore, open_event_store
 
     n, senders = int(p["entities"]), int(p["senders"])
     account = Account()
@@ -650,9 +650,9 @@ async def passivation_child(p: dict[str, Any]) -> dict[str, Any]:
     """Touch many more entities than `max_active`; sample RSS and active actors over time."""
     import anyio
 
-    from actors import ActorRuntime, RuntimeSettings
-    from app.domain.account import Account
-    from store import open_event_store
+    from kaya.actors import ActorRuntime, RuntimeSettings
+    from kaya.app.domain.account import Account
+    from kaya.store import open_event_store
 
     cap, touches, senders = int(p["cap"]), int(p["touches"]), int(p["senders"])
     idle = float(p["idle_timeout"])

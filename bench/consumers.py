@@ -81,8 +81,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.config import ConsumersConfig, NodeConfig
-from app.streams import DLQ_STREAM, EVENT_SUBJECTS, EVENTS_STREAM
 from bench.common import (
     BenchError,
     Child,
@@ -111,6 +109,8 @@ from bench.relay import (
     sample_cpu,
     watch_stream,
 )
+from kaya.app.config import ConsumersConfig, NodeConfig
+from kaya.app.streams import DLQ_STREAM, EVENT_SUBJECTS, EVENTS_STREAM
 
 CONSUMERS = ("analytics", "notifications")
 RAW_SCENARIOS = ("raw", "raw-ackall", "raw-ackall-filtered")
@@ -329,7 +329,7 @@ def consumer_node(
 
 
 async def _relay_checkpoint(store_path: Path) -> int:
-    from store import open_event_store
+    from kaya.store import open_event_store
 
     async with open_event_store(store_path, readonly=True) as store:
         return await store.checkpoint("relay")
@@ -466,7 +466,7 @@ def raw_consumer_main(args: argparse.Namespace) -> int:
 def raw_round(settings: Settings, workdir: Path, scenario: str, number: int) -> dict[str, Any]:
     """A bare nats-server (the node's config) on a copy of the template's JetStream, and
     the raw consumer process."""
-    from app.embedded import ServerSettings, server_config
+    from kaya.app.embedded import ServerSettings, server_config
 
     rundir = workdir / f"{scenario}-{number}"
     rundir.mkdir()

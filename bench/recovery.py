@@ -133,8 +133,8 @@ async def write_history(
     store: Any, entity_id: str, events: int, snapshot_at: int, ids: EventIds
 ) -> None:
     """Opened + Deposited x (events - 1), in Appends that end where the snapshot goes."""
-    from app.domain.account import Account, Deposited, Opened
-    from store import Append, NewEvent, Snapshot
+    from kaya.app.domain.account import Account, Deposited, Opened
+    from kaya.store import Append, NewEvent, Snapshot
 
     account = Account()
     encoder = msgspec.json.Encoder()
@@ -170,7 +170,7 @@ async def write_history(
 
 
 async def build_histories(path: Path, lengths: tuple[int, ...], every: int) -> dict[str, Any]:
-    from store import open_event_store
+    from kaya.store import open_event_store
 
     t0 = time.monotonic()
     ids = EventIds()
@@ -190,9 +190,9 @@ async def activate_once(path: Path, entity_id: str, every: int) -> dict[str, Any
     """Fresh store connection, fresh runtime: time the first query (activation) and a second."""
     import anyio
 
-    from actors import ActorRuntime, RuntimeSettings
-    from app.domain.account import Account
-    from store import open_event_store
+    from kaya.actors import ActorRuntime, RuntimeSettings
+    from kaya.app.domain.account import Account
+    from kaya.store import open_event_store
 
     account = Account()
     clock = time.perf_counter_ns
@@ -268,7 +268,7 @@ def activation_part(settings: Settings) -> dict[str, Any]:
 
 def account_rows(events: int, when: float, ids: EventIds) -> Iterator[tuple[Any, ...]]:
     """Rows of `events` account events: EVENTS_PER_ACCOUNT per account, the domain's encoding."""
-    from app.domain.account import Account, Deposited, Opened
+    from kaya.app.domain.account import Account, Deposited, Opened
 
     account = Account()
     deposited = account.encode_event(Deposited(amount=1))
@@ -334,7 +334,7 @@ def populate(path: Path, events: int) -> dict[str, Any]:
 
 def set_relay_checkpoint(path: Path, relayed: bool) -> int:
     """The relay's checkpoint at the last position (everything relayed) or removed (nothing)."""
-    from app.relay import CHECKPOINT
+    from kaya.app.relay import CHECKPOINT
 
     conn = open_raw(path, "FULL")
     try:

@@ -59,7 +59,6 @@ from typing import Any
 
 import orjson
 
-from app.streams import EVENTS_STREAM
 from bench.charts import bar_chart, line_chart
 from bench.common import (
     BenchError,
@@ -94,6 +93,7 @@ from bench.e2e import (
 )
 from bench.e2e import Settings as E2ESettings
 from bench.targets import stderr_lines
+from kaya.app.streams import EVENTS_STREAM
 
 EVENTS_PER_ACCOUNT = 100
 """Pre-filled streams hold this many events each: one Opened, then Deposited."""
@@ -141,8 +141,8 @@ async def prefill_store(path: Path, events: int) -> dict[str, Any]:
     import anyio
     import msgspec
 
-    from app.domain.account import Deposited, Opened
-    from store import Append, NewEvent, open_event_store
+    from kaya.app.domain.account import Deposited, Opened
+    from kaya.store import Append, NewEvent, open_event_store
 
     encode = msgspec.json.encode
     deposited = encode(Deposited(amount=1))
@@ -457,10 +457,10 @@ async def publish_raw(
     client allows); otherwise nats-py's stock `js.publish_async` (a future per message,
     `json.loads` per ack).
     """
-    from app.config import EventsConfig
-    from app.relay import event_headers
-    from app.streams import ensure_streams, event_subject
-    from store import open_event_store
+    from kaya.app.config import EventsConfig
+    from kaya.app.relay import event_headers
+    from kaya.app.streams import ensure_streams, event_subject
+    from kaya.store import open_event_store
 
     messages: list[tuple[str, bytes, dict[str, str]]] = []
     async with open_event_store(store_path, readonly=True) as store:
@@ -567,9 +567,9 @@ def solo_node_main(config_path: str) -> int:
     import anyio
 
     async def run() -> None:
-        from app.config import load_config
-        from app.logs import configure_logging
-        from app.node import open_node
+        from kaya.app.config import load_config
+        from kaya.app.logs import configure_logging
+        from kaya.app.node import open_node
 
         config = load_config(config_path)
         configure_logging(level=config.log.level, fmt=config.log.format, node=config.node.name)
@@ -677,7 +677,7 @@ def raw_round(
     settings: Settings, prefill: Path, workdir: Path, number: int, *, lean: bool
 ) -> dict[str, Any]:
     """nats-server (the node's config) + the raw publisher, each its own process."""
-    from app.embedded import ServerSettings, server_config
+    from kaya.app.embedded import ServerSettings, server_config
 
     scenario = "raw-lean" if lean else "raw"
     rundir = workdir / f"{scenario}-{number}"

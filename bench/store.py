@@ -89,7 +89,7 @@ INSERT_EVENT = (
 
 def deposited_event() -> tuple[str, int, bytes]:
     """Type, schema version and body of `Deposited {amount: 1}` as the account entity encodes it."""
-    from app.domain.account import Account, Deposited
+    from kaya.app.domain.account import Account, Deposited
 
     event = Deposited(amount=1)
     return type(event).__name__, event.schema_version, Account().encode_event(event)
@@ -117,7 +117,7 @@ async def kaya_window(
     path: Path, mode: str, appenders: int, warmup: float, duration: float
 ) -> dict[str, Any]:
     """N appenders on one store; figures over [warm-up end, warm-up end + duration]."""
-    from store import Append, NewEvent, open_event_store
+    from kaya.store import Append, NewEvent, open_event_store
 
     kind, schema_version, data = deposited_event()
     ids = EventIds()
@@ -198,7 +198,7 @@ def _cpu_share(a: tuple[float, float], b: tuple[float, float], seconds: float) -
 
 def open_raw(path: Path, mode: str) -> sqlite3.Connection:
     """A connection set up as the store's writer is (store/eventstore.py `_open_writer`)."""
-    from store.schema import DDL, SCHEMA_VERSION
+    from kaya.store.schema import DDL, SCHEMA_VERSION
 
     conn = sqlite3.connect(path, isolation_level=None, cached_statements=256)
     conn.execute("PRAGMA journal_mode = WAL")

@@ -3,15 +3,15 @@
 It knows nothing of actors, domains or NATS: streams of opaque, typed JSON events.
 """
 
-from store.errors import StoreError, VersionConflict
-from store.eventstore import (
+from kaya.store.errors import StoreError, VersionConflict
+from kaya.store.eventstore import (
     EventStore,
     StoreStatistics,
     Synchronous,
     Transaction,
     open_event_store,
 )
-from store.records import Append, NewEvent, Reply, Snapshot, StoredEvent
+from kaya.store.records import Append, NewEvent, Reply, Snapshot, StoredEvent
 
 __all__ = [
     "Append",

@@ -35,9 +35,9 @@ from typing import Any, Literal, TypeVar
 import aiosqlite
 import anyio
 
-from store.errors import StoreError, VersionConflict
-from store.records import Append, Reply, Snapshot, StoredEvent
-from store.schema import DDL, SCHEMA_VERSION
+from kaya.store.errors import StoreError, VersionConflict
+from kaya.store.records import Append, Reply, Snapshot, StoredEvent
+from kaya.store.schema import DDL, SCHEMA_VERSION
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 _T = TypeVar("_T")

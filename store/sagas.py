@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from store.eventstore import EventStore
+from kaya.store.eventstore import EventStore
 
 DEADLINES_DDL = (
     "CREATE TABLE IF NOT EXISTS saga_deadlines ("

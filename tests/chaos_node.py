@@ -19,12 +19,12 @@ from collections.abc import Sequence
 
 import anyio
 
-from actors import Registry
-from app.config import load_config
-from app.domain.account import Account, AccountCommand, AccountEvent, AccountState
-from app.domain.transfer import Transfer
-from app.logs import configure_logging
-from app.node import open_node
+from kaya.actors import Registry
+from kaya.app.config import load_config
+from kaya.app.domain.account import Account, AccountCommand, AccountEvent, AccountState
+from kaya.app.domain.transfer import Transfer
+from kaya.app.logs import configure_logging
+from kaya.app.node import open_node
 
 
 class FlakyAccount(Account):

@@ -13,9 +13,9 @@ import orjson
 import pytest
 from nats.aio.client import Client as NATS
 
-from actors import Registry
-from app.config import Config, IngressConfig, NatsConfig, NodeConfig
-from app.node import Node, open_node
+from kaya.actors import Registry
+from kaya.app.config import Config, IngressConfig, NatsConfig, NodeConfig
+from kaya.app.node import Node, open_node
 from tests.servers import NatsServer, start_nats_server
 
 
@@ -89,6 +89,6 @@ async def call(
 
 
 def registry_with(*entities: Any) -> Registry:
-    from app.domain import Account
+    from kaya.app.domain import Account
 
     return Registry([Account(), *entities])

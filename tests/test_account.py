@@ -6,8 +6,8 @@ import functools
 
 import pytest
 
-from actors import BadRequest, Command, Rejected, UnknownCommand
-from app.domain.account import (
+from kaya.actors import BadRequest, Command, Rejected, UnknownCommand
+from kaya.app.domain.account import (
     MAX_AMOUNT,
     MAX_BALANCE,
     Account,

@@ -8,20 +8,20 @@ from typing import Any
 import orjson
 import pytest
 
-from app.catalog import (
+from kaya.app.catalog import (
     build_catalog,
     decide_cases,
     render_asyncapi,
     render_markdown,
 )
-from app.domain import (
+from kaya.app.domain import (
     Account,
     Transfer,
     reference_consumer_types,
     reference_consumers,
     reference_registry,
 )
-from app.streams import subscribes
+from kaya.app.streams import subscribes
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -43,7 +43,7 @@ def test_the_committed_event_dictionary_is_up_to_date() -> None:
 def test_kaya_catalog_prints_what_is_committed(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from app.cli import main
+    from kaya.app.cli import main
 
     assert main(["catalog"]) == 0
     assert capsys.readouterr().out == (DOCS / "events.md").read_text()

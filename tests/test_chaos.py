@@ -26,7 +26,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 
-from app.config import load_config
+from kaya.app.config import load_config
 from tests.servers import (
     KayaProcess,
     free_port,

@@ -21,18 +21,18 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from app.config import ConsumersConfig
-from app.consumers import Consumer, Delivered, Effects
-from app.domain import reference_consumers
-from app.node import Node, open_node
-from app.ops import (
+from kaya.app.config import ConsumersConfig
+from kaya.app.consumers import Consumer, Delivered, Effects
+from kaya.app.domain import reference_consumers
+from kaya.app.node import Node, open_node
+from kaya.app.ops import (
     describe_streams,
     list_dead_letters,
     rebuild_projection,
     replay_dead_letters,
 )
-from app.streams import DLQ_STREAM, EVENTS_STREAM
-from store import Append, NewEvent, open_event_store
+from kaya.app.streams import DLQ_STREAM, EVENTS_STREAM
+from kaya.store import Append, NewEvent, open_event_store
 from tests.conftest import call, node_config
 from tests.servers import NatsServer, start_nats_server
 
@@ -241,7 +241,7 @@ async def test_a_rebuilt_read_model_equals_the_live_one(node: Node, nc: NATS, ui
     seen: list[tuple[int, int]] = []
 
     async def read_view(store: Any) -> Any:
-        from app.domain.analytics import analytics_view
+        from kaya.app.domain.analytics import analytics_view
 
         return await analytics_view(store, {})
 

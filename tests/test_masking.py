@@ -11,11 +11,11 @@ import msgspec
 import orjson
 import pytest
 
-from actors import ActorRuntime, Command, Entity, Event, decode_reply
-from actors.masking import MASK, masked, sensitive_fields
-from app.domain.account import Open
-from app.logs import JsonFormatter
-from store import open_event_store
+from kaya.actors import ActorRuntime, Command, Entity, Event, decode_reply
+from kaya.actors.masking import MASK, masked, sensitive_fields
+from kaya.app.domain.account import Open
+from kaya.app.logs import JsonFormatter
+from kaya.store import open_event_store
 
 pytestmark = pytest.mark.anyio
 

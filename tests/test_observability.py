@@ -11,9 +11,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.config import MetricsConfig
-from app.metrics import Histogram, reply_outcome
-from app.node import Node, open_node
+from kaya.app.config import MetricsConfig
+from kaya.app.metrics import Histogram, reply_outcome
+from kaya.app.node import Node, open_node
 from tests.conftest import call, node_config
 from tests.servers import NatsServer
 
@@ -124,7 +124,7 @@ def test_histogram_quantiles() -> None:
 
 
 def test_status_view_shows_rates_from_two_snapshots() -> None:
-    from app.status import render_status
+    from kaya.app.status import render_status
 
     def snapshot(t: float, total: int) -> dict[str, object]:
         return {

@@ -12,7 +12,7 @@ import anyio
 import msgspec
 import pytest
 
-from actors import (
+from kaya.actors import (
     ActorRuntime,
     AnyReply,
     Command,
@@ -20,7 +20,7 @@ from actors import (
     RuntimeSettings,
     decode_reply,
 )
-from app.domain.account import (
+from kaya.app.domain.account import (
     Account,
     AccountCommand,
     AccountEvent,
@@ -29,7 +29,7 @@ from app.domain.account import (
     Open,
     Withdraw,
 )
-from store import EventStore, StoredEvent, open_event_store
+from kaya.store import EventStore, StoredEvent, open_event_store
 
 pytestmark = pytest.mark.anyio
 

@@ -17,14 +17,14 @@ import orjson
 import pytest
 from nats.aio.client import Client as NATS
 
-from actors import ActorRuntime, Entity, Event, UnknownSchema, decode_reply
-from app.consumers import Consumer, Delivered, Effects, UnknownEventPolicy, admit
-from app.contracts import check_consumer, sample_value
-from app.domain import Analytics, Notifications, reference_registry
-from app.domain.account import Account, AccountState, Deposit, Open, Opened
-from app.node import Node, open_node
-from app.ops import list_dead_letters
-from app.schemas import (
+from kaya.actors import ActorRuntime, Entity, Event, UnknownSchema, decode_reply
+from kaya.app.consumers import Consumer, Delivered, Effects, UnknownEventPolicy, admit
+from kaya.app.contracts import check_consumer, sample_value
+from kaya.app.domain import Analytics, Notifications, reference_registry
+from kaya.app.domain.account import Account, AccountState, Deposit, Open, Opened
+from kaya.app.node import Node, open_node
+from kaya.app.ops import list_dead_letters
+from kaya.app.schemas import (
     SCHEMAS_BUCKET,
     SCHEMAS_FILE,
     SchemaConflict,
@@ -39,8 +39,8 @@ from app.schemas import (
     type_schema,
     upcaster_keys,
 )
-from app.streams import EVENTS_STREAM
-from store import Append, NewEvent, open_event_store
+from kaya.app.streams import EVENTS_STREAM
+from kaya.store import Append, NewEvent, open_event_store
 from tests.conftest import call, node_config
 from tests.servers import NatsServer
 
@@ -348,7 +348,7 @@ def test_the_committed_schemas_are_up_to_date() -> None:
 def test_kaya_schema_check_reports_and_fails_on_a_breaking_change(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.cli import main
+    from kaya.app.cli import main
 
     monkeypatch.chdir(REPO)
     assert main(["schema", "check"]) == 0
@@ -525,7 +525,7 @@ async def test_schemas_are_registered_on_start_and_read_back(
 def test_kaya_schema_publish_and_check_against_the_registry(
     nats_server: NatsServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.cli import main
+    from kaya.app.cli import main
 
     monkeypatch.chdir(REPO)
     url = ["--url", nats_server.url]

@@ -9,8 +9,8 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-import store
-from store import Append, NewEvent, Reply, Snapshot, StoredEvent
+from kaya import store
+from kaya.store import Append, NewEvent, Reply, Snapshot, StoredEvent
 
 pytestmark = pytest.mark.anyio
 

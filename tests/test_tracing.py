@@ -22,8 +22,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from app.config import TracingConfig
-from app.node import open_node
+from kaya.app.config import TracingConfig
+from kaya.app.node import open_node
 from tests.conftest import call, node_config
 from tests.servers import NatsServer
 

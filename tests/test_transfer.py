@@ -21,7 +21,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 
-from actors import (
+from kaya.actors import (
     BadRequest,
     ErrorCode,
     Registry,
@@ -30,11 +30,11 @@ from actors import (
     decode_reply,
     error_reply,
 )
-from actors.replies import command_done
-from actors.saga import TRANSIENT, Step, StepDone
-from app.config import Config
-from app.domain.account import Account, Deposit, Withdraw
-from app.domain.transfer import (
+from kaya.actors.replies import command_done
+from kaya.actors.saga import TRANSIENT, Step, StepDone
+from kaya.app.config import Config
+from kaya.app.domain.account import Account, Deposit, Withdraw
+from kaya.app.domain.transfer import (
     CREDIT_TIMEOUT,
     Completed,
     Credited,
@@ -50,9 +50,9 @@ from app.domain.transfer import (
     TransferEvent,
     TransferState,
 )
-from app.node import Node, open_node
-from store import Append, NewEvent, open_event_store
-from store.sagas import ensure_saga_tables, step_deadline
+from kaya.app.node import Node, open_node
+from kaya.store import Append, NewEvent, open_event_store
+from kaya.store.sagas import ensure_saga_tables, step_deadline
 from tests.conftest import call, node_config
 from tests.servers import NatsServer
 

@@ -16,9 +16,9 @@ import orjson
 import pytest
 from nats.aio.client import Client as NATS
 
-from actors import Command, Entity, Event
-from app.config import ActorsConfig, IngressConfig
-from app.node import Node, open_node
+from kaya.actors import Command, Entity, Event
+from kaya.app.config import ActorsConfig, IngressConfig
+from kaya.app.node import Node, open_node
 from tests.conftest import call, node_config, registry_with
 from tests.servers import NatsServer
 

@@ -6,14 +6,14 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from actors import Registry
-from app.consumers import Consumer
-from app.domain.account import Account
-from app.domain.analytics import Analytics, analytics_view
-from app.domain.notifications import Notifications
-from app.domain.transfer import Transfer
-from app.ingress import ViewFn
-from store import EventStore
+from kaya.actors import Registry
+from kaya.app.consumers import Consumer
+from kaya.app.domain.account import Account
+from kaya.app.domain.analytics import Analytics, analytics_view
+from kaya.app.domain.notifications import Notifications
+from kaya.app.domain.transfer import Transfer
+from kaya.app.ingress import ViewFn
+from kaya.store import EventStore
 
 
 def reference_registry() -> Registry:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from actors import Command, Entity, Event, Rejected
+from kaya.actors import Command, Entity, Event, Rejected
 
 MAX_AMOUNT = 10**15
 """Largest single amount; with MAX_BALANCE it keeps every figure exact in a double."""

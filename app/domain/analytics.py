@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.consumers import Consumer, Delivered, Effects
-from store import EventStore
+from kaya.app.consumers import Consumer, Delivered, Effects
+from kaya.store import EventStore
 
 _CURRENCY_OF = "(SELECT currency FROM analytics_accounts WHERE id = ?)"
 

@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 
-from app.consumers import Consumer, Delivered, Effects
-from store import EventStore
+from kaya.app.consumers import Consumer, Delivered, Effects
+from kaya.store import EventStore
 
 Publish = Callable[[str, bytes, dict[str, str]], Awaitable[None]]
 

@@ -21,9 +21,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from actors import Command, Event, Rejected
-from actors.saga import Saga, Step, StepDone
-from app.domain.account import MAX_AMOUNT, Deposit, Withdraw
+from kaya.actors import Command, Event, Rejected
+from kaya.actors.saga import Saga, Step, StepDone
+from kaya.app.domain.account import MAX_AMOUNT, Deposit, Withdraw
 
 AccountId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Amount = Annotated[int, msgspec.Meta(gt=0, le=MAX_AMOUNT)]

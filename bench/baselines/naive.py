@@ -57,9 +57,9 @@ import nats
 import uvloop
 from nats.aio.msg import Msg
 
-from actors import replies
-from actors.errors import ErrorCode
-from store.schema import DDL as KAYA_DDL
+from kaya.actors import replies
+from kaya.actors.errors import ErrorCode
+from kaya.store.schema import DDL as KAYA_DDL
 
 ENTITY = "account"
 COMMAND_SUBJECT = "kaya.cmd.account.*"

@@ -1,0 +1,246 @@
+"""Sagas (orchestration): an event-sourced entity whose state says what to do next.
+
+A saga is an `Entity` like any other (its own stream, decider, mailbox) plus one
+more pure function, `next_step(state)`: the command it needs another entity to
+take now, or None. After every turn the runtime carries the step out:
+
+    saga state --next_step--> Step(target, command)      (pure)
+    runtime: ask target with command id "<saga>/<id>/<step>" (idempotent: at most once)
+    runtime: reply --step_result--> StepDone command     (pure; None: transient, retry)
+    saga decides StepDone -> events -> new state --next_step--> ...
+
+Because the step's command id is derived from the saga id and the step name, a
+step retried after a crash or a timeout is applied at most once by its target,
+and the target's remembered reply tells the saga what really happened. A step
+with a `timeout` gets a deadline stored beside the saga: the target refuses the
+command (`timeout`, remembered like any reply) if it reaches it too late, so
+"it timed out" is a definite answer, never a guess that might still come true.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup, TaskStatus
+
+from kaya.actors.entity import Command, Entity
+from kaya.actors.errors import KayaError
+from kaya.actors.registry import Registry
+from kaya.actors.replies import AnyReply, decode_reply
+from kaya.store import EventStore
+from kaya.store.sagas import ensure_saga_tables, forget_deadline, step_deadline, unfinished
+
+if TYPE_CHECKING:
+    from kaya.actors.runtime import ActorRuntime
+
+log = logging.getLogger("kaya.sagas")
+
+StepObserver = Callable[[str, str, str, str | None], AbstractContextManager[str | None]]
+"""Wraps one saga step (saga, id, step, traceparent) and yields the traceparent its
+commands carry: how the app layer adds a tracing span without actors/ knowing of it."""
+
+TRANSIENT = frozenset({"overloaded", "unavailable", "internal"})
+"""Reply codes that say nothing about the step: try it again (same command id)."""
+
+
+class Step(msgspec.Struct, frozen=True):
+    """A command for another entity; `name` is unique within one saga instance."""
+
+    name: str
+    entity: str
+    entity_id: str
+    command: Command
+    timeout: float | None = None
+
+
+class StepDone(Command, frozen=True):
+    """Fed back to the saga with the outcome of a step. Never accepted from the wire."""
+
+    step: str
+    ok: bool
+    code: str = ""
+    reason: str = ""
+
+
+class Saga(Entity[Any, Any, Any]):
+    """Base of orchestrating sagas. `terminal_events` end an instance (no resume needed)."""
+
+    terminal_events: ClassVar[tuple[str, ...]] = ()
+
+    def next_step(self, state: Any) -> Step | None:
+        raise NotImplementedError
+
+    def step_result(self, step: Step, reply: AnyReply) -> StepDone | None:
+        """Turn a reply into StepDone; None for a transient failure (the step is retried)."""
+        if reply.ok:
+            return StepDone(step=step.name, ok=True)
+        error = reply.error
+        code = error.code if error else "internal"
+        if code in TRANSIENT:
+            return None
+        return StepDone(step=step.name, ok=False, code=code, reason=error.message if error else "")
+
+    def step_command_id(self, entity_id: str, step: Step) -> str:
+        return f"{self.name}/{entity_id}/{step.name}"
+
+
+class SagaDriver:
+    """Carries out the steps sagas ask for, and resumes unfinished sagas on start."""
+
+    def __init__(
+        self,
+        runtime: ActorRuntime,
+        store: EventStore,
+        registry: Registry,
+        *,
+        retry_initial: float = 0.05,
+        retry_max: float = 2.0,
+        observe_step: StepObserver | None = None,
+    ) -> None:
+        self._observe_step = observe_step
+        self._runtime = runtime
+        self._store = store
+        self._registry = registry
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._running: set[tuple[str, str, str]] = set()
+        self._tg: TaskGroup | None = None
+        self.steps_done = 0
+        self.retries = 0
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await ensure_saga_tables(self._store)
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            self._runtime.after_turns = self._after_turns
+            try:
+                resumed = 0
+                for entity in self._registry:
+                    if isinstance(entity, Saga):
+                        for saga_id in await unfinished(
+                            self._store, entity.name, entity.terminal_events
+                        ):
+                            self._wake(entity, saga_id)
+                            resumed += 1
+                if resumed:
+                    log.info("resuming %d unfinished sagas", resumed)
+                task_status.started()
+                await anyio.sleep_forever()
+            finally:
+                self._runtime.after_turns = None
+                self._tg = None
+
+    def _wake(self, saga: Saga, saga_id: str) -> None:
+        """Activate the saga: when its (empty) turn ends, `_after_turns` looks at its state."""
+
+        async def ignore(_: bytes) -> None:
+            return None
+
+        with contextlib.suppress(KayaError):  # a full mailbox: busy, it will look anyway
+            self._runtime.query(saga, saga_id, ignore)
+
+    def _after_turns(
+        self, entity: Entity[Any, Any, Any], entity_id: str, state: Any, trace: str | None
+    ) -> None:
+        if not isinstance(entity, Saga) or self._tg is None:
+            return
+        step = entity.next_step(state)
+        if step is None:
+            return
+        key = (entity.name, entity_id, step.name)
+        if key not in self._running:
+            self._running.add(key)
+            self._tg.start_soon(self._run_step, entity, entity_id, step, key, trace)
+
+    async def _run_step(
+        self,
+        saga: Saga,
+        saga_id: str,
+        step: Step,
+        key: tuple[str, str, str],
+        trace: str | None,
+    ) -> None:
+        """One step: the same trace as the command that led to it, so a transfer is one trace."""
+        observed = (
+            self._observe_step(saga.name, saga_id, step.name, trace)
+            if self._observe_step is not None
+            else contextlib.nullcontext(trace)
+        )
+        with observed as trace:
+            try:
+                command_id = saga.step_command_id(saga_id, step)
+                deadline = None
+                if step.timeout is not None:
+                    deadline = await step_deadline(
+                        self._store, saga.name, saga_id, step.name, time.time() + step.timeout
+                    )
+                target = self._registry.get(step.entity)
+                attempt = 0
+                while True:
+                    done = None
+                    try:
+                        reply = await self._runtime.ask(
+                            target,
+                            step.entity_id,
+                            step.command,
+                            command_id=command_id,
+                            deadline=deadline,
+                            traceparent=trace,
+                        )
+                        done = saga.step_result(step, decode_reply(reply))
+                    except KayaError as exc:  # overloaded or unavailable right now
+                        log.debug("saga %s/%s step %s: %s", saga.name, saga_id, step.name, exc)
+                    if done is not None:
+                        break
+                    attempt += 1
+                    self.retries += 1
+                    await anyio.sleep(self._backoff(attempt))
+                await self._report(saga, saga_id, done, f"{command_id}/done", trace)
+                self.steps_done += 1
+                if step.timeout is not None:
+                    await forget_deadline(self._store, saga.name, saga_id, step.name)
+            except Exception:
+                log.exception(
+                    "saga %s/%s step %s failed; it resumes on the next activation",
+                    saga.name,
+                    saga_id,
+                    step.name,
+                )
+            finally:
+                self._running.discard(key)
+        self._wake(saga, saga_id)  # look again: the next step may have been skipped meanwhile
+
+    async def _report(
+        self, saga: Saga, saga_id: str, done: StepDone, command_id: str, trace: str | None
+    ) -> None:
+        attempt = 0
+        while True:
+            try:
+                reply = decode_reply(
+                    await self._runtime.ask(
+                        saga, saga_id, done, command_id=command_id, traceparent=trace
+                    )
+                )
+                if reply.ok:
+                    return
+                if reply.error is None or reply.error.code not in TRANSIENT:
+                    # StepDone is never refused by design: this is a bug, not a retry case
+                    log.error(
+                        "saga %s/%s refused its step outcome: %s", saga.name, saga_id, reply.error
+                    )
+                    return
+            except KayaError:
+                pass
+            attempt += 1
+            await anyio.sleep(self._backoff(attempt))
+
+    def _backoff(self, attempt: int) -> float:
+        return random.uniform(0, min(self._retry_max, self._retry_initial * 2**attempt))

@@ -1,0 +1,222 @@
+"""Node configuration: `config.toml` decoded into msgspec Structs.
+
+Unknown keys, wrong types and impossible values stop start-up with one message
+that names the key, because a typo in a config file should never be silently
+ignored in production.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class NodeConfig(_Section):
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "kaya-1"
+    data_dir: str = "data"
+    """Where the event store and the embedded server's JetStream live; relative to the cwd."""
+
+
+class NatsConfig(_Section):
+    url: str = ""
+    """Empty: start the embedded nats-server. Otherwise the server(s) to connect to."""
+    host: str = "127.0.0.1"
+    port: Port = 4222
+    monitor_port: Port = 8222
+    """Embedded server's HTTP monitoring port; 0 turns monitoring off."""
+    max_payload: Positive = 1024 * 1024
+    startup_timeout: Seconds = 10.0
+    sync_always: bool = False
+    """Embedded server fsyncs every JetStream write (`sync_interval: always`). Off by
+    default: the relay's rewind covers a broker that lost unsynced writes, for far less."""
+
+
+class StoreConfig(_Section):
+    path: str = "kaya.db"
+    """The SQLite file, relative to data_dir."""
+    synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
+    max_batch_events: Positive = 2000
+    snapshot_every: Annotated[int, msgspec.Meta(ge=0)] = 100
+    """Write a snapshot every N events of a stream; 0 turns snapshots off."""
+    reply_retention: Seconds = 24 * 3600.0
+    """How long a Kaya-Command-Id is remembered (seconds)."""
+
+
+class ActorsConfig(_Section):
+    mailbox_size: Positive = 1024
+    max_active: Positive = 100_000
+    idle_timeout: Seconds = 300.0
+    max_turn: Positive = 512
+
+
+class IngressConfig(_Section):
+    max_inflight: Positive = 10_000
+    """Commands and queries accepted but not yet answered; beyond it: `overloaded`."""
+    max_queued: Positive = 1000
+    """Requests received but not yet looked at (the client's per-subscription buffer);
+    beyond it a request is refused `overloaded` before it is decoded."""
+    max_loop_lag: Annotated[float, msgspec.Meta(ge=0)] = 0.05
+    """Seconds the event loop may run behind, while busy with its own work, before
+    commands are refused `overloaded` (queries still served); 0 turns it off. Requests
+    wait for a busy loop in the socket, where nothing else sees them: refusing while
+    it is behind keeps refusals fast."""
+    max_body: Positive = 64 * 1024
+    """Largest command body in bytes; beyond it: `bad_request`."""
+    queue_group: str = "kaya"
+
+
+class EventsConfig(_Section):
+    """The KAYA_EVENTS stream and the outbox relay that fills it."""
+
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    max_age: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """Seconds JetStream keeps an event; 0 keeps them (the store keeps them anyway)."""
+    max_bytes: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    duplicate_window: Seconds = 300.0
+    """Broker-side dedup by Nats-Msg-Id; must exceed relay_rewind."""
+    relay_batch: Positive = 1000
+    """Events read from the store and in flight to JetStream at once."""
+    relay_rewind: Annotated[float, msgspec.Meta(ge=0)] = 150.0
+    """On start and reconnect, republish events committed this many seconds before the
+    checkpoint: JetStream acknowledges before it fsyncs (every 2 min by default), so a
+    broker that lost power may have lost acknowledged events; dedup drops the rest."""
+    ack_timeout: Seconds = 5.0
+    dlq_max_age: Annotated[float, msgspec.Meta(ge=0)] = 30 * 24 * 3600.0
+
+
+class ConsumersConfig(_Section):
+    """Every consumer: durable, ordered, bounded, retried with backoff, dead-lettered."""
+
+    disabled: list[str] = []
+    """Consumers this node does not run (e.g. ["notifications"]): another node may."""
+    fetch_batch: Positive = 256
+    max_attempts: Positive = 5
+    backoff_initial: Seconds = 0.1
+    backoff_max: Seconds = 5.0
+    ack_wait: Seconds = 10.0
+    """Seconds before JetStream redelivers an unacknowledged event, e.g. one that was in
+    flight to a node that stopped. Long retries extend it with in-progress acks."""
+
+
+class ShardsConfig(_Section):
+    count: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+
+
+class MetricsConfig(_Section):
+    address: str = ""
+    """HOST:PORT of the HTTP endpoint (/metrics, /healthz, /readyz); empty: none.
+    config.toml sets 127.0.0.1:9464; port 0 picks a free port (tests)."""
+
+
+class SloConfig(_Section):
+    """Service level objectives: the alerting rules and dashboard are generated from these."""
+
+    command_p99_seconds: Seconds = 0.05
+    """99% of commands answered within this, over 5 minutes."""
+    success_ratio: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.999
+    """Share of commands not answered `internal`, `unavailable` or `timeout`."""
+    consumer_lag_max: Positive = 10_000
+    """Events a consumer may trail the store by, for 5 minutes, before it pages."""
+    relay_backlog_max: Positive = 10_000
+    overload_ratio_max: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.01
+
+
+class TracingConfig(_Section):
+    otlp_endpoint: str = ""
+    """OTLP/HTTP collector base URL (e.g. http://127.0.0.1:4318); empty: no spans at all."""
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.01
+    """Share of new traces recorded; a caller's sampled traceparent is always followed."""
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class Config(_Section):
+    node: NodeConfig = NodeConfig()
+    nats: NatsConfig = NatsConfig()
+    store: StoreConfig = StoreConfig()
+    actors: ActorsConfig = ActorsConfig()
+    ingress: IngressConfig = IngressConfig()
+    events: EventsConfig = EventsConfig()
+    consumers: ConsumersConfig = ConsumersConfig()
+    shards: ShardsConfig = ShardsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    slo: SloConfig = SloConfig()
+    tracing: TracingConfig = TracingConfig()
+    log: LogConfig = LogConfig()
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.node.data_dir)
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_path / self.store.path
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the key."""
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read a TOML file (or the defaults when `path` is None)."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: bytes | str, *, source: str = "<config>") -> Config:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_explain(str(exc))}") from None
+
+
+def _explain(message: str) -> str:
+    """Turn msgspec's "... - at `$.store.x`" into "store.x: ..." (operators think in keys)."""
+    where = ""
+    if " - at `$." in message:
+        message, where = message.split(" - at `$.", 1)
+        where = where.rstrip("`")
+    if message.startswith("Object contains unknown field `"):
+        field = message.removeprefix("Object contains unknown field `").rstrip("`")
+        return f"unknown key {where + '.' if where else ''}{field}"
+    return f"{where}: {message}" if where else message
+
+
+def with_overrides(
+    config: Config, *, data_dir: str | None = None, nats_port: int | None = None
+) -> Config:
+    """Apply command-line flags, which win over the file."""
+    if data_dir is not None:
+        config = msgspec.structs.replace(
+            config, node=msgspec.structs.replace(config.node, data_dir=data_dir)
+        )
+    if nats_port is not None:
+        config = msgspec.structs.replace(
+            config, nats=msgspec.structs.replace(config.nats, port=nats_port)
+        )
+    return config

@@ -1,0 +1,145 @@
+"""Notifications: every account event becomes a message on `kaya.notify.<owner>`.
+
+It is also the choreographed half of transfers: nobody orchestrates it, it reacts
+to a transfer's `Failed` event by telling the source account's owner.
+
+An external effect, so at least once: each message carries the event id as
+`Kaya-Dedup-Key` (and `Nats-Msg-Id`, so a stream that stores them drops repeats),
+which is how a reader sees each event once. The owner of an account is learned
+from its `Opened` event and kept in the consumer's own table.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+import orjson
+
+from kaya.app.consumers import Consumer, Delivered, Effects
+from kaya.store import EventStore
+
+Publish = Callable[[str, bytes, dict[str, str]], Awaitable[None]]
+
+_NOT_SUBJECT_SAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def owner_token(owner: str) -> str:
+    """An owner name as one subject token: anything but [A-Za-z0-9_-] becomes `_`."""
+    return _NOT_SUBJECT_SAFE.sub("_", owner)[:64] or "_"
+
+
+def notify_subject(owner: str) -> str:
+    return f"kaya.notify.{owner_token(owner)}"
+
+
+class UnknownOwner(Exception):
+    """An account event arrived before the consumer saw the account's `Opened`."""
+
+
+class Notifications(Consumer):
+    name = "notifications"
+    filter_subject = "kaya.evt.>"
+    tables = ("notify_owners", "notify_transfers")
+    ddl = """
+    CREATE TABLE IF NOT EXISTS notify_owners (
+        id    TEXT PRIMARY KEY,
+        owner TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS notify_transfers (
+        id     TEXT PRIMARY KEY,
+        source TEXT NOT NULL
+    ) WITHOUT ROWID
+    """
+
+    def __init__(self, store: EventStore, publish: Publish, *, cache_size: int = 10_000) -> None:
+        self._store = store
+        self._publish = publish
+        self._owners: OrderedDict[str, str] = OrderedDict()
+        self._sources: dict[str, str] = {}
+        self._cache_size = cache_size
+
+    async def handle(self, event: Delivered, effects: Effects) -> None:
+        if event.entity == "transfer":
+            await self._on_transfer(event, effects)
+            return
+        if event.entity != "account":
+            return
+        body = event.decode()
+        if event.type == "Opened":
+            owner = str(body["owner"])
+            effects.execute(
+                "INSERT OR REPLACE INTO notify_owners (id, owner) VALUES (?, ?)",
+                (event.entity_id, owner),
+            )
+            self._remember(event.entity_id, owner)
+        else:
+            owner = await self._owner_of(event.entity_id)
+        message = {
+            "dedup_key": event.event_id,
+            "entity": event.entity,
+            "id": event.entity_id,
+            "version": event.entity_version,
+            "event": body,
+        }
+        headers = {"Kaya-Dedup-Key": event.event_id, "Nats-Msg-Id": event.event_id}
+        if event.traceparent:
+            headers["traceparent"] = event.traceparent
+        await self._publish(notify_subject(owner), orjson.dumps(message), headers)
+
+    async def _on_transfer(self, event: Delivered, effects: Effects) -> None:
+        body = event.decode()
+        if event.type == "Started":
+            effects.execute(
+                "INSERT OR REPLACE INTO notify_transfers (id, source) VALUES (?, ?)",
+                (event.entity_id, str(body["source"])),
+            )
+            self._sources[event.entity_id] = str(body["source"])
+            return
+        if event.type != "Failed":
+            if event.type == "Completed":
+                self._sources.pop(event.entity_id, None)
+            return
+        source = self._sources.pop(event.entity_id, None)
+        if source is None:
+            rows = await self._store.query(
+                "SELECT source FROM notify_transfers WHERE id = ?", (event.entity_id,)
+            )
+            if not rows:
+                raise UnknownOwner(f"no Started seen for transfer {event.entity_id}")
+            source = str(rows[0][0])
+        try:
+            owner = await self._owner_of(source)
+        except UnknownOwner:
+            return  # the source account never existed (that is why it failed): nobody to tell
+        message = {
+            "dedup_key": event.event_id,
+            "entity": "transfer",
+            "id": event.entity_id,
+            "version": event.entity_version,
+            "event": body,
+            "text": f"transfer {event.entity_id} failed: {body.get('reason', '')}",
+        }
+        headers = {"Kaya-Dedup-Key": event.event_id, "Nats-Msg-Id": event.event_id}
+        if event.traceparent:
+            headers["traceparent"] = event.traceparent
+        await self._publish(notify_subject(owner), orjson.dumps(message), headers)
+
+    def _remember(self, account: str, owner: str) -> None:
+        self._owners[account] = owner
+        self._owners.move_to_end(account)
+        while len(self._owners) > self._cache_size:
+            self._owners.popitem(last=False)
+
+    async def _owner_of(self, account: str) -> str:
+        owner = self._owners.get(account)
+        if owner is None:
+            rows = await self._store.query(
+                "SELECT owner FROM notify_owners WHERE id = ?", (account,)
+            )
+            if not rows:
+                raise UnknownOwner(f"no Opened seen for account {account}")
+            owner = str(rows[0][0])
+            self._remember(account, owner)
+        return owner

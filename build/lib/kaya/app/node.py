@@ -1,0 +1,272 @@
+"""The node: wires config -> nats-server -> store -> actors -> ingress, and unwires in order.
+
+Start-up: embedded server (unless `nats.url`), event store, actor runtime, NATS
+connection, ingress. Shut-down is the reverse, each step waiting for the one
+before: stop taking requests, answer those in flight, close NATS, commit what
+the store has queued, stop the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskGroup
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from kaya.actors import ActorRuntime, Registry, RuntimeSettings
+from kaya.actors.saga import SagaDriver
+from kaya.app.config import Config
+from kaya.app.consumers import Consumer, ConsumerRunner
+from kaya.app.domain import reference_consumers, reference_registry, reference_views
+from kaya.app.embedded import EmbeddedServer, ServerSettings, run_embedded_server
+from kaya.app.health import node_status, readiness, status_json
+from kaya.app.http import serve_http
+from kaya.app.ingress import Ingress, ViewFn
+from kaya.app.lag import LoopLag
+from kaya.app.metrics import CONTENT_TYPE, Metrics
+from kaya.app.relay import Relay
+from kaya.app.schemas import register_schemas
+from kaya.app.streams import ensure_streams
+from kaya.store import EventStore, StoreError, open_event_store
+
+ConsumersFactory = Callable[[NATS, EventStore], list[Consumer]]
+ViewsFactory = Callable[[EventStore], dict[str, ViewFn]]
+
+log = logging.getLogger("kaya.node")
+
+
+@dataclass
+class Node:
+    config: Config
+    url: str
+    nc: NATS
+    store: EventStore
+    runtime: ActorRuntime
+    ingress: Ingress
+    registry: Registry
+    server: EmbeddedServer | None
+    relay: Relay
+    consumers: dict[str, ConsumerRunner]
+    metrics_url: str | None = None
+
+
+def embedded_settings(config: Config) -> ServerSettings:
+    return ServerSettings(
+        host=config.nats.host,
+        port=config.nats.port,
+        monitor_port=config.nats.monitor_port,
+        store_dir=Path(config.node.data_dir) / "nats",
+        shards=config.shards.count,
+        max_payload=config.nats.max_payload,
+        name=config.node.name,
+        sync_always=config.nats.sync_always,
+    )
+
+
+async def connect(url: str, *, name: str, on_reconnect: Callable[[], None] | None = None) -> NATS:
+    nc = NATS()
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    async def on_disconnect() -> None:
+        if not (nc.is_closed or nc.is_draining):
+            log.warning("nats: disconnected")
+
+    async def on_reconnected() -> None:
+        log.info("nats: reconnected")
+        if on_reconnect is not None:
+            on_reconnect()
+
+    await nc.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnected,
+    )
+    return nc
+
+
+async def _expire_replies(store: EventStore, retention: float) -> None:
+    interval = min(retention / 4, 300.0)
+    while True:
+        await anyio.sleep(interval)
+        try:
+            removed = await store.expire_replies(time.time() - retention)
+        except StoreError:
+            log.exception("expiring idempotency replies failed")
+        else:
+            if removed:
+                log.info("forgot %d idempotency replies", removed)
+
+
+@asynccontextmanager
+async def open_node(
+    config: Config,
+    registry: Registry | None = None,
+    *,
+    consumers: ConsumersFactory = reference_consumers,
+    views: ViewsFactory = reference_views,
+) -> AsyncIterator[Node]:
+    """Run a node for the duration of the block; leave nothing running behind."""
+    registry = registry or reference_registry()
+    async with AsyncExitStack() as stack:
+        server: EmbeddedServer | None = None
+        if config.nats.url:
+            url = config.nats.url
+        else:
+            server = await stack.enter_async_context(
+                run_embedded_server(
+                    embedded_settings(config), startup_timeout=config.nats.startup_timeout
+                )
+            )
+            url = server.url
+        store = await stack.enter_async_context(
+            open_event_store(
+                config.store_path,
+                synchronous=config.store.synchronous,
+                max_batch_events=config.store.max_batch_events,
+            )
+        )
+        runtime = ActorRuntime(
+            store,
+            RuntimeSettings(
+                mailbox_size=config.actors.mailbox_size,
+                max_active=config.actors.max_active,
+                idle_timeout=config.actors.idle_timeout,
+                snapshot_every=config.store.snapshot_every,
+                max_turn=config.actors.max_turn,
+            ),
+        )
+        reconnected = anyio.Event()
+
+        def on_reconnect() -> None:
+            reconnected.set()
+
+        nc = await connect(url, name=config.node.name, on_reconnect=on_reconnect)
+        stack.push_async_callback(_close, nc)  # runs after the tasks below are cancelled
+        await ensure_streams(nc.jetstream(), config.events)
+        await register_schemas(nc.jetstream(), registry, replicas=config.events.replicas)
+        tracing = None
+        if config.tracing.otlp_endpoint:
+            from kaya.app.tracing import Tracing  # imported only when tracing is on
+
+            tracing = Tracing(
+                config.tracing.otlp_endpoint,
+                node=config.node.name,
+                sample_ratio=config.tracing.sample_ratio,
+            )
+            stack.callback(tracing.shutdown)  # flushes batched spans, after the tasks stop
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(tg.cancel_scope.cancel)
+        await tg.start(runtime.run)
+        observe = tracing.saga_step if tracing is not None else None
+        await tg.start(SagaDriver(runtime, store, registry, observe_step=observe).run)
+        tg.start_soon(_expire_replies, store, config.store.reply_retention)
+        lag = LoopLag()
+        await tg.start(lag.run)
+        relay = Relay(
+            nc,
+            store,
+            batch=config.events.relay_batch,
+            ack_timeout=config.events.ack_timeout,
+            rewind=config.events.relay_rewind,
+        )
+        await tg.start(relay.run)
+
+        async def after_reconnects() -> None:
+            """A server that restarted may have lost streams or unsynced events: restore."""
+            nonlocal reconnected
+            while True:
+                await reconnected.wait()
+                reconnected = anyio.Event()
+                try:
+                    await ensure_streams(nc.jetstream(), config.events)
+                except Exception:
+                    log.exception("re-creating the streams after a reconnect failed")
+                relay.request_rewind()
+
+        tg.start_soon(after_reconnects)
+        runners: dict[str, ConsumerRunner] = {}
+        for consumer in consumers(nc, store):
+            if consumer.name in config.consumers.disabled:
+                continue
+            runner = ConsumerRunner(
+                nc, store, consumer, config.consumers, registry=registry, tracing=tracing
+            )
+            await tg.start(runner.run)
+            runners[consumer.name] = runner
+        ingress = Ingress(
+            nc,
+            runtime,
+            registry,
+            config.ingress,
+            node_name=config.node.name,
+            views=views(store),
+            tracing=tracing,
+            lag=lag,
+        )
+        node = Node(config, url, nc, store, runtime, ingress, registry, server, relay, runners)
+        await _serve_health(node, tg)
+        try:
+            await ingress.start()
+            yield node
+        finally:
+            with anyio.CancelScope(shield=True):
+                await ingress.stop()
+                with anyio.move_on_after(10):
+                    await relay.wait_caught_up()
+
+
+async def _serve_health(node: Node, tg: TaskGroup) -> None:
+    """`kaya.health` over NATS always; /metrics, /healthz, /readyz over HTTP if configured."""
+    metrics = Metrics(node, node.ingress.metrics)
+
+    async def on_health(msg: Msg) -> None:
+        if msg.reply:
+            status = await node_status(node, node.ingress.metrics)
+            await node.nc.publish(msg.reply, status_json(status))
+
+    await node.nc.subscribe("kaya.health", cb=on_health)
+    address = node.config.metrics.address
+    if not address:
+        return
+    host, _, port = address.rpartition(":")
+    host = host or "127.0.0.1"
+
+    async def metrics_route() -> tuple[int, str, bytes]:
+        return 200, CONTENT_TYPE, await metrics.render()
+
+    async def healthz() -> tuple[int, str, bytes]:
+        return 200, "text/plain", b"ok\n"
+
+    async def readyz() -> tuple[int, str, bytes]:
+        ready, problems = readiness(node)
+        if ready:
+            return 200, "text/plain", b"ready\n"
+        return 503, "text/plain", ("; ".join(problems) + "\n").encode()
+
+    routes = {"/metrics": metrics_route, "/healthz": healthz, "/readyz": readyz}
+    try:
+        bound = await tg.start(serve_http, host, int(port), routes)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+    node.metrics_url = f"http://{host}:{bound}/metrics"
+
+
+async def _close(nc: NATS) -> None:
+    with anyio.CancelScope(shield=True):
+        try:
+            await nc.drain()
+        except Exception:  # already closed, or the server is gone: nothing left to flush
+            log.debug("nats: drain failed", exc_info=True)

@@ -1,0 +1,308 @@
+"""Outbox relay: committed events -> JetStream KAYA_EVENTS, at least once, in store order.
+
+The event table is the outbox. The relay reads events after its checkpoint,
+publishes a whole batch with every ack in flight at once (pipelined, one reply
+inbox and one wildcard subscription for all acks), and advances the checkpoint
+past the longest prefix the broker acknowledged. A crash anywhere loses nothing:
+the next start publishes again from the checkpoint and the broker drops what it
+already has, by `Nats-Msg-Id` (the event id) within its duplicate window.
+
+JetStream acknowledges a publish before it fsyncs (every 2 minutes by default),
+so a broker that loses power can lose acknowledged events. The SQLite store is
+the source of truth: on start and on every reconnect the relay rewinds to the
+events committed `relay_rewind` seconds before its checkpoint and publishes
+them again; dedup drops those the broker still has.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import anyio
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.protocol.command import hpub_cmd
+
+from kaya.app.streams import event_subject
+from kaya.store import EventStore, StoredEvent, StoreError
+
+log = logging.getLogger("kaya.relay")
+
+CHECKPOINT = "relay"
+SAVE_EVERY = 0.5
+"""Seconds between checkpoint saves while events keep coming (always saved when idle)."""
+
+
+class _Ack(msgspec.Struct):
+    stream: str | None = None
+    seq: int | None = None
+    duplicate: bool = False
+    error: dict[str, object] | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_Ack)
+
+
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+
+
+def _header_value(value: str) -> str:
+    return value.strip().translate(_NEWLINES)  # as nats-py does: no header injection
+
+
+def event_header_block(event: StoredEvent) -> bytes:
+    """`event_headers(event)` as the NATS header block nats-py would encode from it."""
+    block = (
+        f"NATS/1.0\r\nNats-Msg-Id: {_header_value(event.event_id)}\r\n"
+        f"Kaya-Event-Type: {_header_value(event.type)}\r\n"
+        f"Kaya-Schema-Version: {event.schema_version}\r\n"
+        f"Kaya-Entity-Version: {event.version}\r\n"
+        f"Kaya-Position: {event.position}\r\n"
+    )
+    if event.traceparent:
+        block += f"traceparent: {_header_value(event.traceparent)}\r\n"
+    if event.command_id:
+        block += f"Kaya-Command-Id: {_header_value(event.command_id)}\r\n"
+    return (block + "\r\n").encode()
+
+
+def event_headers(event: StoredEvent) -> dict[str, str]:
+    headers = {
+        "Nats-Msg-Id": event.event_id,
+        "Kaya-Event-Type": event.type,
+        "Kaya-Schema-Version": str(event.schema_version),
+        "Kaya-Entity-Version": str(event.version),
+        "Kaya-Position": str(event.position),
+    }
+    if event.traceparent:
+        headers["traceparent"] = event.traceparent
+    if event.command_id:
+        headers["Kaya-Command-Id"] = event.command_id
+    return headers
+
+
+class RelayStatistics(msgspec.Struct, frozen=True):
+    published: int
+    duplicates: int
+    failures: int
+    checkpoint: int
+    committed: int
+
+    @property
+    def backlog(self) -> int:
+        return max(0, self.committed - self.checkpoint)
+
+
+class Relay:
+    """Publishes the store's events to JetStream. `run()` until cancelled."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        store: EventStore,
+        *,
+        batch: int = 1000,
+        ack_timeout: float = 5.0,
+        rewind: float = 150.0,
+    ) -> None:
+        self._nc = nc
+        self._store = store
+        self._batch = batch
+        self._ack_timeout = ack_timeout
+        self._rewind_seconds = rewind
+        self._inbox = f"_INBOX.kaya-relay.{nc._nuid.next().decode()}"
+        self._acks: dict[int, _Ack | None] = {}
+        self._generation = 0
+        self._outstanding = 0
+        self._all_acked = anyio.Event()
+        self._rewind_requested = True
+        self._position = 0  # where reading resumes (moves back on a rewind)
+        self._published = 0  # highest position the broker acknowledged
+        self._checkpoint = 0  # what the store holds: saved at most every SAVE_EVERY seconds
+        self._saved_at = 0.0
+        self.published = 0
+        self.duplicates = 0
+        self.failures = 0
+        self._caught_up = anyio.Event()
+        # the header fast path uses nats-py internals: only when they are all there
+        self._raw_publish = all(
+            hasattr(nc, name)
+            for name in (
+                "_send_command",
+                "_flush_pending",
+                "_flush_queue",
+                "stats",
+                "max_payload",
+                "is_draining_pubs",
+            )
+        )
+
+    @property
+    def checkpoint(self) -> int:
+        """The last store position the broker has acknowledged (and we saved)."""
+        return self._published
+
+    def request_rewind(self) -> None:
+        """Ask for a republish of the recent past (the broker may have lost it)."""
+        self._rewind_requested = True
+
+    async def statistics(self) -> RelayStatistics:
+        return RelayStatistics(
+            published=self.published,
+            duplicates=self.duplicates,
+            failures=self.failures,
+            checkpoint=self._published,
+            committed=await self._store.last_position(),
+        )
+
+    def _wake_waiters(self) -> None:
+        """Wake every `wait_caught_up`, then arm a fresh event for the next ones."""
+        self._caught_up.set()
+        self._caught_up = anyio.Event()
+
+    async def wait_caught_up(self) -> None:
+        """Until everything committed so far has been acknowledged by the broker."""
+        target = await self._store.last_position()
+        while self._published < target:
+            await self._caught_up.wait()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        sub = await self._nc.subscribe(f"{self._inbox}.>", cb=self._on_ack)
+        try:
+            self._checkpoint = await self._store.checkpoint(CHECKPOINT)
+            self._position = self._published = self._checkpoint
+            task_status.started()
+            failures = 0
+            while True:
+                if self._rewind_requested:
+                    await self._rewind()
+                seen = self._store.commit_count
+                events = await self._store.read_all(self._position, self._batch)
+                if not events:
+                    await self._save_checkpoint()
+                    self._wake_waiters()
+                    with anyio.move_on_after(1.0):
+                        await self._store.wait_for_commit(seen)
+                    continue
+                acked = await self._publish(events)
+                if acked:
+                    self._position = events[acked - 1].position
+                    self._published = max(self._published, self._position)
+                    if time.monotonic() - self._saved_at >= SAVE_EVERY:
+                        await self._save_checkpoint()
+                    self._wake_waiters()
+                if acked < len(events):
+                    failures += 1
+                    self.failures += 1
+                    delay = min(5.0, 0.05 * 2**failures) * (0.5 + random.random())
+                    log.warning("relay: broker refused or did not ack; retrying in %.2fs", delay)
+                    await anyio.sleep(delay)
+                else:
+                    failures = 0
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._save_checkpoint()
+                try:
+                    await sub.unsubscribe()
+                except Exception:  # the connection may already be closed
+                    log.debug("relay: unsubscribe failed", exc_info=True)
+
+    async def _rewind(self) -> None:
+        self._rewind_requested = False
+        if self._rewind_seconds <= 0 or self._position == 0:
+            return
+        cutoff = await self._store.position_at(time.time() - self._rewind_seconds)
+        rewound = min(self._position, cutoff)
+        if rewound < self._position:
+            log.info("relay: republishing positions %d..%d", rewound + 1, self._position)
+            self._position = rewound
+
+    async def _publish(self, events: list[StoredEvent]) -> int:
+        """Publish all, wait for the acks; return how many leading events were acked."""
+        self._generation += 1  # a late ack of an earlier batch must not count for this one
+        self._acks = dict.fromkeys(range(len(events)))
+        self._outstanding = len(events)
+        self._all_acked = anyio.Event()
+        inbox = f"{self._inbox}.{self._generation}"
+        for i, event in enumerate(events):
+            await self._publish_one(event, f"{inbox}.{i}")
+        with anyio.move_on_after(self._ack_timeout):
+            await self._all_acked.wait()
+        acked = 0
+        for i in range(len(events)):
+            ack = self._acks.get(i)
+            if ack is None or ack.error is not None or ack.seq is None:
+                if ack is not None and ack.error is not None:
+                    log.warning(
+                        "relay: publish of position %d refused: %s", events[i].position, ack.error
+                    )
+                break
+            acked += 1
+            if ack.duplicate:
+                self.duplicates += 1
+            else:
+                self.published += 1
+        return acked
+
+    async def _publish_one(self, event: StoredEvent, reply: str) -> None:
+        """Publish with headers; nats-py's own header encoding is most of a publish's cost,
+        so when the client is connected, the header block is built here in one go and
+        handed to the client's outbound buffer as nats-py's publish() would hand it."""
+        nc = self._nc
+        subject = event_subject(event.entity, event.entity_id)
+        data = event.data
+        if (
+            self._raw_publish
+            and nc.is_connected
+            and not nc.is_draining_pubs
+            and len(data) <= nc.max_payload
+        ):
+            await nc._send_command(hpub_cmd(subject, reply, event_header_block(event), data))
+            nc.stats["out_msgs"] += 1
+            nc.stats["out_bytes"] += len(data)
+            flush_queue = nc._flush_queue
+            if flush_queue is not None and flush_queue.empty():
+                await nc._flush_pending()
+            return
+        await nc.publish(subject, data, reply=reply, headers=event_headers(event))
+
+    async def _on_ack(self, msg: Msg) -> None:
+        try:
+            generation, index = map(int, msg.subject.rsplit(".", 2)[1:])
+        except ValueError:
+            return
+        if generation != self._generation:
+            return
+        if index not in self._acks or self._acks[index] is not None:
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            ack = _Ack(error={"code": 503, "description": "no responders: is JetStream up?"})
+        else:
+            try:
+                ack = _ack_decoder.decode(msg.data)
+            except msgspec.DecodeError:
+                ack = _Ack(error={"description": f"unreadable ack {msg.data[:100]!r}"})
+        self._acks[index] = ack
+        self._outstanding -= 1
+        if self._outstanding == 0:
+            self._all_acked.set()
+
+    async def _save_checkpoint(self) -> None:
+        """Saving is throttled: a lost checkpoint only costs a deduplicated republish, while
+        each save takes the store's write lock, which the group commit is waiting for."""
+        self._saved_at = time.monotonic()
+        if self._position <= self._checkpoint:
+            return
+        try:
+            # no fsync: a checkpoint lost to power loss only means republishing (deduplicated)
+            async with self._store.transaction(durable=False) as tx:
+                await tx.set_checkpoint(CHECKPOINT, self._position)
+        except StoreError:
+            log.exception("relay: saving the checkpoint failed; will retry")
+            return
+        self._checkpoint = self._position

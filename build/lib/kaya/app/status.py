@@ -1,0 +1,55 @@
+"""`kaya status`: a node's health snapshot as a compact terminal view."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _rate(current: dict[str, Any], previous: dict[str, Any] | None, *path: str) -> float:
+    if previous is None:
+        return 0.0
+    now, before = current, previous
+    for key in path:
+        now, before = now.get(key, {}), before.get(key, {})
+    elapsed = current["time"] - previous["time"]
+    if not isinstance(now, int | float) or not isinstance(before, int | float) or elapsed <= 0:
+        return 0.0
+    return max(0.0, (now - before) / elapsed)
+
+
+def render_status(current: dict[str, Any], previous: dict[str, Any] | None, dlq: int | None) -> str:
+    ready = "ready" if current["ready"] else "NOT READY: " + "; ".join(current["problems"])
+    lines = [
+        f"kaya node {current['node']} (pid {current['pid']}) on {current['nats']}: {ready}",
+        f"uptime {current['uptime']:.0f}s  shards {current['shards']}",
+        "",
+        f"commands  {_rate(current, previous, 'commands', 'total'):9.1f}/s"
+        f"   total {current['commands']['total']}"
+        f"   in flight {current['ingress']['inflight']}"
+        f"   loop lag {current['ingress'].get('loop_lag_ms', 0.0):.1f} ms",
+    ]
+    outcomes = current["commands"]["by_outcome"]
+    if outcomes:
+        lines.append("          " + "  ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
+    for entity, latency in sorted(current["latency_seconds"].items()):
+        lines.append(
+            f"latency   {entity:<10} p50 <= {latency['p50'] * 1000:.1f} ms"
+            f"   p99 <= {latency['p99'] * 1000:.1f} ms   ({latency['count']} requests)"
+        )
+    actors = current["actors"]
+    lines += [
+        f"actors    active {actors['active']}   busy {actors['busy']}"
+        f"   mailboxes {actors['mailbox_depth']}   crashes {actors['crashes']}",
+        f"store     position {current['store']['last_position']}"
+        f"   {_rate(current, previous, 'store', 'events'):.1f} events/s"
+        f"   queued {current['store']['queued_appends']}",
+        f"relay     backlog {current['relay']['backlog']}"
+        f"   {_rate(current, previous, 'relay', 'published'):.1f} published/s",
+    ]
+    for name, consumer in sorted(current["consumers"].items()):
+        lines.append(
+            f"consumer  {name:<14} lag {consumer['lag']:<7} retries {consumer['retries']}"
+            f"   dead letters {consumer['dead_letters']}"
+        )
+    lines.append(f"dlq       {'?' if dlq is None else dlq} messages in KAYA_DLQ")
+    return "\n".join(lines)
