@@ -7,6 +7,7 @@ lazy import at run time.
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -78,9 +79,14 @@ def test_the_product_imports_no_example_bench_or_test() -> None:
 
 @pytest.mark.slow
 def test_the_wheel_installs_only_the_kaya_package(tmp_path: Path) -> None:
+    source = tmp_path / "source"  # setuptools builds in the source tree: not in ours
+    for folder in ("kaya", *PRODUCT):
+        shutil.copytree(ROOT / folder, source / folder, symlinks=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), "."],
-        cwd=ROOT,
+        cwd=source,
         capture_output=True,
         text=True,
         timeout=300,
