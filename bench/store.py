@@ -89,14 +89,14 @@ INSERT_EVENT = (
 
 def deposited_event() -> tuple[str, int, bytes]:
     """Type, schema version and body of `Deposited {amount: 1}` as the account entity encodes it."""
-    from kaya.app.domain.account import Account, Deposited
+    from examples.bank.account import Account, Deposited
 
     event = Deposited(amount=1)
     return type(event).__name__, event.schema_version, Account().encode_event(event)
 
 
 class EventIds:
-    """Event ids shaped like the runtime's (actors/runtime.py `_EventIds`): 32 hex, increasing.
+    """Event ids shaped like the runtime's (actors/ids.py `EventIds`): 32 hex, increasing.
 
     The shape matters to the store's cost: increasing ids grow the unique index at
     its right edge. Both scenarios use the same generator, so they pay the same.
@@ -197,7 +197,7 @@ def _cpu_share(a: tuple[float, float], b: tuple[float, float], seconds: float) -
 
 
 def open_raw(path: Path, mode: str) -> sqlite3.Connection:
-    """A connection set up as the store's writer is (store/eventstore.py `_open_writer`)."""
+    """A connection set up as the store's writer is (store/sql.py `open_writer`)."""
     from kaya.store.schema import DDL, SCHEMA_VERSION
 
     conn = sqlite3.connect(path, isolation_level=None, cached_statements=256)

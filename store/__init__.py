@@ -4,14 +4,11 @@ It knows nothing of actors, domains or NATS: streams of opaque, typed JSON event
 """
 
 from kaya.store.errors import StoreError, VersionConflict
-from kaya.store.eventstore import (
-    EventStore,
-    StoreStatistics,
-    Synchronous,
-    Transaction,
-    open_event_store,
-)
+from kaya.store.eventstore import EventStore, open_event_store
+from kaya.store.groupcommit import StoreStatistics
 from kaya.store.records import Append, NewEvent, Reply, Snapshot, StoredEvent
+from kaya.store.sql import Synchronous
+from kaya.store.transaction import Transaction
 
 __all__ = [
     "Append",

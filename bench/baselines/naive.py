@@ -71,7 +71,7 @@ STOP_TIMEOUT = 10.0
 """Seconds to let requests in flight finish on SIGTERM before closing anyway."""
 
 
-# ---- commands, events, errors: the account entity's rules (app/domain/account.py) ----------
+# ---- commands, events, errors: the account entity's rules (examples/bank/account.py) ----------
 
 Amount = Annotated[int, msgspec.Meta(gt=0, le=MAX_AMOUNT)]
 Owner = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
@@ -158,7 +158,7 @@ def check_entity_id(entity_id: str) -> str:
 
 
 class AccountState(msgspec.Struct, kw_only=True):
-    """What Kaya's account query returns in `state` (app/domain/account.py)."""
+    """What Kaya's account query returns in `state` (examples/bank/account.py)."""
 
     owner: str = ""
     currency: str = ""
@@ -238,7 +238,7 @@ class AccountStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)  # explicit BEGIN/COMMIT
         try:
-            # Kaya's writer pragmas (store/eventstore.py): same durability, same checkpointing
+            # Kaya's writer pragmas (store/sql.py): same durability, same checkpointing
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA wal_autocheckpoint = 10000")
             await db.execute("PRAGMA synchronous = FULL")
