@@ -6,25 +6,19 @@ mailbox one message at a time, and goes idle. An idle actor is a small object
 with no task; after `idle_timeout` or when `max_active` is exceeded it is
 passivated (dropped) and will be rebuilt from the store on its next message.
 
-A busy actor takes every command waiting in its mailbox as one turn: it decides
-them in order against its state, appends all their events in one store append
-(which itself shares a transaction with other actors' appends) and replies to
-each caller once the append is durable. Per-key order holds because one turn
-runs at a time per actor; a hot key gets big batches instead of a long queue of
-fsyncs.
+This module schedules: `tell`/`query`/`ask` put a message in its actor's mailbox
+(`actors/mailbox.py`), an actor with mail gets a worker, the worker activates it
+and runs its turns (`actors/turn.py`) until the mailbox is empty, then tells the
+turn observers (sagas) what state it left behind.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import itertools
 import logging
-import os
-import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,45 +26,27 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
-from kaya.actors.entity import Command, Entity
-from kaya.actors.errors import Conflict, Internal, KayaError, Overloaded, Rejected, Unavailable
-from kaya.actors.masking import masked
-from kaya.actors.replies import command_done, error_from, error_reply, state_reply
-from kaya.store import Append, EventStore, NewEvent, Reply, Snapshot, StoreError, VersionConflict
+from kaya.actors.entity import Command
+from kaya.actors.errors import Internal, KayaError, Unavailable
+from kaya.actors.ids import request_hash, trace_id
+from kaya.actors.mailbox import (
+    Actor,
+    AnyEntity,
+    Message,
+    ReplyFn,
+    answer,
+    deliver,
+    take_commands,
+)
+from kaya.actors.replies import error_from, state_reply
+from kaya.actors.turn import Turns
+from kaya.store import EventStore
 
 log = logging.getLogger("kaya.actors")
 
-ReplyFn = Callable[[bytes], Awaitable[None]]
-"""Sends one encoded reply to the caller. The runtime calls it exactly once per message."""
-
-AnyEntity = Entity[Any, Any, Any]
-
-_encoder = msgspec.json.Encoder()
-
-
-class _EventIds:
-    """Event ids: 32 hex characters, unique across processes and restarts, increasing.
-
-    The process's start time in ms (12 hex), 32 random bits (8 hex), then a counter
-    (12 hex). Ids of one process sort in the order they were made, and a later
-    process's after them (clock steps aside), so the store's unique index on
-    event_id grows at its right edge instead of at random pages as with uuid4; and
-    no syscall per id. A forked child starts its own sequence.
-    """
-
-    def __init__(self) -> None:
-        self._restart()
-        os.register_at_fork(after_in_child=self._restart)
-
-    def _restart(self) -> None:
-        self._prefix = f"{time.time_ns() // 1_000_000:012x}{secrets.randbits(32):08x}"
-        self._counter = itertools.count()
-
-    def next(self) -> str:
-        return f"{self._prefix}{next(self._counter):012x}"
-
-
-_event_ids = _EventIds()
+TurnObserver = Callable[[AnyEntity, str, Any, str | None], None]
+"""Told (entity, entity id, committed state, last traceparent) when an actor's mailbox is
+drained: how sagas see that a step is due. It runs on the actor's worker: keep it short."""
 
 _MAX_IDLE_WORKERS = 1024
 
@@ -87,6 +63,8 @@ class RuntimeSettings:
 
 @dataclass(frozen=True)
 class RuntimeStatistics:
+    """A snapshot of the runtime's counters, taken by `ActorRuntime.statistics()`."""
+
     active: int
     busy: int
     queued: int
@@ -94,62 +72,6 @@ class RuntimeStatistics:
     passivations: int
     commands: int
     crashes: int
-
-
-class _Message:
-    __slots__ = ("command", "command_id", "deadline", "reply", "request_hash", "traceparent")
-
-    def __init__(
-        self,
-        command: Command | None,
-        command_id: str | None,
-        request_hash: bytes,
-        traceparent: str | None,
-        reply: ReplyFn,
-    ) -> None:
-        self.command = command  # None: a state query
-        self.command_id = command_id
-        self.request_hash = request_hash
-        self.traceparent = traceparent
-        self.reply = reply
-        self.deadline: float | None = None  # unix time; decided after it: `timeout`
-
-
-class _Actor:
-    __slots__ = (
-        "entity",
-        "entity_id",
-        "last_used",
-        "loaded",
-        "mailbox",
-        "running",
-        "state",
-        "traceparent",
-        "version",
-    )
-
-    def __init__(self, entity: AnyEntity, entity_id: str) -> None:
-        self.entity = entity
-        self.entity_id = entity_id
-        self.state: Any = None
-        self.version = 0
-        self.loaded = False
-        self.running = False
-        # None while idle: an empty deque is ~760 bytes, over half of an idle actor,
-        # and most actors are idle most of the time (1M active ones: 1.3 GB -> 0.6 GB)
-        self.mailbox: deque[_Message] | None = None
-        self.last_used = 0.0
-        self.traceparent: str | None = None  # of the last command: sagas carry it on
-
-
-def trace_id(traceparent: str | None) -> str | None:
-    """The W3C trace id inside a traceparent header: what log lines are joined on."""
-    return traceparent.split("-")[1] if traceparent and traceparent.count("-") == 3 else None
-
-
-def request_hash(command: Command) -> bytes:
-    """Fingerprint of a command's canonical encoding: same command, same hash, any key order."""
-    return hashlib.blake2b(_encoder.encode(command), digest_size=16).digest()
 
 
 class ActorRuntime:
@@ -165,17 +87,15 @@ class ActorRuntime:
         self._store = store
         self._settings = settings or RuntimeSettings()
         self._clock = clock
-        self._actors: OrderedDict[tuple[str, str], _Actor] = OrderedDict()
+        self._turns = Turns(store, snapshot_every=self._settings.snapshot_every)
+        self._actors: OrderedDict[tuple[str, str], Actor] = OrderedDict()
         self._tg: TaskGroup | None = None
         self._busy = 0
-        self._ready: deque[_Actor] = deque()  # running actors no worker has taken yet
+        self._ready: deque[Actor] = deque()  # running actors no worker has taken yet
         self._idle: list[asyncio.Future[None]] = []  # one per idle worker, to wake it
         self._activations = 0
         self._passivations = 0
-        self._commands = 0
-        self._crashes = 0
-        self.after_turns: Callable[[AnyEntity, str, Any, str | None], None] | None = None
-        """Called with the committed state when an actor's mailbox is drained (sagas)."""
+        self._observers: list[TurnObserver] = []
 
     # ---- entry points --------------------------------------------------------------
 
@@ -196,13 +116,13 @@ class ActorRuntime:
         `timeout`, remembered under its command id like any other reply.
         """
         digest = request_hash(command) if command_id is not None else b""
-        message = _Message(command, command_id, digest, traceparent, reply)
+        message = Message(command, command_id, digest, traceparent, reply)
         message.deadline = deadline
         self._enqueue(entity, entity_id, message)
 
     def query(self, entity: AnyEntity, entity_id: str, reply: ReplyFn) -> None:
         """Queue a state query behind the entity's pending commands (read-your-writes)."""
-        self._enqueue(entity, entity_id, _Message(None, None, b"", None, reply))
+        self._enqueue(entity, entity_id, Message(None, None, b"", None, reply))
 
     async def ask(
         self,
@@ -237,7 +157,24 @@ class ActorRuntime:
         await done.wait()
         return box[0]
 
-    def _enqueue(self, entity: AnyEntity, entity_id: str, message: _Message) -> None:
+    def observe_turns(self, observer: TurnObserver) -> Callable[[], None]:
+        """Call `observer` whenever an actor's mailbox is drained; returns its unregister.
+
+        Observers are called in the order they registered. One that raises is logged
+        and skipped: it never fails the actor, its callers or the other observers.
+        """
+        self._observers.append(observer)
+        registered = True
+
+        def unregister() -> None:
+            nonlocal registered
+            if registered:
+                registered = False
+                self._observers.remove(observer)
+
+        return unregister
+
+    def _enqueue(self, entity: AnyEntity, entity_id: str, message: Message) -> None:
         if self._tg is None:
             raise Unavailable("the actor runtime is not running")
         key = (entity.name, entity_id)
@@ -246,18 +183,11 @@ class ActorRuntime:
             # evict before adding: the new actor is idle too and must not be the victim
             if len(self._actors) >= self._settings.max_active:
                 self._evict(len(self._actors) - self._settings.max_active + 1)
-            actor = _Actor(entity, entity_id)
+            actor = Actor(entity, entity_id)
             self._actors[key] = actor
         else:
             self._actors.move_to_end(key)
-        mailbox = actor.mailbox
-        if mailbox is None:
-            mailbox = actor.mailbox = deque()
-        elif len(mailbox) >= self._settings.mailbox_size:
-            raise Overloaded(f"mailbox of {entity.name}/{entity_id} is full; retry later")
-        mailbox.append(message)
-        if not actor.running:
-            actor.running = True
+        if deliver(actor, message, self._settings.mailbox_size):
             self._busy += 1
             self._ready.append(actor)
             while self._idle:
@@ -313,11 +243,11 @@ class ActorRuntime:
             queued=sum(len(a.mailbox or ()) for a in self._actors.values() if a.running),
             activations=self._activations,
             passivations=self._passivations,
-            commands=self._commands,
-            crashes=self._crashes,
+            commands=self._turns.commands,
+            crashes=self._turns.crashes,
         )
 
-    # ---- one actor's turns -----------------------------------------------------------
+    # ---- one actor at a time -----------------------------------------------------------
 
     async def _worker(self) -> None:
         """Runs ready actors, one at a time, then waits to be woken for the next.
@@ -337,7 +267,7 @@ class ActorRuntime:
             self._idle.append(wake)
             await wake
 
-    async def _run_actor(self, actor: _Actor) -> None:
+    async def _run_actor(self, actor: Actor) -> None:
         mailbox = actor.mailbox
         assert mailbox is not None  # made ready by _enqueue, which creates it
         try:
@@ -346,29 +276,29 @@ class ActorRuntime:
                     return
                 if mailbox[0].command is None:
                     query = mailbox.popleft()
-                    await self._send(
+                    await answer(
                         query,
                         state_reply(actor.entity.name, actor.entity_id, actor.version, actor.state),
                     )
                     continue
-                turn: list[_Message] = []
-                while (
-                    mailbox
-                    and mailbox[0].command is not None
-                    and len(turn) < self._settings.max_turn
-                ):
-                    turn.append(mailbox.popleft())
-                await self._turn(actor, turn)
+                await self._turns.run(actor, take_commands(mailbox, self._settings.max_turn))
         finally:
             actor.running = False
             if not mailbox:
                 actor.mailbox = None
             actor.last_used = self._clock()
             self._busy -= 1
-        if actor.loaded and self.after_turns is not None:
-            self.after_turns(actor.entity, actor.entity_id, actor.state, actor.traceparent)
+        if actor.loaded and self._observers:
+            self._tell_observers(actor)
 
-    async def _activate(self, actor: _Actor) -> bool:
+    def _tell_observers(self, actor: Actor) -> None:
+        for observer in tuple(self._observers):  # one may unregister while it is told
+            try:
+                observer(actor.entity, actor.entity_id, actor.state, actor.traceparent)
+            except Exception:
+                log.exception("a turn observer failed on %s/%s", actor.entity.name, actor.entity_id)
+
+    async def _activate(self, actor: Actor) -> bool:
         """Rebuild state from snapshot + events. On failure, answer everything queued."""
         entity = actor.entity
         try:
@@ -389,151 +319,12 @@ class ActorRuntime:
             log.exception("activation of %s/%s failed", entity.name, actor.entity_id)
             error = error_from(Unavailable(f"cannot load {entity.name}/{actor.entity_id}: {exc}"))
             while actor.mailbox:
-                await self._send(actor.mailbox.popleft(), error)
+                await answer(actor.mailbox.popleft(), error)
             self._actors.pop((entity.name, actor.entity_id), None)
             return False
         actor.state, actor.version, actor.loaded = state, version, True
         self._activations += 1
         return True
-
-    async def _turn(self, actor: _Actor, turn: Sequence[_Message]) -> None:
-        entity, entity_id = actor.entity, actor.entity_id
-        command_ids = {m.command_id for m in turn if m.command_id is not None}
-        try:
-            known = await self._store.find_replies(entity.name, entity_id, command_ids)
-        except StoreError as exc:
-            error = error_from(Unavailable(str(exc)))
-            for message in turn:
-                await self._send(message, error)
-            return
-
-        state, version = actor.state, actor.version
-        new_events: list[NewEvent] = []
-        remembered: list[Reply] = []
-        replies: list[tuple[_Message, bytes, bool]] = []  # (message, reply, needs the commit)
-        decided: set[str] = set()
-        crashed = False
-        for message in turn:
-            self._commands += 1
-            cid = message.command_id
-            if cid is not None and cid in known:
-                prior = known[cid]
-                # a repeat within this turn is only as good as this turn's commit
-                pending = cid in decided
-                if prior.request_hash == message.request_hash:
-                    replies.append((message, prior.body, pending))
-                else:
-                    replies.append((message, _reused_id(cid), False))
-                continue
-            if cid is not None:
-                decided.add(cid)
-            if message.traceparent is not None:
-                actor.traceparent = message.traceparent
-            if message.deadline is not None and time.time() > message.deadline:
-                body = error_reply("timeout", "the command reached the entity after its deadline")
-                replies.append((message, body, cid is not None))
-                if cid is not None:  # a definite answer: a later repeat must not apply it
-                    reply = Reply(command_id=cid, request_hash=message.request_hash, body=body)
-                    known[cid] = reply
-                    remembered.append(reply)
-                continue
-            try:
-                events = list(entity.decide(state, message.command))
-                next_state = state
-                for event in events:
-                    next_state = entity.evolve(next_state, event)
-                encoded = [entity.encode_event(event) for event in events]  # validated
-            except Rejected as exc:
-                body = error_from(exc)
-                replies.append((message, body, cid is not None))
-                if cid is not None:
-                    reply = Reply(command_id=cid, request_hash=message.request_hash, body=body)
-                    known[cid] = reply
-                    remembered.append(reply)
-                continue
-            except Exception:
-                crashed = True
-                self._crashes += 1
-                log.exception(
-                    "handler crashed on %s for %s/%s",
-                    type(message.command).__name__,
-                    entity.name,
-                    entity_id,
-                    extra={
-                        "entity": entity.name,
-                        "id": entity_id,
-                        "command": masked(message.command),
-                        "command_id": cid,
-                        "trace_id": trace_id(message.traceparent),
-                    },
-                )
-                replies.append(
-                    (message, error_reply("internal", "the handler failed; nothing changed"), False)
-                )
-                continue
-            state = next_state
-            version += len(events)
-            for event, data in zip(events, encoded, strict=True):
-                new_events.append(
-                    NewEvent(
-                        event_id=_event_ids.next(),
-                        type=type(event).__name__,
-                        schema_version=event.schema_version,
-                        data=data,
-                        command_id=cid,
-                        traceparent=message.traceparent,
-                    )
-                )
-            body = command_done(entity.name, entity_id, version, events)
-            replies.append((message, body, True))
-            if cid is not None:
-                reply = Reply(command_id=cid, request_hash=message.request_hash, body=body)
-                known[cid] = reply
-                remembered.append(reply)
-
-        if new_events or remembered:
-            snapshot = None
-            every = self._settings.snapshot_every
-            if new_events and every > 0 and version // every != actor.version // every:
-                snapshot = Snapshot(
-                    version=version, state=_encoder.encode(state), schema=entity.state_schema
-                )
-            append = Append(
-                entity=entity.name,
-                entity_id=entity_id,
-                expected_version=actor.version,
-                events=new_events,
-                replies=remembered,
-                snapshot=snapshot,
-            )
-            try:
-                await self._store.append(append)
-            except VersionConflict as exc:
-                actor.loaded = False  # someone else wrote: rebuild before the next turn
-                failure = error_from(Conflict(f"{exc}; retry"))
-                replies = [(m, failure if durable else r, durable) for m, r, durable in replies]
-            except StoreError as exc:
-                actor.loaded = False
-                failure = error_from(Unavailable(f"store unavailable: {exc}"))
-                replies = [(m, failure if durable else r, durable) for m, r, durable in replies]
-            else:
-                actor.state, actor.version = state, version
-        if crashed:
-            actor.loaded = False  # rebuilt from the store before its next message
-        for message, body, _ in replies:
-            await self._send(message, body)
-
-    async def _send(self, message: _Message, body: bytes) -> None:
-        try:
-            await message.reply(body)
-        except Exception:
-            log.exception("could not deliver a reply")
-
-
-def _reused_id(command_id: str) -> bytes:
-    return error_from(
-        Conflict(f"Kaya-Command-Id {command_id!r} was already used with a different command")
-    )
 
 
 __all__ = [
@@ -543,5 +334,7 @@ __all__ = [
     "ReplyFn",
     "RuntimeSettings",
     "RuntimeStatistics",
+    "TurnObserver",
     "request_hash",
+    "trace_id",
 ]

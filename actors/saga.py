@@ -2,11 +2,12 @@
 
 A saga is an `Entity` like any other (its own stream, decider, mailbox) plus one
 more pure function, `next_step(state)`: the command it needs another entity to
-take now, or None. After every turn the runtime carries the step out:
+take now, or None. When a saga's turns are done, the `SagaDriver` (a turn observer
+registered with the runtime) carries the step out:
 
     saga state --next_step--> Step(target, command)      (pure)
-    runtime: ask target with command id "<saga>/<id>/<step>" (idempotent: at most once)
-    runtime: reply --step_result--> StepDone command     (pure; None: transient, retry)
+    driver: ask target with command id "<saga>/<id>/<step>" (idempotent: at most once)
+    driver: reply --step_result--> StepDone command      (pure; None: transient, retry)
     saga decides StepDone -> events -> new state --next_step--> ...
 
 Because the step's command id is derived from the saga id and the step name, a
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -35,6 +35,7 @@ from kaya.actors.entity import Command, Entity
 from kaya.actors.errors import KayaError
 from kaya.actors.registry import Registry
 from kaya.actors.replies import AnyReply, decode_reply
+from kaya.actors.retry import Backoff
 from kaya.store import EventStore
 from kaya.store.sagas import ensure_saga_tables, forget_deadline, step_deadline, unfinished
 
@@ -101,16 +102,16 @@ class SagaDriver:
         store: EventStore,
         registry: Registry,
         *,
-        retry_initial: float = 0.05,
-        retry_max: float = 2.0,
+        backoff: Backoff | None = None,
         observe_step: StepObserver | None = None,
     ) -> None:
+        """`backoff` spaces the retries of a step (and of reporting its outcome)."""
         self._observe_step = observe_step
         self._runtime = runtime
         self._store = store
         self._registry = registry
-        self._retry_initial = retry_initial
-        self._retry_max = retry_max
+        # waits below 0.1 s, 0.2 s, 0.4 s, ... 2 s: a busy target gets room, a saga no stall
+        self._backoff = backoff or Backoff(initial=0.1, cap=2.0)
         self._running: set[tuple[str, str, str]] = set()
         self._tg: TaskGroup | None = None
         self.steps_done = 0
@@ -120,7 +121,7 @@ class SagaDriver:
         await ensure_saga_tables(self._store)
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            self._runtime.after_turns = self._after_turns
+            unobserve = self._runtime.observe_turns(self._after_turns)
             try:
                 resumed = 0
                 for entity in self._registry:
@@ -135,7 +136,7 @@ class SagaDriver:
                 task_status.started()
                 await anyio.sleep_forever()
             finally:
-                self._runtime.after_turns = None
+                unobserve()
                 self._tg = None
 
     def _wake(self, saga: Saga, saga_id: str) -> None:
@@ -202,7 +203,7 @@ class SagaDriver:
                         break
                     attempt += 1
                     self.retries += 1
-                    await anyio.sleep(self._backoff(attempt))
+                    await self._backoff.sleep(attempt)
                 await self._report(saga, saga_id, done, f"{command_id}/done", trace)
                 self.steps_done += 1
                 if step.timeout is not None:
@@ -240,7 +241,4 @@ class SagaDriver:
             except KayaError:
                 pass
             attempt += 1
-            await anyio.sleep(self._backoff(attempt))
-
-    def _backoff(self, attempt: int) -> float:
-        return random.uniform(0, min(self._retry_max, self._retry_initial * 2**attempt))
+            await self._backoff.sleep(attempt)

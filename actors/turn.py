@@ -1,0 +1,203 @@
+"""Turns: how an actor decides the commands it took from its mailbox and commits them.
+
+A busy actor takes every command waiting in its mailbox as one turn: it decides
+them in order against its state, appends all their events in one store append
+(which itself shares a transaction with other actors' appends) and replies to
+each caller once the append is durable. Per-key order holds because one turn
+runs at a time per actor; a hot key gets big batches instead of a long queue of
+fsyncs.
+
+A turn, in order: look up the replies already remembered for its command ids
+(a repeat gets the first answer, never a second effect); decide and evolve each
+new command, encoding its events (a handler that raises changes nothing); build
+one Append of the events, the replies to remember and maybe a snapshot; commit
+it; then answer every caller, with the failure instead if the commit failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from kaya.actors.errors import Conflict, Rejected, Unavailable
+from kaya.actors.ids import event_ids, trace_id
+from kaya.actors.mailbox import Actor, Message, answer
+from kaya.actors.masking import masked
+from kaya.actors.replies import command_done, error_from, error_reply
+from kaya.store import Append, EventStore, NewEvent, Reply, Snapshot, StoreError, VersionConflict
+
+log = logging.getLogger("kaya.actors")
+
+_encoder = msgspec.json.Encoder()
+
+_Answer = tuple[Message, bytes, bool]
+"""(message, reply, whether the reply holds only if the turn's append commits)"""
+
+
+@dataclass(slots=True)
+class _Decided:
+    """What a turn decided, before it is committed."""
+
+    state: Any
+    version: int
+    known: dict[str, Reply]  # command id -> its remembered reply, this turn's included
+    events: list[NewEvent] = field(default_factory=list)
+    remembered: list[Reply] = field(default_factory=list)
+    answers: list[_Answer] = field(default_factory=list)
+    decided: set[str] = field(default_factory=set)  # command ids first decided in this turn
+    crashed: bool = False
+
+    def settle(self, message: Message, body: bytes, *, durable: bool) -> None:
+        """Answer `message` with `body`, and remember it under its command id if it has one."""
+        self.answers.append((message, body, durable))
+        cid = message.command_id
+        if cid is not None:
+            reply = Reply(command_id=cid, request_hash=message.request_hash, body=body)
+            self.known[cid] = reply
+            self.remembered.append(reply)
+
+
+class Turns:
+    """Runs actors' turns against one store; counts the commands and the handler crashes."""
+
+    def __init__(self, store: EventStore, *, snapshot_every: int) -> None:
+        self._store = store
+        self._snapshot_every = snapshot_every
+        self.commands = 0
+        self.crashes = 0
+
+    async def run(self, actor: Actor, turn: Sequence[Message]) -> None:
+        """Decide `turn` against the actor's state, commit it, then answer every message."""
+        entity, entity_id = actor.entity, actor.entity_id
+        command_ids = {m.command_id for m in turn if m.command_id is not None}
+        try:
+            known = await self._store.find_replies(entity.name, entity_id, command_ids)
+        except StoreError as exc:
+            error = error_from(Unavailable(str(exc)))
+            for message in turn:
+                await answer(message, error)
+            return
+        decided = self._decide(actor, turn, known)
+        answers = decided.answers
+        if decided.events or decided.remembered:
+            answers = await self._commit(actor, decided)
+        if decided.crashed:
+            actor.loaded = False  # rebuilt from the store before its next message
+        for message, body, _ in answers:
+            await answer(message, body)
+
+    def _decide(self, actor: Actor, turn: Sequence[Message], known: dict[str, Reply]) -> _Decided:
+        entity, entity_id = actor.entity, actor.entity_id
+        out = _Decided(state=actor.state, version=actor.version, known=known)
+        for message in turn:
+            self.commands += 1
+            cid = message.command_id
+            if cid is not None and cid in known:
+                prior = known[cid]
+                # a repeat within this turn is only as good as this turn's commit
+                pending = cid in out.decided
+                if prior.request_hash == message.request_hash:
+                    out.answers.append((message, prior.body, pending))
+                else:
+                    out.answers.append((message, _reused_id(cid), False))
+                continue
+            if cid is not None:
+                out.decided.add(cid)
+            if message.traceparent is not None:
+                actor.traceparent = message.traceparent
+            if message.deadline is not None and time.time() > message.deadline:
+                body = error_reply("timeout", "the command reached the entity after its deadline")
+                # a definite answer: a later repeat must not apply it
+                out.settle(message, body, durable=cid is not None)
+                continue
+            try:
+                events = list(entity.decide(out.state, message.command))
+                next_state = out.state
+                for event in events:
+                    next_state = entity.evolve(next_state, event)
+                encoded = [entity.encode_event(event) for event in events]  # validated
+            except Rejected as exc:
+                out.settle(message, error_from(exc), durable=cid is not None)
+                continue
+            except Exception:
+                out.crashed = True
+                self.crashes += 1
+                log.exception(
+                    "handler crashed on %s for %s/%s",
+                    type(message.command).__name__,
+                    entity.name,
+                    entity_id,
+                    extra={
+                        "entity": entity.name,
+                        "id": entity_id,
+                        "command": masked(message.command),
+                        "command_id": cid,
+                        "trace_id": trace_id(message.traceparent),
+                    },
+                )
+                body = error_reply("internal", "the handler failed; nothing changed")
+                out.answers.append((message, body, False))
+                continue
+            out.state = next_state
+            out.version += len(events)
+            for event, data in zip(events, encoded, strict=True):
+                out.events.append(
+                    NewEvent(
+                        event_id=event_ids.next(),
+                        type=type(event).__name__,
+                        schema_version=event.schema_version,
+                        data=data,
+                        command_id=cid,
+                        traceparent=message.traceparent,
+                    )
+                )
+            out.settle(
+                message, command_done(entity.name, entity_id, out.version, events), durable=True
+            )
+        return out
+
+    async def _commit(self, actor: Actor, decided: _Decided) -> list[_Answer]:
+        """Append what the turn decided; the answers to send, failures swapped in if it failed."""
+        entity = actor.entity
+        snapshot = None
+        every = self._snapshot_every
+        if decided.events and every > 0 and decided.version // every != actor.version // every:
+            snapshot = Snapshot(
+                version=decided.version,
+                state=_encoder.encode(decided.state),
+                schema=entity.state_schema,
+            )
+        append = Append(
+            entity=entity.name,
+            entity_id=actor.entity_id,
+            expected_version=actor.version,
+            events=decided.events,
+            replies=decided.remembered,
+            snapshot=snapshot,
+        )
+        try:
+            await self._store.append(append)
+        except VersionConflict as exc:
+            actor.loaded = False  # someone else wrote: rebuild before the next turn
+            return _failed(decided.answers, error_from(Conflict(f"{exc}; retry")))
+        except StoreError as exc:
+            actor.loaded = False
+            return _failed(decided.answers, error_from(Unavailable(f"store unavailable: {exc}")))
+        actor.state, actor.version = decided.state, decided.version
+        return decided.answers
+
+
+def _failed(answers: list[_Answer], failure: bytes) -> list[_Answer]:
+    """The answers of a turn whose append failed: each one that needed the commit fails."""
+    return [(m, failure if durable else r, durable) for m, r, durable in answers]
+
+
+def _reused_id(command_id: str) -> bytes:
+    return error_from(
+        Conflict(f"Kaya-Command-Id {command_id!r} was already used with a different command")
+    )
