@@ -8,27 +8,40 @@ from kaya.actors.errors import (
     BadRequest,
     Conflict,
     ErrorCode,
+    Forbidden,
     Internal,
     KayaError,
     Overloaded,
     Rejected,
+    Timeout,
+    Unauthorized,
     Unavailable,
     UnknownCommand,
     UnknownEntity,
+    error_for,
 )
 from kaya.actors.registry import Registry
 from kaya.actors.replies import AnyReply, decode_reply, error_from, error_reply
-from kaya.actors.runtime import ActorRuntime, ReplyFn, RuntimeSettings, RuntimeStatistics
+from kaya.actors.retry import Backoff
+from kaya.actors.runtime import (
+    ActorRuntime,
+    ReplyFn,
+    RuntimeSettings,
+    RuntimeStatistics,
+    TurnObserver,
+)
 
 __all__ = [
     "ActorRuntime",
     "AnyReply",
+    "Backoff",
     "BadRequest",
     "Command",
     "Conflict",
     "Entity",
     "ErrorCode",
     "Event",
+    "Forbidden",
     "Internal",
     "KayaError",
     "Overloaded",
@@ -37,12 +50,16 @@ __all__ = [
     "ReplyFn",
     "RuntimeSettings",
     "RuntimeStatistics",
+    "Timeout",
+    "TurnObserver",
+    "Unauthorized",
     "Unavailable",
     "UnknownCommand",
     "UnknownEntity",
     "UnknownSchema",
     "Upcaster",
     "decode_reply",
+    "error_for",
     "error_from",
     "error_reply",
 ]

@@ -7,8 +7,13 @@ KayaError
 ├── Rejected          a domain rule said no (raised by `decide`)
 ├── Conflict          idempotency key reused with another body, or a stale version
 ├── Overloaded        a bounded queue is full: retry later
+├── Unauthorized      no or bad credentials
+├── Forbidden         the credentials do not allow this
 ├── Unavailable       the shard or the store cannot serve right now
+├── Timeout           no answer in time, or the command reached its entity too late
 └── Internal          a bug: the handler raised, the actor is rebuilt
+
+`error_for(code, message)` gives the exception of a code read off the wire.
 """
 
 from __future__ import annotations
@@ -66,9 +71,44 @@ class Overloaded(KayaError):
     code = "overloaded"
 
 
+class Unauthorized(KayaError):
+    code = "unauthorized"
+
+
+class Forbidden(KayaError):
+    code = "forbidden"
+
+
 class Unavailable(KayaError):
     code = "unavailable"
 
 
+class Timeout(KayaError):
+    code = "timeout"
+
+
 class Internal(KayaError):
     code = "internal"
+
+
+_BY_CODE: dict[str, type[KayaError]] = {
+    cls.code: cls
+    for cls in (
+        BadRequest,
+        UnknownEntity,
+        UnknownCommand,
+        Rejected,
+        Conflict,
+        Overloaded,
+        Unauthorized,
+        Forbidden,
+        Unavailable,
+        Timeout,
+        Internal,
+    )
+}
+
+
+def error_for(code: str, message: str) -> KayaError:
+    """The exception for a contract error code (`Internal` for a code this version lacks)."""
+    return _BY_CODE.get(code, Internal)(message)

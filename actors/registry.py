@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from kaya.actors.entity import Entity
 from kaya.actors.errors import UnknownEntity
-
-ENTITY_NAME = re.compile(r"[a-z][a-z0-9]{0,31}")
+from kaya.actors.wire import ENTITY_NAME
 
 
 class Registry:
@@ -20,7 +18,10 @@ class Registry:
 
     def add(self, entity: Entity[Any, Any, Any]) -> None:
         if not ENTITY_NAME.fullmatch(entity.name):
-            raise ValueError(f"entity name {entity.name!r} must be one lowercase word")
+            raise ValueError(
+                f"entity name {entity.name!r} must be a lowercase letter then up to 31"
+                " lowercase letters or digits"
+            )
         if entity.name in self._entities:
             raise ValueError(f"entity {entity.name!r} is already registered")
         self._entities[entity.name] = entity

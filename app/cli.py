@@ -26,14 +26,27 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import orjson
 
 from kaya.app.config import Config, ConfigError, load_config, with_overrides
 
+if TYPE_CHECKING:
+    from kaya.app.application import App
+
 DEFAULT_URL = "nats://127.0.0.1:4222"
+
+
+def kaya_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kaya")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
 
 GC_THRESHOLDS = (50_000, 20, 20)
 """Allocations before a young collection, and young/middle collections before the next
@@ -49,12 +62,30 @@ class CliError(Exception):
 
 
 def _config(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
+    config = load_config(getattr(args, "config", None))
     return with_overrides(
         config,
         data_dir=getattr(args, "data_dir", None),
         nats_port=getattr(args, "nats_port", None),
+        monitor_port=getattr(args, "monitor_port", None),
+        metrics_address=getattr(args, "metrics_address", None),
+        app=getattr(args, "app", None),
     )
+
+
+def _app(config: Config) -> App:
+    """The app the command works with: `--app`, else `[node] app` in the config."""
+    from kaya.app.application import AppError, load_app
+
+    if not config.node.app:
+        raise CliError(
+            "no app to serve: pass --app module:attr (e.g. --app counter_app:app)"
+            " or set `app` in the config's [node] section"
+        )
+    try:
+        return load_app(config.node.app)
+    except AppError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _url(args: argparse.Namespace) -> str:
@@ -76,6 +107,7 @@ async def _run(args: argparse.Namespace) -> int:
     from kaya.app.node import open_node
 
     config = _config(args)
+    app = _app(config)
     configure_logging(
         level=args.log_level or config.log.level,
         fmt=args.log_format or config.log.format,
@@ -87,14 +119,14 @@ async def _run(args: argparse.Namespace) -> int:
     # allocations. At 3x peak: 5.0k -> 7.7k accepted/s, refusals p99 352 -> 253 ms (bench.load).
     gc.set_threshold(*GC_THRESHOLDS)
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_node(config) as node:
+        async with open_node(config, app) as node:
             gc.freeze()  # what start-up built lives as long as the node: never scan it again
             where = "embedded" if node.server else "external"
             if node.metrics_url:
                 print(f"kaya node {config.node.name} metrics on {node.metrics_url}", flush=True)
             print(
                 f"kaya node {config.node.name} ready on {node.url} ({where} nats-server,"
-                f" store {config.store_path})",
+                f" store {config.store_path}, app {config.node.app})",
                 flush=True,
             )
             async for signum in signals:
@@ -286,19 +318,26 @@ async def _dlq(args: argparse.Namespace) -> int:
 
 async def _dlq_replay(args: argparse.Namespace, nc: Any) -> int:
     from kaya.app import ops
-    from kaya.app.domain import reference_consumers, reference_registry
+    from kaya.app.consumers import Context
     from kaya.store import open_event_store
 
     config = _config(args)
+    app = _app(config)
+
+    async def publish(subject: str, data: bytes, headers: Any) -> None:
+        await nc.publish(subject, data, headers=dict(headers) if headers else None)
+
     async with open_event_store(config.store_path) as store:
-        consumers = {c.name: c for c in reference_consumers(nc, store)}
+        context = Context(store, publish)
+        for consumer in app.consumers:
+            consumer.bind(context)
         outcome = await ops.replay_dead_letters(
             nc.jetstream(),
             store,
-            consumers,
+            {c.name: c for c in app.consumers},
             consumer=args.consumer,
             seq=args.seq,
-            registry=reference_registry(),
+            registry=app.registry,
         )
     print(
         f"replayed {len(outcome.replayed)}, already applied {len(outcome.skipped)},"
@@ -314,21 +353,23 @@ async def _dlq_replay(args: argparse.Namespace, nc: Any) -> int:
 
 
 async def _replay(args: argparse.Namespace) -> int:
-    from kaya.app.domain import reference_read_models, reference_registry, reference_views
+    from kaya.app.consumers import Context
     from kaya.app.ops import rebuild_projection
     from kaya.store import open_event_store
 
     config = _config(args)
+    app = _app(config)
     async with open_event_store(config.store_path) as store:
-        models = {c.name: c for c in reference_read_models()}
+        models = {c.name: c for c in app.projections}
         consumer = models.get(args.projection)
         if consumer is None:
-            known = ", ".join(sorted(models))
+            known = ", ".join(sorted(models)) or "none"
             raise CliError(f"no read model named {args.projection!r} (known: {known})")
-        view = reference_views(store).get(args.projection)
+        consumer.bind(Context(store))
+        view = app.views.get(args.projection)
 
         async def read_view(target: Any) -> Any:
-            return None if view is None else await reference_views(target)[args.projection]({})
+            return None if view is None else await view(Context(target), {})
 
         def progress(done: int, total: int) -> None:
             width = 40
@@ -346,7 +387,7 @@ async def _replay(args: argparse.Namespace) -> int:
             view=read_view,
             progress=progress,
             swap=not args.dry_run,
-            registry=reference_registry(),
+            registry=app.registry,
         )
     print(file=sys.stderr)
     same = {
@@ -439,9 +480,8 @@ async def _server_config(args: argparse.Namespace) -> int:
 
 async def _schema(args: argparse.Namespace) -> int:
     from kaya.app import schemas
-    from kaya.app.domain import reference_registry
 
-    registry = reference_registry()
+    registry = _app(_config(args)).registry
     current = schemas.code_schemas(registry)
     path = Path(args.file)
     if args.action == "publish":
@@ -483,9 +523,9 @@ async def _schema(args: argparse.Namespace) -> int:
 
 async def _catalog(args: argparse.Namespace) -> int:
     from kaya.app.catalog import build_catalog, render_asyncapi, render_markdown
-    from kaya.app.domain import reference_consumer_types, reference_registry
 
-    catalog = build_catalog(reference_registry(), reference_consumer_types())
+    app = _app(_config(args))
+    catalog = build_catalog(app.registry, [type(c) for c in app.consumers])
     if args.format == "asyncapi":
         text = orjson.dumps(render_asyncapi(catalog), option=orjson.OPT_INDENT_2).decode() + "\n"
     else:
@@ -505,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kaya", description="Kaya: actors on NATS JetStream with a SQLite event store."
     )
+    parser.add_argument("--version", action="version", version=f"kaya {kaya_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser, *, node: bool) -> None:
@@ -513,6 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data-dir", metavar="DIR", help="overrides node.data_dir")
             p.add_argument("--nats-port", type=int, metavar="N", help="overrides nats.port")
 
+    def with_app(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--app",
+            metavar="MODULE:ATTR",
+            help="the app (kaya.App) to use, e.g. counter_app:app; overrides node.app",
+        )
+
     def remote(p: argparse.ArgumentParser) -> None:
         common(p, node=False)
         p.add_argument("--url", help=f"NATS URL (default: $KAYA_NATS_URL or {DEFAULT_URL})")
@@ -520,6 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="start a node and serve until SIGINT/SIGTERM")
     common(run, node=True)
+    with_app(run)
+    run.add_argument(
+        "--monitor-port", type=int, metavar="N", help="overrides nats.monitor_port (0: off)"
+    )
+    run.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="overrides metrics.address (port 0 picks a free one; empty: off)",
+    )
     run.add_argument("--log-format", choices=["json", "text"], help="overrides log.format")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.set_defaults(handler=_run)
@@ -544,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("entity")
     history.add_argument("entity_id", metavar="ID")
     common(history, node=True)
+    with_app(history)
     history.set_defaults(handler=_history)
 
     streams = sub.add_parser("streams", help="streams, consumers and their lag")
@@ -557,12 +615,14 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_argument("--seq", type=int, help="one dead letter, by its KAYA_DLQ sequence")
     remote(dlq)
     dlq.add_argument("--data-dir", metavar="DIR", help="the node's data dir (for replay)")
+    with_app(dlq)
     dlq.set_defaults(handler=_dlq)
 
     replay = sub.add_parser("replay", help="rebuild a read model from the event store")
     replay.add_argument("projection", metavar="PROJECTION", help="e.g. analytics")
     replay.add_argument("--dry-run", action="store_true", help="rebuild and compare only")
     common(replay, node=True)
+    with_app(replay)
     replay.set_defaults(handler=_replay)
 
     tail = sub.add_parser("tail", help="follow events as they are published")
@@ -604,22 +664,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--registry", action="store_true", help="the kaya_schemas KV bucket of a running system"
     )
     remote(check)
+    with_app(check)
     export = actions.add_parser(
         "export", help="add the code's schemas to the committed file (older versions kept)"
     )
     export.add_argument("--output", dest="file", default="docs/schemas.json", metavar="PATH")
     export.set_defaults(registry=False)
+    common(export, node=False)
+    with_app(export)
     publish = actions.add_parser(
         "publish", help="register the file's and the code's schemas in the kaya_schemas bucket"
     )
     publish.add_argument("--from", dest="file", default="docs/schemas.json", metavar="PATH")
     remote(publish)
+    with_app(publish)
     for action in (check, export, publish):
         action.set_defaults(handler=_schema)
 
     catalog = sub.add_parser("catalog", help="the event dictionary: every command and event")
     catalog.add_argument("--format", choices=["markdown", "asyncapi"], default="markdown")
     catalog.add_argument("--output", metavar="PATH", help="write there (default: stdout)")
+    common(catalog, node=False)
+    with_app(catalog)
     catalog.set_defaults(handler=_catalog)
     return parser
 

@@ -26,6 +26,8 @@ class NodeConfig(_Section):
     name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "kaya-1"
     data_dir: str = "data"
     """Where the event store and the embedded server's JetStream live; relative to the cwd."""
+    app: str = ""
+    """The app to serve, as `module:attribute` (`kaya run --app` wins over it)."""
 
 
 class NatsConfig(_Section):
@@ -208,15 +210,29 @@ def _explain(message: str) -> str:
 
 
 def with_overrides(
-    config: Config, *, data_dir: str | None = None, nats_port: int | None = None
+    config: Config,
+    *,
+    data_dir: str | None = None,
+    nats_port: int | None = None,
+    monitor_port: int | None = None,
+    metrics_address: str | None = None,
+    app: str | None = None,
 ) -> Config:
-    """Apply command-line flags, which win over the file."""
+    """Apply command-line flags, which win over the file (None: not given)."""
+    node, nats, metrics = config.node, config.nats, config.metrics
     if data_dir is not None:
-        config = msgspec.structs.replace(
-            config, node=msgspec.structs.replace(config.node, data_dir=data_dir)
-        )
+        node = msgspec.structs.replace(node, data_dir=data_dir)
+    if app is not None:
+        node = msgspec.structs.replace(node, app=app)
     if nats_port is not None:
-        config = msgspec.structs.replace(
-            config, nats=msgspec.structs.replace(config.nats, port=nats_port)
-        )
-    return config
+        nats = msgspec.structs.replace(nats, port=nats_port)
+    if monitor_port is not None:
+        nats = msgspec.structs.replace(nats, monitor_port=monitor_port)
+    if metrics_address is not None:
+        metrics = msgspec.structs.replace(metrics, address=metrics_address)
+    changed = msgspec.structs.replace(config, node=node, nats=nats, metrics=metrics)
+    # the flags go through the same checks as the file: a bad port is one line, not a crash
+    try:
+        return msgspec.convert(msgspec.to_builtins(changed), Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"command line: {_explain(str(exc))}") from None

@@ -36,7 +36,7 @@ import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import anyio
 import msgspec
@@ -53,78 +53,31 @@ from kaya.app.config import ConsumersConfig
 
 if TYPE_CHECKING:
     from kaya.app.tracing import Tracing
+from kaya.actors.wire import (
+    EVENT_SUBJECTS,
+    EVENTS_STREAM,
+    HEADER_ATTEMPTS,
+    HEADER_CONSUMER,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
+    HEADER_LAST_ERROR,
+    HEADER_MSG_ID,
+    HEADER_ORIGINAL_SEQUENCE,
+    HEADER_ORIGINAL_SUBJECT,
+    HEADER_POSITION,
+    Delivered,
+    MalformedEvent,
+    delivered_from_stored,
+    dlq_subject,
+    parse_event,
+    subscribes,
+)
 from kaya.app.pull import PREFETCH, LeanPull, ack_tokens
-from kaya.app.relay import event_headers
-from kaya.app.streams import EVENT_SUBJECTS, EVENTS_STREAM, dlq_subject, event_subject, subscribes
-from kaya.store import EventStore, StoredEvent, StoreError
+from kaya.store import EventStore, StoreError
 
 log = logging.getLogger("kaya.consumers")
 
 UnknownEventPolicy = Literal["dead_letter", "skip", "stop"]
-
-
-class Delivered(msgspec.Struct, frozen=True):
-    """An event as a consumer sees it: the body and the contract's headers, decoded."""
-
-    subject: str
-    entity: str
-    entity_id: str
-    type: str
-    schema_version: int
-    entity_version: int
-    position: int
-    event_id: str
-    data: bytes
-    traceparent: str | None = None
-    stream_seq: int = 0
-    headers: dict[str, str] = {}
-
-    def decode(self) -> dict[str, Any]:
-        body: dict[str, Any] = msgspec.json.decode(self.data)
-        return body
-
-
-def delivered_from_stored(stored: StoredEvent) -> Delivered:
-    """The event as a consumer would receive it, straight from the store (rebuilds, replays)."""
-    return Delivered(
-        subject=event_subject(stored.entity, stored.entity_id),
-        entity=stored.entity,
-        entity_id=stored.entity_id,
-        type=stored.type,
-        schema_version=stored.schema_version,
-        entity_version=stored.version,
-        position=stored.position,
-        event_id=stored.event_id,
-        data=stored.data,
-        traceparent=stored.traceparent,
-        headers=event_headers(stored),
-    )
-
-
-class MalformedEvent(Exception):
-    """A message on KAYA_EVENTS without the contract's headers."""
-
-
-def delivered_from(msg: Msg) -> Delivered:
-    headers = msg.headers or {}
-    tokens = msg.subject.split(".")
-    try:
-        return Delivered(
-            subject=msg.subject,
-            entity=tokens[2],
-            entity_id=tokens[3],
-            type=headers["Kaya-Event-Type"],
-            schema_version=int(headers["Kaya-Schema-Version"]),
-            entity_version=int(headers["Kaya-Entity-Version"]),
-            position=int(headers["Kaya-Position"]),
-            event_id=headers["Nats-Msg-Id"],
-            data=msg.data,
-            traceparent=headers.get("traceparent"),
-            stream_seq=ack_tokens(msg.reply)[1] if msg.reply else 0,
-            headers=dict(headers),
-        )
-    except (KeyError, IndexError, ValueError) as exc:
-        raise MalformedEvent(f"{msg.subject}: missing or bad header {exc}") from None
 
 
 @dataclass
@@ -137,13 +90,63 @@ class Effects:
         self.statements.append((sql, params))
 
 
+Publish = Callable[[str, bytes, Mapping[str, str] | None], Awaitable[None]]
+"""Publish one message on NATS: subject, body, headers."""
+
+
+class Reader(Protocol):
+    """Reads of a node's SQLite store: what consumers and views may look at."""
+
+    async def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]: ...
+
+    async def checkpoint(self, name: str) -> int: ...
+
+
+async def _no_publish(subject: str, data: bytes, headers: Mapping[str, str] | None) -> None:
+    raise RuntimeError(f"publishing to {subject} is not possible here (no NATS connection)")
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the node lends consumers and views: reads of its store and a NATS publish.
+
+    Reads see committed data (the read models' tables included); writes go through
+    `Effects`, so they commit with the consumer's checkpoint. `publish` is core NATS:
+    at most once per call, so an external effect must carry its own dedup key (the
+    event id) for readers to see it once.
+    """
+
+    store: Reader
+    publish: Publish = _no_publish
+
+    async def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a read-only SQL query against the node's store."""
+        return await self.store.query(sql, params)
+
+    async def checkpoint(self, consumer: str) -> int:
+        """The store position a consumer has applied up to (0 before its first event)."""
+        return await self.store.checkpoint(f"consumer:{consumer}")
+
+
+View = Callable[[Context, dict[str, Any]], Awaitable[dict[str, Any]]]
+"""A read model's query on `kaya.view.<name>`: JSON parameters in, a JSON object out."""
+
+
 class Consumer:
-    """Base of consumers. `handle` may raise: the runner retries, then dead-letters.
+    """Base of consumers (reactions): subclass it, set `name`, write `handle`.
+
+    The runner delivers every event of KAYA_EVENTS that matches `filter_subject`, in
+    stream order, to `handle(event, effects)`. SQL put into `effects` commits in one
+    SQLite transaction with the consumer's checkpoint, so it is applied exactly once;
+    anything else `handle` does (a publish, a call) happens at least once and must be
+    idempotent by `event.event_id`. `handle` may raise: the runner retries with
+    backoff, then dead-letters the event to `kaya.dlq.<name>` and moves on.
 
     `name` is the durable consumer's name, the checkpoint's and the DLQ subject's token;
-    `tables` are the read-model tables it owns (created from `ddl`, cleared by a rebuild);
-    `accepts` the event types and (current) versions `handle` was written for, None for
-    whatever the registry knows; `unknown_event_policy` what to do with any other event.
+    `tables` are the tables it owns (created from `ddl`); `accepts` the event types and
+    (current) versions `handle` was written for, None for whatever the app's entities
+    declare; `unknown_event_policy` what to do with any other event. Events reach
+    `handle` upcast to their type's current version.
     """
 
     name: ClassVar[str]
@@ -153,6 +156,13 @@ class Consumer:
     accepts: ClassVar[Mapping[str, AbstractSet[int]] | None] = None
     unknown_event_policy: ClassVar[UnknownEventPolicy] = "dead_letter"
 
+    context: Context
+    """Set by `bind` before the first event."""
+
+    def bind(self, context: Context) -> None:
+        """Called by the node before the first event; override to set up per-node state."""
+        self.context = context
+
     async def handle(self, event: Delivered, effects: Effects) -> None:
         raise NotImplementedError
 
@@ -161,6 +171,14 @@ class Consumer:
 
     def sequence_checkpoint_name(self) -> str:
         return f"consumer:{self.name}:stream-seq"
+
+
+class Projection(Consumer):
+    """A consumer whose only effects are SQL on its own `tables`: a CQRS read model.
+
+    Because nothing else depends on its side effects, `kaya replay NAME` can rebuild
+    it from the store's history and swap it in while the node runs.
+    """
 
 
 def current_shape(event: Delivered, registry: Registry) -> Delivered:
@@ -181,7 +199,7 @@ def current_shape(event: Delivered, registry: Registry) -> Delivered:
     except Exception as exc:  # the upcaster or the decoder refused it: this code cannot read it
         raise UnknownSchema(f"{event.type} v{event.schema_version} does not read: {exc!r}") from exc
     type_name, version = type(decoded).__name__, type(decoded).schema_version
-    headers = {**event.headers, "Kaya-Event-Type": type_name, "Kaya-Schema-Version": str(version)}
+    headers = {**event.headers, HEADER_EVENT_TYPE: type_name, "Kaya-Schema-Version": str(version)}
     return msgspec.structs.replace(
         event,
         type=type_name,
@@ -403,12 +421,12 @@ class ConsumerRunner:
                 # not this consumer's: never seen, but passed, so its checkpoint (and lag)
                 # counts it as done
                 with contextlib.suppress(KeyError, TypeError, ValueError):
-                    position = int(msg.headers["Kaya-Position"])  # type: ignore[index]
+                    position = int(msg.headers[HEADER_POSITION])  # type: ignore[index]
                     if position > self.stats.checkpoint:
                         items.append((position, Effects()))
                 continue
             try:
-                event = delivered_from(msg)
+                event = parse_event(msg.subject, msg.headers, msg.data, stream_seq=stream_seq)
             except MalformedEvent as exc:
                 log.error("consumer %s: %s", self.consumer.name, exc)
                 await self._dead_letter_raw(msg, exc)
@@ -539,13 +557,13 @@ class ConsumerRunner:
         headers = {k: v for k, v in event.headers.items() if not k.startswith("Nats-")}
         headers.update(
             {
-                "Nats-Msg-Id": f"{self.consumer.name}:{event.event_id}",
-                "Kaya-Event-Id": event.event_id,
-                "Kaya-Consumer": self.consumer.name,
-                "Kaya-Original-Subject": event.subject,
-                "Kaya-Original-Sequence": str(event.stream_seq),
-                "Kaya-Attempts": str(attempts),
-                "Kaya-Last-Error": f"{type(error).__name__}: {error}"[:1000],
+                HEADER_MSG_ID: f"{self.consumer.name}:{event.event_id}",
+                HEADER_EVENT_ID: event.event_id,
+                HEADER_CONSUMER: self.consumer.name,
+                HEADER_ORIGINAL_SUBJECT: event.subject,
+                HEADER_ORIGINAL_SEQUENCE: str(event.stream_seq),
+                HEADER_ATTEMPTS: str(attempts),
+                HEADER_LAST_ERROR: f"{type(error).__name__}: {error}"[:1000],
             }
         )
         while True:
@@ -572,14 +590,14 @@ class ConsumerRunner:
 
     async def _dead_letter_raw(self, msg: Msg, error: BaseException) -> None:
         headers = dict(msg.headers or {})
-        headers.pop("Nats-Msg-Id", None)
+        headers.pop(HEADER_MSG_ID, None)
         headers.update(
             {
-                "Kaya-Consumer": self.consumer.name,
-                "Kaya-Original-Subject": msg.subject,
-                "Kaya-Original-Sequence": str(ack_tokens(msg.reply)[1]),
-                "Kaya-Attempts": "1",
-                "Kaya-Last-Error": f"{type(error).__name__}: {error}"[:1000],
+                HEADER_CONSUMER: self.consumer.name,
+                HEADER_ORIGINAL_SUBJECT: msg.subject,
+                HEADER_ORIGINAL_SEQUENCE: str(ack_tokens(msg.reply)[1]),
+                HEADER_ATTEMPTS: "1",
+                HEADER_LAST_ERROR: f"{type(error).__name__}: {error}"[:1000],
             }
         )
         await self._js.publish(dlq_subject(self.consumer.name), msg.data, headers=headers)

@@ -28,16 +28,15 @@ from typing import Any, Literal
 import orjson
 
 from kaya.actors import Registry, UnknownSchema
+from kaya.actors.wire import delivered_from_stored, subscribes
 from kaya.app.consumers import (
     Consumer,
     Effects,
     admit,
     apply_batch,
-    delivered_from_stored,
     ensure_tables,
 )
 from kaya.app.schemas import resolved
-from kaya.app.streams import subscribes
 from kaya.store import EventStore, StoredEvent
 
 SAMPLE = "contract"

@@ -18,7 +18,6 @@ is served the same way, anything else is answered with `bad_request`.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -43,6 +42,14 @@ from kaya.actors import (
     error_reply,
 )
 from kaya.actors.saga import Saga
+from kaya.actors.wire import (
+    HEADER_COMMAND_ID,
+    HEADER_TRACEPARENT,
+    TRACEPARENT,
+    VIEW_PREFIX,
+    check_command_id,
+    parse_subject,
+)
 from kaya.app.config import IngressConfig
 from kaya.app.lag import LoopLag
 from kaya.app.metrics import CommandMetrics
@@ -53,31 +60,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("kaya.ingress")
 
 VERSION = "0.1.0"
-ENTITY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-ENTITY_NAME = re.compile(r"[a-z]+")
-COMMAND_ID = re.compile(r"[\x21-\x7e]{1,128}")
-TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 ViewFn = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 """A read model's query: JSON parameters in, a JSON object out."""
-
-HEADER_COMMAND_ID = "Kaya-Command-Id"
-HEADER_TRACEPARENT = "traceparent"
-
-
-def parse_subject(subject: str, kind: str) -> tuple[str, str]:
-    """(entity, id) from `kaya.<kind>.E.I` or `kaya.shard.N.<kind>.E.I`; BadRequest otherwise."""
-    tokens = subject.split(".")
-    if len(tokens) == 6 and tokens[1] == "shard":
-        tokens = tokens[:1] + tokens[3:]
-    if len(tokens) != 4 or tokens[0] != "kaya" or tokens[1] != kind:
-        raise BadRequest(f"subject {subject!r} is not kaya.{kind}.<entity>.<id>")
-    entity, entity_id = tokens[2], tokens[3]
-    if not ENTITY_NAME.fullmatch(entity):
-        raise BadRequest(f"entity name {entity!r} must be a lowercase word")
-    if not ENTITY_ID.fullmatch(entity_id):
-        raise BadRequest(f"id {entity_id!r} must be 1-64 characters of [A-Za-z0-9_-]")
-    return entity, entity_id
 
 
 BEHIND = error_reply(
@@ -97,6 +82,7 @@ class Ingress:
         config: IngressConfig,
         *,
         node_name: str,
+        shards: int = 1,
         views: Mapping[str, ViewFn] | None = None,
         metrics: CommandMetrics | None = None,
         tracing: Tracing | None = None,
@@ -114,6 +100,7 @@ class Ingress:
         self._registry = registry
         self._config = config
         self._node_name = node_name
+        self._shards = shards
         self._service: Service | None = None
         self._inflight = 0
         self._idle = anyio.Event()
@@ -186,7 +173,7 @@ class Ingress:
         span = None
         try:
             self._admit(msg)
-            entity_name, entity_id = parse_subject(msg.subject, "cmd")
+            entity_name, entity_id = parse_subject(msg.subject, "cmd", self._shards)
             entity = self._registry.get(entity_name)
             if len(msg.data) > self._config.max_body:
                 raise BadRequest(
@@ -196,11 +183,7 @@ class Ingress:
             headers = msg.headers or {}
             command_id = headers.get(HEADER_COMMAND_ID)
             if command_id is not None:
-                if not COMMAND_ID.fullmatch(command_id):
-                    raise BadRequest(
-                        f"{HEADER_COMMAND_ID} must be 1-128 printable ASCII characters"
-                        " without spaces"
-                    )
+                check_command_id(command_id)
                 if command_id.startswith(self._reserved_ids):
                     raise BadRequest(
                         f"{HEADER_COMMAND_ID} {command_id!r}: ids starting with"
@@ -245,7 +228,7 @@ class Ingress:
         msg: Msg = request._msg
         try:
             self._admit(msg)
-            entity_name, entity_id = parse_subject(msg.subject, "qry")
+            entity_name, entity_id = parse_subject(msg.subject, "qry", self._shards)
             entity = self._registry.get(entity_name)
             self._runtime.query(entity, entity_id, self._replier(msg.reply, entity.name, "query"))
         except KayaError as exc:
@@ -257,7 +240,7 @@ class Ingress:
     async def _on_view(self, request: Request) -> None:
         """Read models answer from SQLite directly: no actor, no mailbox."""
         msg: Msg = request._msg
-        name = msg.subject.removeprefix("kaya.view.")
+        name = msg.subject.removeprefix(VIEW_PREFIX)
         try:
             view = self._views.get(name)
             if view is None:

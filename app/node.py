@@ -8,9 +8,10 @@ the store has queued, stop the server.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,24 +21,21 @@ from anyio.abc import TaskGroup
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from kaya.actors import ActorRuntime, Registry, RuntimeSettings
+from kaya.actors import ActorRuntime, RuntimeSettings
 from kaya.actors.saga import SagaDriver
+from kaya.app.application import App
 from kaya.app.config import Config
-from kaya.app.consumers import Consumer, ConsumerRunner
-from kaya.app.domain import reference_consumers, reference_registry, reference_views
+from kaya.app.consumers import ConsumerRunner, Context
 from kaya.app.embedded import EmbeddedServer, ServerSettings, run_embedded_server
 from kaya.app.health import node_status, readiness, status_json
 from kaya.app.http import serve_http
-from kaya.app.ingress import Ingress, ViewFn
+from kaya.app.ingress import Ingress
 from kaya.app.lag import LoopLag
 from kaya.app.metrics import CONTENT_TYPE, Metrics
 from kaya.app.relay import Relay
 from kaya.app.schemas import register_schemas
 from kaya.app.streams import ensure_streams
 from kaya.store import EventStore, StoreError, open_event_store
-
-ConsumersFactory = Callable[[NATS, EventStore], list[Consumer]]
-ViewsFactory = Callable[[EventStore], dict[str, ViewFn]]
 
 log = logging.getLogger("kaya.node")
 
@@ -50,7 +48,7 @@ class Node:
     store: EventStore
     runtime: ActorRuntime
     ingress: Ingress
-    registry: Registry
+    app: App
     server: EmbeddedServer | None
     relay: Relay
     consumers: dict[str, ConsumerRunner]
@@ -111,15 +109,13 @@ async def _expire_replies(store: EventStore, retention: float) -> None:
 
 
 @asynccontextmanager
-async def open_node(
-    config: Config,
-    registry: Registry | None = None,
-    *,
-    consumers: ConsumersFactory = reference_consumers,
-    views: ViewsFactory = reference_views,
-) -> AsyncIterator[Node]:
-    """Run a node for the duration of the block; leave nothing running behind."""
-    registry = registry or reference_registry()
+async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
+    """Run a node serving `app` for the duration of the block; leave nothing running behind.
+
+    This is the one place the node's parts are wired together, in the order they depend
+    on each other: where shard ownership and credentials will plug in too.
+    """
+    registry = app.registry
     async with AsyncExitStack() as stack:
         server: EmbeddedServer | None = None
         if config.nats.url:
@@ -197,10 +193,16 @@ async def open_node(
                 relay.request_rewind()
 
         tg.start_soon(after_reconnects)
+
+        async def publish(subject: str, data: bytes, headers: Mapping[str, str] | None) -> None:
+            await nc.publish(subject, data, headers=dict(headers) if headers else None)
+
+        context = Context(store, publish)
         runners: dict[str, ConsumerRunner] = {}
-        for consumer in consumers(nc, store):
+        for consumer in app.consumers:
             if consumer.name in config.consumers.disabled:
                 continue
+            consumer.bind(context)
             runner = ConsumerRunner(
                 nc, store, consumer, config.consumers, registry=registry, tracing=tracing
             )
@@ -212,11 +214,12 @@ async def open_node(
             registry,
             config.ingress,
             node_name=config.node.name,
-            views=views(store),
+            shards=config.shards.count,
+            views={name: functools.partial(view, context) for name, view in app.views.items()},
             tracing=tracing,
             lag=lag,
         )
-        node = Node(config, url, nc, store, runtime, ingress, registry, server, relay, runners)
+        node = Node(config, url, nc, store, runtime, ingress, app, server, relay, runners)
         await _serve_health(node, tg)
         try:
             await ingress.start()

@@ -22,15 +22,31 @@ from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 
 from kaya.actors import Registry, UnknownSchema
+from kaya.actors.wire import (
+    DLQ_STREAM,
+    EVENTS_STREAM,
+    HEADER_ATTEMPTS,
+    HEADER_CONSUMER,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
+    HEADER_LAST_ERROR,
+    HEADER_MSG_ID,
+    HEADER_ORIGINAL_SEQUENCE,
+    HEADER_ORIGINAL_SUBJECT,
+    HEADER_POSITION,
+    Delivered,
+    delivered_from_stored,
+    dlq_subject,
+    event_subject,
+    parse_event,
+    subscribes,
+)
 from kaya.app.consumers import (
     Consumer,
-    Delivered,
     Effects,
     admit,
-    delivered_from_stored,
     ensure_tables,
 )
-from kaya.app.streams import DLQ_STREAM, EVENTS_STREAM, dlq_subject, event_subject, subscribes
 from kaya.store import EventStore, StoredEvent, StoreError, Transaction, open_event_store
 
 ViewReader = Callable[[EventStore], Any]
@@ -108,13 +124,13 @@ def _dead_letter(raw: RawStreamMsg) -> DeadLetter:
     headers = {str(k): str(v) for k, v in (raw.headers or {}).items()}
     return DeadLetter(
         seq=raw.seq or 0,
-        consumer=headers.get("Kaya-Consumer", (raw.subject or "").rsplit(".", 1)[-1]),
-        original_subject=headers.get("Kaya-Original-Subject", ""),
-        original_seq=int(headers.get("Kaya-Original-Sequence", "0") or 0),
-        attempts=int(headers.get("Kaya-Attempts", "0") or 0),
-        last_error=headers.get("Kaya-Last-Error", ""),
-        event_type=headers.get("Kaya-Event-Type", ""),
-        event_id=headers.get("Kaya-Event-Id", ""),
+        consumer=headers.get(HEADER_CONSUMER, (raw.subject or "").rsplit(".", 1)[-1]),
+        original_subject=headers.get(HEADER_ORIGINAL_SUBJECT, ""),
+        original_seq=int(headers.get(HEADER_ORIGINAL_SEQUENCE, "0") or 0),
+        attempts=int(headers.get(HEADER_ATTEMPTS, "0") or 0),
+        last_error=headers.get(HEADER_LAST_ERROR, ""),
+        event_type=headers.get(HEADER_EVENT_TYPE, ""),
+        event_id=headers.get(HEADER_EVENT_ID, ""),
         time=raw.time.isoformat() if raw.time else "",
         headers=headers,
         data=raw.data or b"",
@@ -166,21 +182,8 @@ class ReplayOutcome:
 
 
 def _delivered_from_letter(letter: DeadLetter) -> Delivered:
-    h = letter.headers
-    tokens = letter.original_subject.split(".")
-    return Delivered(
-        subject=letter.original_subject,
-        entity=tokens[2] if len(tokens) > 3 else "",
-        entity_id=tokens[3] if len(tokens) > 3 else "",
-        type=h.get("Kaya-Event-Type", ""),
-        schema_version=int(h.get("Kaya-Schema-Version", "1")),
-        entity_version=int(h.get("Kaya-Entity-Version", "0")),
-        position=int(h.get("Kaya-Position", "0")),
-        event_id=letter.event_id,
-        data=letter.data,
-        traceparent=h.get("traceparent"),
-        stream_seq=letter.original_seq,
-        headers=h,
+    return parse_event(
+        letter.original_subject, letter.headers, letter.data, stream_seq=letter.original_seq
     )
 
 
@@ -368,10 +371,10 @@ async def tail_events(
             yield {
                 "subject": msg.subject,
                 "seq": msg.metadata.sequence.stream,
-                "type": headers.get("Kaya-Event-Type"),
+                "type": headers.get(HEADER_EVENT_TYPE),
                 "version": int(headers.get("Kaya-Entity-Version", "0")),
-                "position": int(headers.get("Kaya-Position", "0")),
-                "event_id": headers.get("Nats-Msg-Id"),
+                "position": int(headers.get(HEADER_POSITION, "0")),
+                "event_id": headers.get(HEADER_MSG_ID),
                 "data": msg.data.decode(errors="replace"),
             }
     finally:

@@ -26,7 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.protocol.command import hpub_cmd
 
-from kaya.app.streams import event_subject
+from kaya.actors.wire import event_header_block, event_headers, event_subject
 from kaya.store import EventStore, StoredEvent, StoreError
 
 log = logging.getLogger("kaya.relay")
@@ -44,44 +44,6 @@ class _Ack(msgspec.Struct):
 
 
 _ack_decoder = msgspec.json.Decoder(_Ack)
-
-
-_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
-
-
-def _header_value(value: str) -> str:
-    return value.strip().translate(_NEWLINES)  # as nats-py does: no header injection
-
-
-def event_header_block(event: StoredEvent) -> bytes:
-    """`event_headers(event)` as the NATS header block nats-py would encode from it."""
-    block = (
-        f"NATS/1.0\r\nNats-Msg-Id: {_header_value(event.event_id)}\r\n"
-        f"Kaya-Event-Type: {_header_value(event.type)}\r\n"
-        f"Kaya-Schema-Version: {event.schema_version}\r\n"
-        f"Kaya-Entity-Version: {event.version}\r\n"
-        f"Kaya-Position: {event.position}\r\n"
-    )
-    if event.traceparent:
-        block += f"traceparent: {_header_value(event.traceparent)}\r\n"
-    if event.command_id:
-        block += f"Kaya-Command-Id: {_header_value(event.command_id)}\r\n"
-    return (block + "\r\n").encode()
-
-
-def event_headers(event: StoredEvent) -> dict[str, str]:
-    headers = {
-        "Nats-Msg-Id": event.event_id,
-        "Kaya-Event-Type": event.type,
-        "Kaya-Schema-Version": str(event.schema_version),
-        "Kaya-Entity-Version": str(event.version),
-        "Kaya-Position": str(event.position),
-    }
-    if event.traceparent:
-        headers["traceparent"] = event.traceparent
-    if event.command_id:
-        headers["Kaya-Command-Id"] = event.command_id
-    return headers
 
 
 class RelayStatistics(msgspec.Struct, frozen=True):

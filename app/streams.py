@@ -10,20 +10,8 @@ from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
+from kaya.actors.wire import DLQ_STREAM, DLQ_SUBJECTS, EVENT_SUBJECTS, EVENTS_STREAM
 from kaya.app.config import EventsConfig
-
-EVENTS_STREAM = "KAYA_EVENTS"
-DLQ_STREAM = "KAYA_DLQ"
-EVENT_SUBJECTS = "kaya.evt.>"
-DLQ_SUBJECTS = "kaya.dlq.>"
-
-
-def event_subject(entity: str, entity_id: str) -> str:
-    return f"kaya.evt.{entity}.{entity_id}"
-
-
-def dlq_subject(consumer: str) -> str:
-    return f"kaya.dlq.{consumer}"
 
 
 def stream_configs(config: EventsConfig) -> list[StreamConfig]:
@@ -59,14 +47,3 @@ async def ensure_streams(js: JetStreamContext, config: EventsConfig) -> None:
             await js.update_stream(stream)
         except NotFoundError:
             await js.add_stream(stream)
-
-
-def subscribes(filter_subject: str, subject: str) -> bool:
-    """Whether a NATS filter subject (with `*` and `>`) matches a subject."""
-    pattern, tokens = filter_subject.split("."), subject.split(".")
-    for i, token in enumerate(pattern):
-        if token == ">":
-            return len(tokens) > i
-        if i >= len(tokens) or token not in ("*", tokens[i]):
-            return False
-    return len(pattern) == len(tokens)

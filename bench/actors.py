@@ -150,7 +150,7 @@ def prefill_accounts(path: Path, count: int) -> dict[str, Any]:
     stream here gets exactly version 1, so it is dropped for the load and the
     store's DDL (CREATE TRIGGER IF NOT EXISTS) puts it back when the store opens.
     """
-    from kaya.app.domain.account import Opened
+    from examples.bank.account import Opened
     from kaya.store.schema import DDL
 
     t0 = time.monotonic()
@@ -400,8 +400,8 @@ async def runtime_rounds(s: Settings, seed: int, synchronous: str, workdir: Path
     """A fresh store and runtime: open the accounts, then (NORMAL only) queries, then deposits."""
     import anyio
 
+    from examples.bank.account import Account, Deposit, Open
     from kaya.actors import ActorRuntime, RuntimeSettings
-    from kaya.app.domain.account import Account, Deposit, Open
     from kaya.store import open_event_store
 
     account = Account()
@@ -477,8 +477,8 @@ async def scale_child(p: dict[str, Any]) -> dict[str, Any]:
     """Activate `entities` accounts, keep them all active, measure RSS and rates."""
     import anyio
 
+    from examples.bank.account import Account, Deposit
     from kaya.actors import ActorRuntime, RuntimeSettings
-    from kaya.app.domain.account import Account, Deposit
     from kaya.store import EventStore, open_event_store
 
     n, senders = int(p["entities"]), int(p["senders"])
@@ -560,8 +560,8 @@ async def profile_child(p: dict[str, Any]) -> dict[str, Any]:
     """tracemalloc over activation (top allocation sites) and sizeof of one actor's parts."""
     import anyio
 
+    from examples.bank.account import Account
     from kaya.actors import ActorRuntime, RuntimeSettings
-    from kaya.app.domain.account import Account
     from kaya.store import EventStore, open_event_store
 
     n, senders = int(p["entities"]), int(p["senders"])
@@ -650,8 +650,8 @@ async def passivation_child(p: dict[str, Any]) -> dict[str, Any]:
     """Touch many more entities than `max_active`; sample RSS and active actors over time."""
     import anyio
 
+    from examples.bank.account import Account
     from kaya.actors import ActorRuntime, RuntimeSettings
-    from kaya.app.domain.account import Account
     from kaya.store import open_event_store
 
     cap, touches, senders = int(p["cap"]), int(p["touches"]), int(p["senders"])

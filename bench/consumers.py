@@ -109,8 +109,8 @@ from bench.relay import (
     sample_cpu,
     watch_stream,
 )
+from kaya.actors.wire import DLQ_STREAM, EVENT_SUBJECTS, EVENTS_STREAM
 from kaya.app.config import ConsumersConfig, NodeConfig
-from kaya.app.streams import DLQ_STREAM, EVENT_SUBJECTS, EVENTS_STREAM
 
 CONSUMERS = ("analytics", "notifications")
 RAW_SCENARIOS = ("raw", "raw-ackall", "raw-ackall-filtered")
@@ -123,7 +123,7 @@ KAYA_SCENARIOS: dict[str, tuple[str, ...]] = {
 ALL_SCENARIOS = (*RAW_SCENARIOS, *KAYA_SCENARIOS)
 DEFAULT_SCENARIOS = ("raw", "raw-ackall", "kaya", "kaya-analytics-only")
 ANALYTICS_FILTER = "kaya.evt.account.>"
-"""The analytics consumer's filter_subject (app/domain/analytics.py), for raw-ackall-filtered."""
+"""The analytics consumer's filter_subject (examples/bank/analytics.py), for raw-ackall-filtered."""
 RAW_DURABLE = "bench-raw"
 RESULT_PREFIX = "bench-consumers-result "
 GOAL = 0.8

@@ -133,7 +133,7 @@ async def write_history(
     store: Any, entity_id: str, events: int, snapshot_at: int, ids: EventIds
 ) -> None:
     """Opened + Deposited x (events - 1), in Appends that end where the snapshot goes."""
-    from kaya.app.domain.account import Account, Deposited, Opened
+    from examples.bank.account import Account, Deposited, Opened
     from kaya.store import Append, NewEvent, Snapshot
 
     account = Account()
@@ -190,8 +190,8 @@ async def activate_once(path: Path, entity_id: str, every: int) -> dict[str, Any
     """Fresh store connection, fresh runtime: time the first query (activation) and a second."""
     import anyio
 
+    from examples.bank.account import Account
     from kaya.actors import ActorRuntime, RuntimeSettings
-    from kaya.app.domain.account import Account
     from kaya.store import open_event_store
 
     account = Account()
@@ -268,7 +268,7 @@ def activation_part(settings: Settings) -> dict[str, Any]:
 
 def account_rows(events: int, when: float, ids: EventIds) -> Iterator[tuple[Any, ...]]:
     """Rows of `events` account events: EVENTS_PER_ACCOUNT per account, the domain's encoding."""
-    from kaya.app.domain.account import Account, Deposited, Opened
+    from examples.bank.account import Account, Deposited, Opened
 
     account = Account()
     deposited = account.encode_event(Deposited(amount=1))

@@ -93,7 +93,8 @@ from bench.e2e import (
 )
 from bench.e2e import Settings as E2ESettings
 from bench.targets import stderr_lines
-from kaya.app.streams import EVENTS_STREAM
+from examples.bank import make_app
+from kaya.actors.wire import EVENTS_STREAM
 
 EVENTS_PER_ACCOUNT = 100
 """Pre-filled streams hold this many events each: one Opened, then Deposited."""
@@ -141,7 +142,7 @@ async def prefill_store(path: Path, events: int) -> dict[str, Any]:
     import anyio
     import msgspec
 
-    from kaya.app.domain.account import Deposited, Opened
+    from examples.bank.account import Deposited, Opened
     from kaya.store import Append, NewEvent, open_event_store
 
     encode = msgspec.json.encode
@@ -457,9 +458,9 @@ async def publish_raw(
     client allows); otherwise nats-py's stock `js.publish_async` (a future per message,
     `json.loads` per ack).
     """
+    from kaya.actors.wire import event_headers, event_subject
     from kaya.app.config import EventsConfig
-    from kaya.app.relay import event_headers
-    from kaya.app.streams import ensure_streams, event_subject
+    from kaya.app.streams import ensure_streams
     from kaya.store import open_event_store
 
     messages: list[tuple[str, bytes, dict[str, str]]] = []
@@ -575,7 +576,7 @@ def solo_node_main(config_path: str) -> int:
         configure_logging(level=config.log.level, fmt=config.log.format, node=config.node.name)
         sys.setswitchinterval(0.0005)  # as `kaya run` does
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with open_node(config, consumers=lambda nc, store: []) as node:
+            async with open_node(config, make_app(consumers=[])) as node:
                 print(f"bench solo node ready on {node.url}", flush=True)
                 async for _ in signals:
                     break

@@ -19,10 +19,9 @@ from collections.abc import Sequence
 
 import anyio
 
-from kaya.actors import Registry
+from examples.bank import make_app
+from examples.bank.account import Account, AccountCommand, AccountEvent, AccountState
 from kaya.app.config import load_config
-from kaya.app.domain.account import Account, AccountCommand, AccountEvent, AccountState
-from kaya.app.domain.transfer import Transfer
 from kaya.app.logs import configure_logging
 from kaya.app.node import open_node
 
@@ -44,9 +43,8 @@ class FlakyAccount(Account):
 async def serve(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     configure_logging(level=config.log.level, fmt=config.log.format, node=config.node.name)
-    registry = Registry([FlakyAccount(args.fail_rate, args.seed), Transfer()])
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_node(config, registry) as node:
+        async with open_node(config, make_app(FlakyAccount(args.fail_rate, args.seed))) as node:
             print(f"chaos node ready on {node.url} (fail rate {args.fail_rate})", flush=True)
             async for _ in signals:
                 break

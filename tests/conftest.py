@@ -13,7 +13,7 @@ import orjson
 import pytest
 from nats.aio.client import Client as NATS
 
-from kaya.actors import Registry
+from examples.bank import make_app
 from kaya.app.config import Config, IngressConfig, NatsConfig, NodeConfig
 from kaya.app.node import Node, open_node
 from tests.servers import NatsServer, start_nats_server
@@ -53,7 +53,7 @@ def node_config(nats_server: NatsServer, data_dir: Path, **sections: Any) -> Con
 
 @pytest.fixture
 async def node(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Node]:
-    async with open_node(node_config(nats_server, tmp_path / "node")) as running:
+    async with open_node(node_config(nats_server, tmp_path / "node"), make_app()) as running:
         yield running
 
 
@@ -86,9 +86,3 @@ async def call(
     msg = await nc.request(subject, data, timeout=timeout, headers=headers)
     reply: dict[str, Any] = orjson.loads(msg.data)
     return reply
-
-
-def registry_with(*entities: Any) -> Registry:
-    from kaya.app.domain import Account
-
-    return Registry([Account(), *entities])

@@ -148,7 +148,8 @@ class KayaProcess:
 
 def write_config(path: Path, data_dir: Path, *, port: int, extra: str = "") -> Path:
     path.write_text(
-        f'[node]\ndata_dir = "{data_dir}"\n[nats]\nport = {port}\nmonitor_port = 0\n'
+        f'[node]\ndata_dir = "{data_dir}"\napp = "examples.bank:app"\n'
+        f"[nats]\nport = {port}\nmonitor_port = 0\n"
         f'[log]\nlevel = "info"\n{extra}'
     )
     return path

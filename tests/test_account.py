@@ -6,8 +6,7 @@ import functools
 
 import pytest
 
-from kaya.actors import BadRequest, Command, Rejected, UnknownCommand
-from kaya.app.domain.account import (
+from examples.bank.account import (
     MAX_AMOUNT,
     MAX_BALANCE,
     Account,
@@ -23,6 +22,7 @@ from kaya.app.domain.account import (
     Withdraw,
     Withdrawn,
 )
+from kaya.actors import BadRequest, Command, Rejected, UnknownCommand
 
 
 @pytest.fixture

@@ -21,9 +21,10 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from examples.bank import make_app
+from kaya.actors.wire import DLQ_STREAM, EVENTS_STREAM
 from kaya.app.config import ConsumersConfig
-from kaya.app.consumers import Consumer, Delivered, Effects
-from kaya.app.domain import reference_consumers
+from kaya.app.consumers import Consumer, Context, Delivered, Effects
 from kaya.app.node import Node, open_node
 from kaya.app.ops import (
     describe_streams,
@@ -31,7 +32,6 @@ from kaya.app.ops import (
     rebuild_projection,
     replay_dead_letters,
 )
-from kaya.app.streams import DLQ_STREAM, EVENTS_STREAM
 from kaya.store import Append, NewEvent, open_event_store
 from tests.conftest import call, node_config
 from tests.servers import NatsServer, start_nats_server
@@ -125,12 +125,12 @@ async def test_a_crash_between_commit_and_publish_loses_and_duplicates_nothing(
         ]
         await store.append(Append("account", uid, 0, events))
     # 2. the next start publishes them
-    async with open_node(config) as node:
+    async with open_node(config, make_app()) as node:
         await caught_up(node)
     # 3. published but the checkpoint was lost (crash after publish, before checkpoint)
     async with open_event_store(config.store_path) as store, store.transaction() as tx:
         await tx.set_checkpoint("relay", 0)
-    async with open_node(config) as node:
+    async with open_node(config, make_app()) as node:
         await caught_up(node)
         stats = await node.relay.statistics()
         assert stats.duplicates == 10  # republished, dropped by the broker's dedup
@@ -147,7 +147,7 @@ async def test_a_broker_that_lost_its_data_gets_it_back_from_the_store(
     config = node_config(nats_server, tmp_path)
     revived: NatsServer | None = None
     try:
-        async with open_node(config) as node:
+        async with open_node(config, make_app()) as node:
             nc = await nats.connect(nats_server.url)
             await call(nc, f"kaya.cmd.account.{uid}", open_cmd())
             await call(nc, f"kaya.cmd.account.{uid}", {"type": "Deposit", "amount": 9})
@@ -241,9 +241,9 @@ async def test_a_rebuilt_read_model_equals_the_live_one(node: Node, nc: NATS, ui
     seen: list[tuple[int, int]] = []
 
     async def read_view(store: Any) -> Any:
-        from kaya.app.domain.analytics import analytics_view
+        from examples.bank.analytics import analytics_view
 
-        return await analytics_view(store, {})
+        return await analytics_view(Context(store), {})
 
     outcome = await rebuild_projection(
         node.store, analytics, view=read_view, progress=lambda d, t: seen.append((d, t))
@@ -265,7 +265,7 @@ async def test_a_restarted_consumer_neither_skips_nor_double_counts(
     config = node_config(nats_server, tmp_path)
     total = 0
     for round_ in range(3):
-        async with open_node(config) as node:
+        async with open_node(config, make_app()) as node:
             if round_ == 0:
                 await call(nc, f"kaya.cmd.account.{uid}", open_cmd())
             async with anyio.create_task_group() as tg:
@@ -278,7 +278,7 @@ async def test_a_restarted_consumer_neither_skips_nor_double_counts(
                 # the broker forgets the consumer's progress: everything is redelivered
                 await nc.jetstream().delete_consumer(EVENTS_STREAM, "analytics")
         # nodes stop without waiting for their consumers: the next start continues
-    async with open_node(config) as node:
+    async with open_node(config, make_app()) as node:
         await caught_up(node)
         view = await call(nc, "kaya.view.analytics")
         assert view["currencies"]["EUR"]["balance"] == total
@@ -307,7 +307,7 @@ async def test_a_consumer_sees_each_entitys_events_in_order(
 ) -> None:
     config = node_config(nats_server, tmp_path)
     recorder = Recorder()
-    async with open_node(config, consumers=lambda nc, store: [recorder]) as node:
+    async with open_node(config, make_app(consumers=[recorder])) as node:
         ids = [f"{uid}-{i}" for i in range(8)]
         for entity_id in ids:
             await call(nc, f"kaya.cmd.account.{entity_id}", open_cmd())
@@ -361,8 +361,8 @@ async def test_a_poison_event_is_dead_lettered_and_replayed_once_fixed(
     )
     Picky.limit = 100
     picky = Picky()
-    factory = lambda nc, store: [*reference_consumers(nc, store), picky]  # noqa: E731
-    async with open_node(config, consumers=factory) as node:
+    bank = make_app()
+    async with open_node(config, make_app(consumers=[*bank.consumers, picky])) as node:
         subject = f"kaya.cmd.account.{uid}"
         await call(nc, subject, open_cmd())
         await call(nc, subject, {"type": "Deposit", "amount": 50})
@@ -433,12 +433,12 @@ async def test_a_second_start_updates_rather_than_fails(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     config = node_config(nats_server, tmp_path)
-    async with open_node(config):
+    async with open_node(config, make_app()):
         pass
     changed = msgspec.structs.replace(
         config, events=msgspec.structs.replace(config.events, duplicate_window=200.0)
     )
-    async with open_node(changed):
+    async with open_node(changed, make_app()):
         nc = await nats.connect(nats_server.url)
         info = await nc.jetstream().stream_info(EVENTS_STREAM)
         await nc.close()

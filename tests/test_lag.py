@@ -12,6 +12,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from examples.bank import make_app
 from kaya.app import node as app_node
 from kaya.app.config import IngressConfig
 from kaya.app.lag import LoopLag
@@ -74,10 +75,10 @@ async def test_a_node_behind_refuses_commands_at_once_and_changes_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     subject = f"kaya.cmd.account.{uid}"
-    async with app_node.open_node(node_config(nats_server, tmp_path)):
+    async with app_node.open_node(node_config(nats_server, tmp_path), make_app()):
         assert (await call(nc, subject, OPEN))["ok"] is True
     monkeypatch.setattr(app_node, "LoopLag", _AlwaysBehind)
-    async with app_node.open_node(node_config(nats_server, tmp_path)):
+    async with app_node.open_node(node_config(nats_server, tmp_path), make_app()):
         refused = await call(nc, subject, {"type": "Deposit", "amount": 5})
         assert refused["ok"] is False
         assert refused["error"]["code"] == "overloaded"
@@ -97,7 +98,7 @@ async def test_requests_beyond_the_queued_bound_are_refused_and_change_nothing(
     ingress = IngressConfig(max_queued=5, max_loop_lag=0)
     config = node_config(nats_server, tmp_path, ingress=ingress)
     subject = f"kaya.cmd.account.{uid}"
-    async with app_node.open_node(config):
+    async with app_node.open_node(config, make_app()):
         assert (await call(nc, subject, OPEN))["ok"] is True
         inbox = nc.new_inbox()
         replies: list[bytes] = []

@@ -11,9 +11,9 @@ import msgspec
 import orjson
 import pytest
 
+from examples.bank.account import Open
 from kaya.actors import ActorRuntime, Command, Entity, Event, decode_reply
 from kaya.actors.masking import MASK, masked, sensitive_fields
-from kaya.app.domain.account import Open
 from kaya.app.logs import JsonFormatter
 from kaya.store import open_event_store
 

@@ -11,6 +11,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from prometheus_client.parser import text_string_to_metric_families
 
+from examples.bank import make_app
 from kaya.app.config import MetricsConfig
 from kaya.app.metrics import Histogram, reply_outcome
 from kaya.app.node import Node, open_node
@@ -47,7 +48,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 @pytest.fixture
 async def observed(nats_server: NatsServer, tmp_path: Path) -> object:
     config = node_config(nats_server, tmp_path, metrics=MetricsConfig(address="127.0.0.1:0"))
-    async with open_node(config) as node:
+    async with open_node(config, make_app()) as node:
         yield node
 
 

@@ -12,15 +12,7 @@ import anyio
 import msgspec
 import pytest
 
-from kaya.actors import (
-    ActorRuntime,
-    AnyReply,
-    Command,
-    Overloaded,
-    RuntimeSettings,
-    decode_reply,
-)
-from kaya.app.domain.account import (
+from examples.bank.account import (
     Account,
     AccountCommand,
     AccountEvent,
@@ -28,6 +20,14 @@ from kaya.app.domain.account import (
     Deposit,
     Open,
     Withdraw,
+)
+from kaya.actors import (
+    ActorRuntime,
+    AnyReply,
+    Command,
+    Overloaded,
+    RuntimeSettings,
+    decode_reply,
 )
 from kaya.store import EventStore, StoredEvent, open_event_store
 

@@ -7,7 +7,7 @@ nats-server: the KV registry, v1 events relayed to consumers, unknown-version po
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -17,11 +17,12 @@ import orjson
 import pytest
 from nats.aio.client import Client as NATS
 
+from examples.bank import Analytics, Notifications, make_app
+from examples.bank.account import Account, AccountState, Deposit, Open, Opened
 from kaya.actors import ActorRuntime, Entity, Event, UnknownSchema, decode_reply
-from kaya.app.consumers import Consumer, Delivered, Effects, UnknownEventPolicy, admit
+from kaya.actors.wire import EVENTS_STREAM
+from kaya.app.consumers import Consumer, Context, Delivered, Effects, UnknownEventPolicy, admit
 from kaya.app.contracts import check_consumer, sample_value
-from kaya.app.domain import Analytics, Notifications, reference_registry
-from kaya.app.domain.account import Account, AccountState, Deposit, Open, Opened
 from kaya.app.node import Node, open_node
 from kaya.app.ops import list_dead_letters
 from kaya.app.schemas import (
@@ -39,10 +40,11 @@ from kaya.app.schemas import (
     type_schema,
     upcaster_keys,
 )
-from kaya.app.streams import EVENTS_STREAM
 from kaya.store import Append, NewEvent, open_event_store
 from tests.conftest import call, node_config
 from tests.servers import NatsServer
+
+BANK = "examples.bank:app"
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -329,7 +331,7 @@ def test_constraints_may_loosen_but_not_tighten() -> None:
 
 def test_the_code_is_compatible_with_the_committed_schemas() -> None:
     """`kaya schema check`: a breaking change to a reference type fails here, in CI."""
-    registry = reference_registry()
+    registry = make_app().registry
     recorded = load_schemas(REPO / SCHEMAS_FILE)
     report = check_compatibility(recorded, code_schemas(registry), upcaster_keys(registry))
     assert report.ok, report.format(str(SCHEMAS_FILE))
@@ -340,7 +342,7 @@ def test_the_committed_schemas_are_up_to_date() -> None:
     """`kaya schema export` would change nothing: every current version is recorded."""
     path = REPO / SCHEMAS_FILE
     recorded = load_schemas(path)
-    assert dump_schemas(merge_schemas(recorded, code_schemas(reference_registry()))) == (
+    assert dump_schemas(merge_schemas(recorded, code_schemas(make_app().registry))) == (
         path.read_bytes()
     ), "run `kaya schema export` and commit docs/schemas.json"
 
@@ -351,7 +353,7 @@ def test_kaya_schema_check_reports_and_fails_on_a_breaking_change(
     from kaya.app.cli import main
 
     monkeypatch.chdir(REPO)
-    assert main(["schema", "check"]) == 0
+    assert main(["schema", "check", "--app", BANK]) == 0
     assert "compatible" in capsys.readouterr().out
 
     broken = load_schemas(REPO / SCHEMAS_FILE)
@@ -359,15 +361,17 @@ def test_kaya_schema_check_reports_and_fails_on_a_breaking_change(
     schema["properties"]["amount"] = {"type": "string"}  # as if the code had changed it
     path = tmp_path / "schemas.json"
     path.write_bytes(dump_schemas(broken))
-    assert main(["schema", "check", "--against", str(path)]) == 1
+    assert main(["schema", "check", "--app", BANK, "--against", str(path)]) == 1
     out, err = capsys.readouterr()
     assert "BREAKING account.Deposited (event): v1 changed without a new schema_version" in out
     assert "error: found 1 breaking schema change(s)" in err
-    assert main(["schema", "export", "--output", str(path)]) == 1  # refuses to record it
+    assert (
+        main(["schema", "export", "--app", BANK, "--output", str(path)]) == 1
+    )  # refuses to record it
 
     fresh = tmp_path / "fresh.json"
-    assert main(["schema", "export", "--output", str(fresh)]) == 0
-    assert load_schemas(fresh) == code_schemas(reference_registry())
+    assert main(["schema", "export", "--app", BANK, "--output", str(fresh)]) == 0
+    assert load_schemas(fresh) == code_schemas(make_app().registry)
 
 
 # ---- consumers: current shape, accepts, contract tests -------------------------------------
@@ -406,7 +410,7 @@ class Recorder(Consumer):
 
 
 def test_consumers_get_the_current_shape_and_only_what_they_accept() -> None:
-    registry = reference_registry()
+    registry = make_app().registry
     old = delivered("Opened", 1, {"owner": "ann", "currency": "EUR"})
     now = admit(Recorder(), old, registry)
     assert (now.type, now.schema_version, now.headers["Kaya-Schema-Version"]) == ("Opened", 2, "2")
@@ -428,7 +432,7 @@ def test_consumers_get_the_current_shape_and_only_what_they_accept() -> None:
 
 def test_a_sample_is_valid_for_its_schema() -> None:
     for key, schema in load_schemas(REPO / SCHEMAS_FILE).items():
-        cls = {t.__name__: t for e in reference_registry() for t in e.event_types}.get(
+        cls = {t.__name__: t for e in make_app().registry for t in e.event_types}.get(
             schema["x-kaya"]["type"]
         )
         if cls is not None and schema["x-kaya"]["version"] == cls.schema_version:
@@ -444,11 +448,12 @@ async def test_the_reference_consumers_handle_every_registered_version(tmp_path:
     async with open_event_store(tmp_path / "kaya.db") as store:
         sent: list[dict[str, Any]] = []
 
-        async def publish(subject: str, data: bytes, headers: dict[str, str]) -> None:
+        async def publish(subject: str, data: bytes, headers: Mapping[str, str] | None) -> None:
             sent.append(orjson.loads(data))
 
-        for consumer in (Analytics(), Notifications(store, publish)):
-            report = await check_consumer(consumer, schemas, reference_registry(), store=store)
+        for consumer in (Analytics(), Notifications()):
+            consumer.bind(Context(store, publish))
+            report = await check_consumer(consumer, schemas, make_app().registry, store=store)
             assert not report.problems, report.format()
             assert "account.Opened.v1" in {c.key for c in report.cases}
         assert sent[0]["event"]["kind"] == "personal"  # the v1 sample, upcast
@@ -457,7 +462,7 @@ async def test_the_reference_consumers_handle_every_registered_version(tmp_path:
             name = "stale"
             accepts: ClassVar[dict[str, set[int]]] = {"Opened": {1}, "Deposited": {1}}
 
-        report = await check_consumer(Stale(), schemas, reference_registry())
+        report = await check_consumer(Stale(), schemas, make_app().registry)
         assert {c.key for c in report.problems} == {
             "account.Opened.v1",
             "account.Opened.v2",
@@ -476,7 +481,7 @@ async def test_the_reference_consumers_handle_every_registered_version(tmp_path:
         assert [(c.key, c.outcome) for c in without_upcasting.problems] == [
             ("account.Opened.v1", "failed")
         ]
-        assert not (await check_consumer(Strict(), schemas, reference_registry())).problems
+        assert not (await check_consumer(Strict(), schemas, make_app().registry)).problems
 
 
 # ---- the registry in a real nats-server --------------------------------------------------------
@@ -486,9 +491,9 @@ async def test_the_reference_consumers_handle_every_registered_version(tmp_path:
 async def test_schemas_are_registered_on_start_and_read_back(
     nats_server: NatsServer, tmp_path: Path, nc: NATS
 ) -> None:
-    registry = reference_registry()
+    registry = make_app().registry
     config = node_config(nats_server, tmp_path / "node")
-    async with open_node(config):
+    async with open_node(config, make_app()):
         pass
     js = nc.jetstream()
     registered = await read_registry(js)
@@ -507,7 +512,7 @@ async def test_schemas_are_registered_on_start_and_read_back(
     registered = await read_registry(js)
     assert "account.Opened.v1" in registered
     assert check_compatibility(registered, code_schemas(registry), upcaster_keys(registry)).ok
-    async with open_node(config):  # a restart registers nothing new
+    async with open_node(config, make_app()):  # a restart registers nothing new
         pass
 
     # someone changed a registered version: this node would publish what others misread
@@ -516,7 +521,7 @@ async def test_schemas_are_registered_on_start_and_read_back(
     await kv.put("account.Opened.v2", orjson.dumps(changed))
     conflict = pytest.RaisesExc(SchemaConflict, match=r"account\.Opened\.v2")
     with pytest.RaisesGroup(conflict, flatten_subgroups=True):
-        async with open_node(config):
+        async with open_node(config, make_app()):
             pass
     report = check_compatibility(await read_registry(js), code_schemas(registry))
     assert [f.type for f in report.breaking] == ["account.Opened (event)"]
@@ -529,13 +534,15 @@ def test_kaya_schema_publish_and_check_against_the_registry(
 
     monkeypatch.chdir(REPO)
     url = ["--url", nats_server.url]
-    assert main(["schema", "check", "--registry", *url]) == 0  # an empty registry: all new
+    assert (
+        main(["schema", "check", "--app", BANK, "--registry", *url]) == 0
+    )  # an empty registry: all new
     assert "new, v1" in capsys.readouterr().out
-    assert main(["schema", "publish", *url]) == 0
+    assert main(["schema", "publish", "--app", BANK, *url]) == 0
     recorded = load_schemas(REPO / SCHEMAS_FILE)
     assert f"{len(recorded)} schemas, {len(recorded)} newly registered" in capsys.readouterr().out
-    assert main(["schema", "check", "--registry", *url]) == 0
-    assert f"{len(code_schemas(reference_registry()))} types unchanged" in capsys.readouterr().out
+    assert main(["schema", "check", "--app", BANK, "--registry", *url]) == 0
+    assert f"{len(code_schemas(make_app().registry))} types unchanged" in capsys.readouterr().out
 
 
 # ---- old events in JetStream, unknown versions -------------------------------------------------
@@ -563,7 +570,7 @@ async def test_v1_events_in_jetstream_reach_consumers_in_their_current_shape(
     config = node_config(nats_server, tmp_path / "node")
     await stored_before_start(config, {"old": [opened_v1(), deposited(40)]})
     notes = await nc.subscribe("kaya.notify.ann")
-    async with open_node(config) as node:
+    async with open_node(config, make_app()) as node:
         await call(nc, "kaya.cmd.account.new", {"type": "Open", "owner": "ann", "currency": "EUR"})
         await call(nc, "kaya.cmd.account.new", {"type": "Deposit", "amount": 2})
         await caught_up(node)
@@ -624,10 +631,7 @@ async def test_an_unknown_version_is_handled_by_policy_never_by_crashing(
         "halt": policy_consumer("halt", "stop"),
     }
 
-    def factory(nc_: NATS, store: Any) -> list[Consumer]:
-        return list(consumers.values())
-
-    async with open_node(config, consumers=factory) as node:
+    async with open_node(config, make_app(consumers=consumers.values())) as node:
         runners = node.consumers
         await until(lambda: bool(runners["halt"].stats.stopped))
         with anyio.fail_after(15):

@@ -10,6 +10,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
 
+from examples.bank import make_app
 from kaya.app.config import MetricsConfig, load_config
 from kaya.app.node import open_node
 from kaya.app.slo import DASHBOARD_PATH, RULES_PATH, metrics_used, render
@@ -42,7 +43,7 @@ async def test_every_metric_used_exists(
     used = metrics_used((ROOT / RULES_PATH).read_text() + (ROOT / DASHBOARD_PATH).read_text())
     assert len(used) >= 10
     config = node_config(nats_server, tmp_path, metrics=MetricsConfig(address="127.0.0.1:0"))
-    async with open_node(config) as node:
+    async with open_node(config, make_app()) as node:
         await call(nc, f"kaya.cmd.account.{uid}", {"type": "Open", "owner": "o", "currency": "EUR"})
         assert node.metrics_url is not None
         status, body = await http_get(node.metrics_url)

@@ -22,6 +22,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from examples.bank import make_app
 from kaya.app.config import TracingConfig
 from kaya.app.node import open_node
 from tests.conftest import call, node_config
@@ -76,7 +77,7 @@ async def test_a_transfer_is_one_trace_across_ingress_and_consumers(
     tracing = TracingConfig(otlp_endpoint=endpoint, sample_ratio=1.0)
     config = msgspec.structs.replace(config, tracing=tracing)
     a, b, t = f"{uid}-a", f"{uid}-b", f"{uid}-t"
-    async with open_node(config) as node:
+    async with open_node(config, make_app()) as node:
         for account in (a, b):
             await call(nc, f"kaya.cmd.account.{account}",
                        {"type": "Open", "owner": "o", "currency": "EUR"})  # fmt: skip
@@ -130,7 +131,7 @@ async def test_unsampled_traces_export_nothing_but_still_propagate(
     endpoint = f"http://127.0.0.1:{collector.server_address[1]}"
     tracing = TracingConfig(otlp_endpoint=endpoint, sample_ratio=0.0)
     config = msgspec.structs.replace(node_config(nats_server, tmp_path), tracing=tracing)
-    async with open_node(config) as node:
+    async with open_node(config, make_app()) as node:
         # the caller asked not to sample (flags 00): followed, nothing exported
         await nc.request(
             f"kaya.cmd.account.{uid}",

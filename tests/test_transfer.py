@@ -21,20 +21,9 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 
-from kaya.actors import (
-    BadRequest,
-    ErrorCode,
-    Registry,
-    Rejected,
-    UnknownCommand,
-    decode_reply,
-    error_reply,
-)
-from kaya.actors.replies import command_done
-from kaya.actors.saga import TRANSIENT, Step, StepDone
-from kaya.app.config import Config
-from kaya.app.domain.account import Account, Deposit, Withdraw
-from kaya.app.domain.transfer import (
+from examples.bank import make_app
+from examples.bank.account import Account, Deposit, Withdraw
+from examples.bank.transfer import (
     CREDIT_TIMEOUT,
     Completed,
     Credited,
@@ -50,6 +39,18 @@ from kaya.app.domain.transfer import (
     TransferEvent,
     TransferState,
 )
+from kaya.actors import (
+    BadRequest,
+    ErrorCode,
+    Registry,
+    Rejected,
+    UnknownCommand,
+    decode_reply,
+    error_reply,
+)
+from kaya.actors.replies import command_done
+from kaya.actors.saga import TRANSIENT, Step, StepDone
+from kaya.app.config import Config
 from kaya.app.node import Node, open_node
 from kaya.store import Append, NewEvent, open_event_store
 from kaya.store.sagas import ensure_saga_tables, step_deadline
@@ -401,7 +402,7 @@ async def test_a_credit_past_its_deadline_is_refunded_and_stays_refused(
 ) -> None:
     # a negative timeout: the deadline has passed before the credit is first sent
     registry = Registry([Account(), Transfer(credit_timeout=-1.0)])
-    async with open_node(node_config(nats_server, tmp_path), registry) as node:
+    async with open_node(node_config(nats_server, tmp_path), make_app(*registry)) as node:
         a, b, t = fresh("a"), fresh("b"), fresh("t")
         await open_account(nc, a, 100)
         await open_account(nc, b, 0)
@@ -415,7 +416,7 @@ async def test_a_credit_past_its_deadline_is_refunded_and_stays_refused(
         # the target remembers its refusal: the credit can never be applied afterwards
         again = decode_reply(
             await node.runtime.ask(
-                node.registry.get("account"),
+                node.app.registry.get("account"),
                 b,
                 Deposit(amount=25),
                 command_id=f"transfer/{t}/credit",
@@ -461,7 +462,7 @@ async def test_a_repeated_start_moves_the_money_once(node: Node, nc: NATS) -> No
 async def test_a_command_past_its_deadline_is_refused_for_good(node: Node, nc: NATS) -> None:
     a = fresh("a")
     await open_account(nc, a, 10)
-    accounts = node.registry.get("account")
+    accounts = node.app.registry.get("account")
 
     async def deposit(command_id: str, deadline: float | None) -> bytes:
         return await node.runtime.ask(
@@ -520,27 +521,27 @@ async def test_unfinished_transfers_resume_when_the_node_starts(
     config = node_config(nats_server, tmp_path)
     a, b = fresh("a"), fresh("b")
     mid_credit, debit_unrecorded, not_debited = fresh("t1"), fresh("t2"), fresh("t3")
-    async with open_node(config) as node:
+    async with open_node(config, make_app()) as node:
         await open_account(nc, a, 100)
         await open_account(nc, b, 0)
         # mid_credit's debit was applied and recorded by the saga before the crash
         withdraw = Withdraw(amount=10)
         cid = f"transfer/{mid_credit}/debit"
         assert decode_reply(
-            await node.runtime.ask(node.registry.get("account"), a, withdraw, command_id=cid)
+            await node.runtime.ask(node.app.registry.get("account"), a, withdraw, command_id=cid)
         ).ok
         # debit_unrecorded's debit reached the account, the crash came before the saga knew
         withdraw = Withdraw(amount=20)
         cid = f"transfer/{debit_unrecorded}/debit"
         assert decode_reply(
-            await node.runtime.ask(node.registry.get("account"), a, withdraw, command_id=cid)
+            await node.runtime.ask(node.app.registry.get("account"), a, withdraw, command_id=cid)
         ).ok
 
     await write_transfer(config, mid_credit, Started(source=a, target=b, amount=10), Debited())
     await write_transfer(config, debit_unrecorded, Started(source=a, target=b, amount=20))
     await write_transfer(config, not_debited, Started(source=a, target=b, amount=30))
 
-    async with open_node(config) as node:
+    async with open_node(config, make_app()) as node:
         await served(nc)
         for t in (mid_credit, debit_unrecorded, not_debited):
             await wait_ended_in_store(node, t)
@@ -560,13 +561,13 @@ async def test_a_credit_deadline_does_not_move_when_the_node_restarts(
 ) -> None:
     config = node_config(nats_server, tmp_path)
     a, b, t = fresh("a"), fresh("b"), fresh("t")
-    async with open_node(config) as node:
+    async with open_node(config, make_app()) as node:
         await open_account(nc, a, 100)
         await open_account(nc, b, 0)
         cid = f"transfer/{t}/debit"
         assert decode_reply(
             await node.runtime.ask(
-                node.registry.get("account"), a, Withdraw(amount=50), command_id=cid
+                node.app.registry.get("account"), a, Withdraw(amount=50), command_id=cid
             )
         ).ok
     await write_transfer(config, t, Started(source=a, target=b, amount=50), Debited())
@@ -576,7 +577,7 @@ async def test_a_credit_deadline_does_not_move_when_the_node_restarts(
         assert await step_deadline(store, "transfer", t, "credit", time.time() - 1) < time.time()
 
     registry = Registry([Account(), Transfer(credit_timeout=60.0)])
-    async with open_node(config, registry) as node:
+    async with open_node(config, make_app(*registry)) as node:
         await served(nc)
         await wait_ended_in_store(node, t)
         state = await wait_ended(nc, t)

@@ -16,10 +16,11 @@ import orjson
 import pytest
 from nats.aio.client import Client as NATS
 
+from examples.bank import make_app
 from kaya.actors import Command, Entity, Event
 from kaya.app.config import ActorsConfig, IngressConfig
 from kaya.app.node import Node, open_node
-from tests.conftest import call, node_config, registry_with
+from tests.conftest import call, node_config
 from tests.servers import NatsServer
 
 pytestmark = pytest.mark.anyio
@@ -136,7 +137,7 @@ async def test_a_body_over_the_limit_is_refused(
     nats_server: NatsServer, tmp_path: Path, nc: NATS, uid: str
 ) -> None:
     config = node_config(nats_server, tmp_path, ingress=IngressConfig(max_body=100))
-    async with open_node(config):
+    async with open_node(config, make_app()):
         await call(nc, f"kaya.cmd.account.{uid}", OPEN)
         big = orjson.dumps({"type": "Deposit", "amount": 1, "pad": "x" * 200})
         await expect_error(nc, f"kaya.cmd.account.{uid}", big, "bad_request", "limit")
@@ -218,11 +219,11 @@ async def test_state_survives_a_node_restart(
 ) -> None:
     config = node_config(nats_server, tmp_path)
     subject = f"kaya.cmd.account.{uid}"
-    async with open_node(config):
+    async with open_node(config, make_app()):
         await call(nc, subject, OPEN)
         for amount in range(1, 11):
             await call(nc, subject, {"type": "Deposit", "amount": amount}, command_id=f"d{amount}")
-    async with open_node(config):
+    async with open_node(config, make_app()):
         reply = await state(nc, uid)
         assert reply["version"] == 11
         assert reply["state"]["balance"] == 55
@@ -243,7 +244,7 @@ async def test_overload_is_refused_at_once_and_loses_nothing_accepted(
     )
     subject = f"kaya.cmd.account.{uid}"
     codes: list[str] = []
-    async with open_node(config):
+    async with open_node(config, make_app()):
         await call(nc, subject, OPEN)
 
         async def deposit() -> None:
@@ -301,7 +302,7 @@ async def test_a_crashing_handler_answers_internal_and_the_node_keeps_serving(
     nats_server: NatsServer, tmp_path: Path, nc: NATS, uid: str
 ) -> None:
     config = node_config(nats_server, tmp_path)
-    async with open_node(config, registry_with(Fragile())) as node:
+    async with open_node(config, make_app(Fragile())) as node:
         subject = f"kaya.cmd.fragile.{uid}"
         assert (await call(nc, subject, {"type": "Poke"}))["version"] == 1
         activations = node.runtime.statistics().activations

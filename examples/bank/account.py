@@ -1,4 +1,4 @@
-"""The `account` entity of the reference domain. Amounts are integers in minor units.
+"""The `account` entity of the example bank. Amounts are integers in minor units.
 
 Rules: amount > 0 (a field constraint, so a violation is `bad_request`); balance
 never below zero; nothing happens to an account that is not open; close only at
@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from kaya.actors import Command, Entity, Event, Rejected
+from kaya import Command, Entity, Event, Rejected
 
 MAX_AMOUNT = 10**15
 """Largest single amount; with MAX_BALANCE it keeps every figure exact in a double."""

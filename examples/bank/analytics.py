@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from kaya.app.consumers import Consumer, Delivered, Effects
-from kaya.store import EventStore
+from kaya import Context, Delivered, Effects, Projection
 
 _CURRENCY_OF = "(SELECT currency FROM analytics_accounts WHERE id = ?)"
 
 
-class Analytics(Consumer):
+class Analytics(Projection):
     name = "analytics"
     filter_subject = "kaya.evt.account.>"
     accepts = {"Opened": {2}, "Deposited": {1}, "Withdrawn": {1}, "Closed": {1}}
@@ -91,9 +90,9 @@ def _amount(body: dict[str, Any]) -> int:
     return amount
 
 
-async def analytics_view(store: EventStore, params: dict[str, Any]) -> dict[str, Any]:
+async def analytics_view(context: Context, params: dict[str, Any]) -> dict[str, Any]:
     """The read model as served on `kaya.view.analytics` (and compared by `kaya replay`)."""
-    rows = await store.query(
+    rows = await context.query(
         "SELECT currency, balance, deposited, withdrawn, deposits, withdrawals,"
         " accounts_opened, accounts_closed FROM analytics_currencies ORDER BY currency"
     )
@@ -122,5 +121,5 @@ async def analytics_view(store: EventStore, params: dict[str, Any]) -> dict[str,
             "deposits": sum(c["deposits"] for c in currencies.values()),
             "withdrawals": sum(c["withdrawals"] for c in currencies.values()),
         },
-        "position": await store.checkpoint(Analytics().checkpoint_name()),
+        "position": await context.checkpoint(Analytics.name),
     }

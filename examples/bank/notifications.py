@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 
 import orjson
 
-from kaya.app.consumers import Consumer, Delivered, Effects
-from kaya.store import EventStore
-
-Publish = Callable[[str, bytes, dict[str, str]], Awaitable[None]]
+from kaya import Consumer, Context, Delivered, Effects
 
 _NOT_SUBJECT_SAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -53,12 +49,15 @@ class Notifications(Consumer):
     ) WITHOUT ROWID
     """
 
-    def __init__(self, store: EventStore, publish: Publish, *, cache_size: int = 10_000) -> None:
-        self._store = store
-        self._publish = publish
+    def __init__(self, *, cache_size: int = 10_000) -> None:
         self._owners: OrderedDict[str, str] = OrderedDict()
         self._sources: dict[str, str] = {}
         self._cache_size = cache_size
+
+    def bind(self, context: Context) -> None:
+        super().bind(context)
+        self._owners.clear()  # what another node's store said is not this one's
+        self._sources.clear()
 
     async def handle(self, event: Delivered, effects: Effects) -> None:
         if event.entity == "transfer":
@@ -86,7 +85,7 @@ class Notifications(Consumer):
         headers = {"Kaya-Dedup-Key": event.event_id, "Nats-Msg-Id": event.event_id}
         if event.traceparent:
             headers["traceparent"] = event.traceparent
-        await self._publish(notify_subject(owner), orjson.dumps(message), headers)
+        await self.context.publish(notify_subject(owner), orjson.dumps(message), headers)
 
     async def _on_transfer(self, event: Delivered, effects: Effects) -> None:
         body = event.decode()
@@ -103,7 +102,7 @@ class Notifications(Consumer):
             return
         source = self._sources.pop(event.entity_id, None)
         if source is None:
-            rows = await self._store.query(
+            rows = await self.context.query(
                 "SELECT source FROM notify_transfers WHERE id = ?", (event.entity_id,)
             )
             if not rows:
@@ -124,7 +123,7 @@ class Notifications(Consumer):
         headers = {"Kaya-Dedup-Key": event.event_id, "Nats-Msg-Id": event.event_id}
         if event.traceparent:
             headers["traceparent"] = event.traceparent
-        await self._publish(notify_subject(owner), orjson.dumps(message), headers)
+        await self.context.publish(notify_subject(owner), orjson.dumps(message), headers)
 
     def _remember(self, account: str, owner: str) -> None:
         self._owners[account] = owner
@@ -135,7 +134,7 @@ class Notifications(Consumer):
     async def _owner_of(self, account: str) -> str:
         owner = self._owners.get(account)
         if owner is None:
-            rows = await self._store.query(
+            rows = await self.context.query(
                 "SELECT owner FROM notify_owners WHERE id = ?", (account,)
             )
             if not rows:

@@ -21,9 +21,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from kaya.actors import Command, Event, Rejected
-from kaya.actors.saga import Saga, Step, StepDone
-from kaya.app.domain.account import MAX_AMOUNT, Deposit, Withdraw
+from examples.bank.account import MAX_AMOUNT, Deposit, Withdraw
+from kaya import Command, Event, Rejected, Saga, Step, StepDone
 
 AccountId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Amount = Annotated[int, msgspec.Meta(gt=0, le=MAX_AMOUNT)]
