@@ -225,7 +225,7 @@ def render_markdown(catalog: Catalog) -> str:
         "Generated from the code by `kaya catalog --output docs/events.md`; do not edit by",
         "hand (`tests/test_catalog.py` fails when it is out of date). The JSON Schema of every",
         "type and version is in `docs/schemas.json` and, at run time, in the KV bucket",
-        f"`{SCHEMAS_BUCKET}` (`nats kv get {SCHEMAS_BUCKET} account.Opened.v2`). Kaya consumers",
+        f"`{SCHEMAS_BUCKET}` (`nats kv get {SCHEMAS_BUCKET} <entity>.<Type>.v<N>`). Consumers",
         "receive every event in its current version: older ones are upcast first.",
     ]
     for entity in catalog.entities():

@@ -224,21 +224,29 @@ async def _history(args: argparse.Namespace) -> int:
     from kaya.store import StoreError, open_event_store
 
     config = _config(args)
+    # with an app, events are shown as its code reads them: upcast to the current version
+    registry = _app(config).registry if config.node.app else None
     try:
         async with open_event_store(config.store_path, readonly=True) as store:
             events = await store.read_stream(args.entity, args.entity_id)
     except StoreError as exc:
         raise CliError(str(exc)) from None
     for event in events:
+        type_name, version = event.type, event.schema_version
+        data = orjson.loads(event.data)
+        if registry is not None and event.entity in registry:
+            entity = registry.get(event.entity)
+            type_name, data = entity.upcast(type_name, version, data)
+            version = entity.event_versions.get(type_name, version)
         line = {
             "version": event.version,
             "position": event.position,
-            "type": event.type,
-            "schema_version": event.schema_version,
+            "type": type_name,
+            "schema_version": version,
             "event_id": event.event_id,
             "recorded_at": event.recorded_at,
             "command_id": event.command_id,
-            "data": orjson.loads(event.data),
+            "data": data,
         }
         print(orjson.dumps(line).decode())
     if not events:

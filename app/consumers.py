@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from kaya.actors import Registry, UnknownSchema
+from kaya.actors.retry import Backoff
 from kaya.actors.runtime import trace_id
 from kaya.app.config import ConsumersConfig
 
@@ -273,9 +273,8 @@ async def _unsubscribe(sub: Any) -> None:
         log.debug("unsubscribe failed", exc_info=True)
 
 
-def backoff(attempt: int, *, initial: float, cap: float) -> float:
-    """Exponential backoff with full jitter: spreads retries of many consumers apart."""
-    return random.uniform(0, min(cap, initial * 2 ** (attempt - 1)))
+RESUBSCRIBE = Backoff(initial=0.2, cap=5.0)
+"""Between attempts to recreate a durable the server lost (it may be restarting)."""
 
 
 @dataclass
@@ -317,6 +316,7 @@ class ConsumerRunner:
         self._store = store
         self.consumer = consumer
         self._config = config
+        self._backoff = Backoff(initial=config.backoff_initial, cap=config.backoff_max)
         self.stats = ConsumerStatistics()
         self._seq = 0
         self._progress = anyio.Event()
@@ -361,7 +361,7 @@ class ConsumerRunner:
                     log.warning(
                         "consumer %s: pull failed (%r); re-subscribing", self.consumer.name, exc
                     )
-                    await anyio.sleep(min(5.0, 0.1 * 2**failures))
+                    await RESUBSCRIBE.sleep(failures)
                 try:
                     await pull.stop()
                     pull = await self._subscribe_after_checkpoint()
@@ -511,11 +511,7 @@ class ConsumerRunner:
                     exc,
                     extra=_log_fields(self.consumer.name, event),
                 )
-                await anyio.sleep(
-                    backoff(
-                        attempt, initial=self._config.backoff_initial, cap=self._config.backoff_max
-                    )
-                )
+                await self._backoff.sleep(attempt)
                 if msg.reply:
                     await msg.in_progress()
                 attempt += 1

@@ -17,7 +17,6 @@ them again; dedup drops those the broker still has.
 from __future__ import annotations
 
 import logging
-import random
 import time
 
 import anyio
@@ -26,6 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.protocol.command import hpub_cmd
 
+from kaya.actors.retry import Backoff
 from kaya.actors.wire import event_header_block, event_headers, event_subject
 from kaya.store import EventStore, StoredEvent, StoreError
 
@@ -75,6 +75,7 @@ class Relay:
         self._batch = batch
         self._ack_timeout = ack_timeout
         self._rewind_seconds = rewind
+        self._backoff = Backoff(initial=0.2, cap=10.0)  # full jitter: about the old 0.1-5 s mean
         self._inbox = f"_INBOX.kaya-relay.{nc._nuid.next().decode()}"
         self._acks: dict[int, _Ack | None] = {}
         self._generation = 0
@@ -161,7 +162,7 @@ class Relay:
                 if acked < len(events):
                     failures += 1
                     self.failures += 1
-                    delay = min(5.0, 0.05 * 2**failures) * (0.5 + random.random())
+                    delay = self._backoff.delay(failures)
                     log.warning("relay: broker refused or did not ack; retrying in %.2fs", delay)
                     await anyio.sleep(delay)
                 else:

@@ -48,6 +48,7 @@ from kaya.actors.saga import Saga, Step, StepDone
 from kaya.actors.testing import decide, replay, run_saga
 from kaya.actors.wire import Delivered
 from kaya.app.application import App, AppError
+from kaya.app.client import Client, Reply, StateReply
 from kaya.app.consumers import Consumer, Context, Effects, Projection, View
 
 __version__ = "0.1.0"
@@ -56,6 +57,7 @@ __all__ = [
     "App",
     "AppError",
     "BadRequest",
+    "Client",
     "Command",
     "Conflict",
     "Consumer",
@@ -70,7 +72,9 @@ __all__ = [
     "Overloaded",
     "Projection",
     "Rejected",
+    "Reply",
     "Saga",
+    "StateReply",
     "Step",
     "StepDone",
     "Timeout",

@@ -155,11 +155,18 @@ def write_config(path: Path, data_dir: Path, *, port: int, extra: str = "") -> P
     return path
 
 
-def start_kaya(config: Path, *, timeout: float = 30, argv: list[str] | None = None) -> KayaProcess:
-    """`kaya run --config CONFIG` (or `argv`) as a child; returns once it printed `ready`."""
+def start_kaya(
+    config: Path,
+    *,
+    timeout: float = 30,
+    argv: list[str] | None = None,
+    cwd: Path | None = None,
+) -> KayaProcess:
+    """`kaya run --config CONFIG` (or `argv`) as a child in `cwd` (the repository's root
+    by default, where `examples.bank` is importable); returns once it printed `ready`."""
     proc = subprocess.Popen(
         argv or [str(VENV_BIN / "kaya"), "run", "--config", str(config)],
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=cwd or Path(__file__).resolve().parent.parent,
         bufsize=0,  # unbuffered: select() and readline() must agree on what is unread
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
