@@ -16,7 +16,7 @@ from typing import Any
 
 from kaya.actors import Entity, Registry
 from kaya.actors.wire import TOKEN
-from kaya.app.consumers import Consumer, Projection, View
+from kaya.app.events.consumers import Consumer, Projection, View
 
 
 class AppError(Exception):

@@ -51,11 +51,11 @@ from kaya.actors.wire import (
     parse_subject,
 )
 from kaya.app.config import IngressConfig
-from kaya.app.lag import LoopLag
-from kaya.app.metrics import CommandMetrics
+from kaya.app.observability.lag import LoopLag
+from kaya.app.observability.metrics import CommandMetrics
 
 if TYPE_CHECKING:
-    from kaya.app.tracing import Tracing
+    from kaya.app.observability.tracing import Tracing
 
 log = logging.getLogger("kaya.ingress")
 

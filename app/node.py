@@ -24,17 +24,17 @@ from nats.aio.msg import Msg
 from kaya.actors import ActorRuntime, RuntimeSettings
 from kaya.actors.saga import SagaDriver
 from kaya.app.application import App
+from kaya.app.broker.embedded import EmbeddedServer, ServerSettings, run_embedded_server
+from kaya.app.broker.streams import ensure_streams
 from kaya.app.config import Config
-from kaya.app.consumers import ConsumerRunner, Context
-from kaya.app.embedded import EmbeddedServer, ServerSettings, run_embedded_server
-from kaya.app.health import node_status, readiness, status_json
-from kaya.app.http import serve_http
+from kaya.app.events.consumers import ConsumerRunner, Context
+from kaya.app.events.relay import Relay
 from kaya.app.ingress import Ingress
-from kaya.app.lag import LoopLag
-from kaya.app.metrics import CONTENT_TYPE, Metrics
-from kaya.app.relay import Relay
-from kaya.app.schemas import register_schemas
-from kaya.app.streams import ensure_streams
+from kaya.app.observability.health import node_status, readiness, status_json
+from kaya.app.observability.http import serve_http
+from kaya.app.observability.lag import LoopLag
+from kaya.app.observability.metrics import CONTENT_TYPE, Metrics
+from kaya.app.schemas.registry import register_schemas
 from kaya.store import EventStore, StoreError, open_event_store
 
 log = logging.getLogger("kaya.node")
@@ -155,7 +155,7 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
         await register_schemas(nc.jetstream(), registry, replicas=config.events.replicas)
         tracing = None
         if config.tracing.otlp_endpoint:
-            from kaya.app.tracing import Tracing  # imported only when tracing is on
+            from kaya.app.observability.tracing import Tracing  # imported only when tracing is on
 
             tracing = Tracing(
                 config.tracing.otlp_endpoint,

@@ -466,7 +466,7 @@ def raw_consumer_main(args: argparse.Namespace) -> int:
 def raw_round(settings: Settings, workdir: Path, scenario: str, number: int) -> dict[str, Any]:
     """A bare nats-server (the node's config) on a copy of the template's JetStream, and
     the raw consumer process."""
-    from kaya.app.embedded import ServerSettings, server_config
+    from kaya.app.broker.embedded import ServerSettings, server_config
 
     rundir = workdir / f"{scenario}-{number}"
     rundir.mkdir()

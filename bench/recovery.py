@@ -334,7 +334,7 @@ def populate(path: Path, events: int) -> dict[str, Any]:
 
 def set_relay_checkpoint(path: Path, relayed: bool) -> int:
     """The relay's checkpoint at the last position (everything relayed) or removed (nothing)."""
-    from kaya.app.relay import CHECKPOINT
+    from kaya.app.events.relay import CHECKPOINT
 
     conn = open_raw(path, "FULL")
     try:

@@ -459,8 +459,8 @@ async def publish_raw(
     `json.loads` per ack).
     """
     from kaya.actors.wire import event_headers, event_subject
+    from kaya.app.broker.streams import ensure_streams
     from kaya.app.config import EventsConfig
-    from kaya.app.streams import ensure_streams
     from kaya.store import open_event_store
 
     messages: list[tuple[str, bytes, dict[str, str]]] = []
@@ -569,8 +569,8 @@ def solo_node_main(config_path: str) -> int:
 
     async def run() -> None:
         from kaya.app.config import load_config
-        from kaya.app.logs import configure_logging
         from kaya.app.node import open_node
+        from kaya.app.observability.logs import configure_logging
 
         config = load_config(config_path)
         configure_logging(level=config.log.level, fmt=config.log.format, node=config.node.name)
@@ -678,7 +678,7 @@ def raw_round(
     settings: Settings, prefill: Path, workdir: Path, number: int, *, lean: bool
 ) -> dict[str, Any]:
     """nats-server (the node's config) + the raw publisher, each its own process."""
-    from kaya.app.embedded import ServerSettings, server_config
+    from kaya.app.broker.embedded import ServerSettings, server_config
 
     scenario = "raw-lean" if lean else "raw"
     rundir = workdir / f"{scenario}-{number}"

@@ -49,7 +49,7 @@ from kaya.actors.testing import decide, replay, run_saga
 from kaya.actors.wire import Delivered
 from kaya.app.application import App, AppError
 from kaya.app.client import Client, Reply, StateReply
-from kaya.app.consumers import Consumer, Context, Effects, Projection, View
+from kaya.app.events.consumers import Consumer, Context, Effects, Projection, View
 
 __version__ = "0.1.0"
 

@@ -22,8 +22,8 @@ import anyio
 from examples.bank import make_app
 from examples.bank.account import Account, AccountCommand, AccountEvent, AccountState
 from kaya.app.config import load_config
-from kaya.app.logs import configure_logging
 from kaya.app.node import open_node
+from kaya.app.observability.logs import configure_logging
 
 
 class FlakyAccount(Account):

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kaya.app.embedded import ServerSettings, find_binary, server_config
+from kaya.app.broker.embedded import ServerSettings, find_binary, server_config
 
 VENV_BIN = Path(sys.executable).parent
 

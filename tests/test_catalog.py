@@ -10,7 +10,7 @@ import pytest
 
 from examples.bank import Account, Transfer, make_app
 from kaya.actors.wire import subscribes
-from kaya.app.catalog import (
+from kaya.app.schemas.catalog import (
     build_catalog,
     decide_cases,
     render_asyncapi,

@@ -24,14 +24,14 @@ from nats.aio.msg import Msg
 from examples.bank import make_app
 from kaya.actors.wire import DLQ_STREAM, EVENTS_STREAM
 from kaya.app.config import ConsumersConfig
-from kaya.app.consumers import Consumer, Context, Delivered, Effects
-from kaya.app.node import Node, open_node
-from kaya.app.ops import (
+from kaya.app.events.consumers import Consumer, Context, Delivered, Effects
+from kaya.app.events.ops import (
     describe_streams,
     list_dead_letters,
     rebuild_projection,
     replay_dead_letters,
 )
+from kaya.app.node import Node, open_node
 from kaya.store import Append, NewEvent, open_event_store
 from tests.conftest import call, node_config
 from tests.servers import NatsServer, start_nats_server

@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from examples.bank import make_app
 from kaya.app import node as app_node
 from kaya.app.config import IngressConfig
-from kaya.app.lag import LoopLag
+from kaya.app.observability.lag import LoopLag
 from tests.conftest import call, node_config
 from tests.servers import NatsServer
 

@@ -100,5 +100,6 @@ def test_the_wheel_installs_only_the_kaya_package(tmp_path: Path) -> None:
     }
     assert tops == {"kaya"}
     names = zipfile.ZipFile(wheel).namelist()
-    assert "kaya/app/cli.py" in names
+    assert "kaya/app/cli/__init__.py" in names
+    assert "kaya/app/events/relay.py" in names  # subpackages too
     assert "kaya/store/__init__.py" in names

@@ -14,7 +14,7 @@ import pytest
 from examples.bank.account import Open
 from kaya.actors import ActorRuntime, Command, Entity, Event, decode_reply
 from kaya.actors.masking import MASK, masked, sensitive_fields
-from kaya.app.logs import JsonFormatter
+from kaya.app.observability.logs import JsonFormatter
 from kaya.store import open_event_store
 
 pytestmark = pytest.mark.anyio

@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from examples.bank import make_app
 from kaya.app.config import MetricsConfig
-from kaya.app.metrics import Histogram, reply_outcome
 from kaya.app.node import Node, open_node
+from kaya.app.observability.metrics import Histogram, reply_outcome
 from tests.conftest import call, node_config
 from tests.servers import NatsServer
 
@@ -125,7 +125,7 @@ def test_histogram_quantiles() -> None:
 
 
 def test_status_view_shows_rates_from_two_snapshots() -> None:
-    from kaya.app.status import render_status
+    from kaya.app.observability.status import render_status
 
     def snapshot(t: float, total: int) -> dict[str, object]:
         return {

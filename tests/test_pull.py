@@ -10,7 +10,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
-from kaya.app.pull import PREFETCH, LeanPull, PullGone, ack_tokens
+from kaya.app.broker.pull import PREFETCH, LeanPull, PullGone, ack_tokens
 from tests.servers import NatsServer
 
 pytestmark = pytest.mark.anyio

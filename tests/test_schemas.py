@@ -21,11 +21,18 @@ from examples.bank import Analytics, Notifications, make_app
 from examples.bank.account import Account, AccountState, Deposit, Open, Opened
 from kaya.actors import ActorRuntime, Entity, Event, UnknownSchema, decode_reply
 from kaya.actors.wire import EVENTS_STREAM
-from kaya.app.consumers import Consumer, Context, Delivered, Effects, UnknownEventPolicy, admit
-from kaya.app.contracts import check_consumer, sample_value
+from kaya.app.events.consumers import (
+    Consumer,
+    Context,
+    Delivered,
+    Effects,
+    UnknownEventPolicy,
+    admit,
+)
+from kaya.app.events.ops import list_dead_letters
 from kaya.app.node import Node, open_node
-from kaya.app.ops import list_dead_letters
-from kaya.app.schemas import (
+from kaya.app.schemas.contracts import check_consumer, sample_value
+from kaya.app.schemas.registry import (
     SCHEMAS_BUCKET,
     SCHEMAS_FILE,
     SchemaConflict,

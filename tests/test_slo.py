@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from examples.bank import make_app
 from kaya.app.config import MetricsConfig, load_config
 from kaya.app.node import open_node
-from kaya.app.slo import DASHBOARD_PATH, RULES_PATH, metrics_used, render
+from kaya.app.observability.slo import DASHBOARD_PATH, RULES_PATH, metrics_used, render
 from tests.conftest import call, node_config
 from tests.servers import NatsServer
 from tests.test_observability import http_get

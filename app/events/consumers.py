@@ -52,7 +52,7 @@ from kaya.actors.runtime import trace_id
 from kaya.app.config import ConsumersConfig
 
 if TYPE_CHECKING:
-    from kaya.app.tracing import Tracing
+    from kaya.app.observability.tracing import Tracing
 from kaya.actors.wire import (
     EVENT_SUBJECTS,
     EVENTS_STREAM,
@@ -72,7 +72,7 @@ from kaya.actors.wire import (
     parse_event,
     subscribes,
 )
-from kaya.app.pull import PREFETCH, LeanPull, ack_tokens
+from kaya.app.broker.pull import PREFETCH, LeanPull, ack_tokens
 from kaya.store import EventStore, StoreError
 
 log = logging.getLogger("kaya.consumers")

@@ -23,8 +23,8 @@ import msgspec
 from kaya.actors import Entity, Registry
 from kaya.actors.replies import AnyReply
 from kaya.actors.wire import subscribes
-from kaya.app.consumers import Consumer
-from kaya.app.schemas import SCHEMAS_BUCKET, Kind, resolved, schema_key, type_schema
+from kaya.app.events.consumers import Consumer
+from kaya.app.schemas.registry import SCHEMAS_BUCKET, Kind, resolved, schema_key, type_schema
 
 API_VERSION = "1.0.0"
 """The wire contract's version (DESIGN.md: "Wire contract (v1)")."""

@@ -103,8 +103,8 @@ def _url(args: argparse.Namespace) -> str:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from kaya.app.logs import configure_logging
     from kaya.app.node import open_node
+    from kaya.app.observability.logs import configure_logging
 
     config = _config(args)
     app = _app(config)
@@ -262,7 +262,7 @@ def _print_json(value: Any) -> None:
 
 
 async def _streams(args: argparse.Namespace) -> int:
-    from kaya.app.ops import describe_streams
+    from kaya.app.events.ops import describe_streams
 
     nc = await _connect(_url(args))
     try:
@@ -290,7 +290,7 @@ async def _streams(args: argparse.Namespace) -> int:
 
 
 async def _dlq(args: argparse.Namespace) -> int:
-    from kaya.app import ops
+    from kaya.app.events import ops
 
     nc = await _connect(_url(args))
     try:
@@ -325,8 +325,8 @@ async def _dlq(args: argparse.Namespace) -> int:
 
 
 async def _dlq_replay(args: argparse.Namespace, nc: Any) -> int:
-    from kaya.app import ops
-    from kaya.app.consumers import Context
+    from kaya.app.events import ops
+    from kaya.app.events.consumers import Context
     from kaya.store import open_event_store
 
     config = _config(args)
@@ -361,8 +361,8 @@ async def _dlq_replay(args: argparse.Namespace, nc: Any) -> int:
 
 
 async def _replay(args: argparse.Namespace) -> int:
-    from kaya.app.consumers import Context
-    from kaya.app.ops import rebuild_projection
+    from kaya.app.events.consumers import Context
+    from kaya.app.events.ops import rebuild_projection
     from kaya.store import open_event_store
 
     config = _config(args)
@@ -412,7 +412,7 @@ async def _replay(args: argparse.Namespace) -> int:
 
 
 async def _tail(args: argparse.Namespace) -> int:
-    from kaya.app.ops import tail_events
+    from kaya.app.events.ops import tail_events
 
     nc = await _connect(_url(args))
     try:
@@ -428,7 +428,7 @@ async def _tail(args: argparse.Namespace) -> int:
 
 
 async def _slo(args: argparse.Namespace) -> int:
-    from kaya.app.slo import render
+    from kaya.app.observability.slo import render
 
     for path, data in render(_config(args).slo).items():
         await anyio.Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -442,7 +442,7 @@ async def _status(args: argparse.Namespace) -> int:
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
 
-    from kaya.app.status import render_status
+    from kaya.app.observability.status import render_status
 
     url = _url(args)
     nc = await _connect(url)
@@ -476,7 +476,7 @@ async def _dlq_size(nc: Any) -> int | None:
 
 
 async def _server_config(args: argparse.Namespace) -> int:
-    from kaya.app.embedded import server_config
+    from kaya.app.broker.embedded import server_config
     from kaya.app.node import embedded_settings
 
     print(server_config(embedded_settings(_config(args))), end="")
@@ -487,7 +487,7 @@ async def _server_config(args: argparse.Namespace) -> int:
 
 
 async def _schema(args: argparse.Namespace) -> int:
-    from kaya.app import schemas
+    from kaya.app.schemas import registry as schemas
 
     registry = _app(_config(args)).registry
     current = schemas.code_schemas(registry)
@@ -530,7 +530,7 @@ async def _schema(args: argparse.Namespace) -> int:
 
 
 async def _catalog(args: argparse.Namespace) -> int:
-    from kaya.app.catalog import build_catalog, render_asyncapi, render_markdown
+    from kaya.app.schemas.catalog import build_catalog, render_asyncapi, render_markdown
 
     app = _app(_config(args))
     catalog = build_catalog(app.registry, [type(c) for c in app.consumers])
@@ -711,8 +711,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `kaya status --once | head`: the reader had enough
         return 0
     except Exception as exc:  # the last line of defence: one line, not a traceback
-        from kaya.app.embedded import ServerError
-        from kaya.app.schemas import SchemaConflict
+        from kaya.app.broker.embedded import ServerError
+        from kaya.app.schemas.registry import SchemaConflict
         from kaya.store import StoreError
 
         cause: BaseException = exc

@@ -41,7 +41,7 @@ from kaya.actors.wire import (
     parse_event,
     subscribes,
 )
-from kaya.app.consumers import (
+from kaya.app.events.consumers import (
     Consumer,
     Effects,
     admit,

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 if TYPE_CHECKING:
-    from kaya.app.metrics import CommandMetrics
     from kaya.app.node import Node
+    from kaya.app.observability.metrics import CommandMetrics
 
 STARTED = time.time()
 

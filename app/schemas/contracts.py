@@ -29,14 +29,14 @@ import orjson
 
 from kaya.actors import Registry, UnknownSchema
 from kaya.actors.wire import delivered_from_stored, subscribes
-from kaya.app.consumers import (
+from kaya.app.events.consumers import (
     Consumer,
     Effects,
     admit,
     apply_batch,
     ensure_tables,
 )
-from kaya.app.schemas import resolved
+from kaya.app.schemas.registry import resolved
 from kaya.store import EventStore, StoredEvent
 
 SAMPLE = "contract"

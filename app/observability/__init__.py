@@ -1,0 +1,1 @@
+"""Observability: metrics, health, the HTTP endpoints, tracing, logs, loop lag, SLOs, status."""
