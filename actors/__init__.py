@@ -21,7 +21,6 @@ from kaya.actors.errors import (
     error_for,
 )
 from kaya.actors.registry import Registry
-from kaya.actors.replies import AnyReply, decode_reply, error_from, error_reply
 from kaya.actors.retry import Backoff
 from kaya.actors.runtime import (
     ActorRuntime,
@@ -30,6 +29,7 @@ from kaya.actors.runtime import (
     RuntimeStatistics,
     TurnObserver,
 )
+from kaya.actors.wire import AnyReply, decode_reply, error_from, error_reply
 
 __all__ = [
     "ActorRuntime",

@@ -46,14 +46,20 @@ class KayaError(Exception):
 
 
 class BadRequest(KayaError):
+    """The request is malformed (JSON, field types or constraints, names, size): fix it."""
+
     code = "bad_request"
 
 
 class UnknownEntity(KayaError):
+    """No entity of that name is served here."""
+
     code = "unknown_entity"
 
 
 class UnknownCommand(KayaError):
+    """The entity has no command of that type."""
+
     code = "unknown_command"
 
 
@@ -64,30 +70,44 @@ class Rejected(KayaError):
 
 
 class Conflict(KayaError):
+    """The command id was used with another command, or the entity changed under it."""
+
     code = "conflict"
 
 
 class Overloaded(KayaError):
+    """A bounded queue is full: nothing happened, retry later (with the same command id)."""
+
     code = "overloaded"
 
 
 class Unauthorized(KayaError):
+    """No credentials, or credentials that do not check out."""
+
     code = "unauthorized"
 
 
 class Forbidden(KayaError):
+    """The credentials do not allow this subject or command."""
+
     code = "forbidden"
 
 
 class Unavailable(KayaError):
+    """The store or the shard cannot serve right now: nothing happened, retry later."""
+
     code = "unavailable"
 
 
 class Timeout(KayaError):
+    """No answer in time, or the command reached its entity after its deadline (a definite no)."""
+
     code = "timeout"
 
 
 class Internal(KayaError):
+    """A bug: the handler raised; nothing changed and the actor is rebuilt."""
+
     code = "internal"
 
 

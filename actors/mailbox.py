@@ -19,10 +19,11 @@ from typing import Any
 
 from kaya.actors.entity import Command, Entity
 from kaya.actors.errors import Overloaded
+from kaya.actors.wire import Answer
 
 log = logging.getLogger("kaya.actors")
 
-ReplyFn = Callable[[bytes], Awaitable[None]]
+ReplyFn = Callable[[Answer], Awaitable[None]]
 """Sends one encoded reply to the caller. The runtime calls it exactly once per message."""
 
 AnyEntity = Entity[Any, Any, Any]
@@ -103,9 +104,9 @@ def take_commands(mailbox: deque[Message], most: int) -> list[Message]:
     return turn
 
 
-async def answer(message: Message, body: bytes) -> None:
-    """Hand `body` to the message's sender; a sender gone away is logged, never raised."""
+async def answer(message: Message, reply: Answer) -> None:
+    """Hand the reply to the message's sender; a sender gone away is logged, never raised."""
     try:
-        await message.reply(body)
+        await message.reply(reply)
     except Exception:
         log.exception("could not deliver a reply")

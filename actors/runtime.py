@@ -38,8 +38,8 @@ from kaya.actors.mailbox import (
     deliver,
     take_commands,
 )
-from kaya.actors.replies import error_from, state_reply
 from kaya.actors.turn import Turns
+from kaya.actors.wire import Answer, error_answer, ok_answer, state_reply
 from kaya.store import EventStore
 
 log = logging.getLogger("kaya.actors")
@@ -138,8 +138,8 @@ class ActorRuntime:
         done = anyio.Event()
         box: list[bytes] = []
 
-        async def reply(data: bytes) -> None:
-            box.append(data)
+        async def reply(data: Answer) -> None:
+            box.append(data.body)
             done.set()
 
         if command is None:
@@ -276,10 +276,10 @@ class ActorRuntime:
                     return
                 if mailbox[0].command is None:
                     query = mailbox.popleft()
-                    await answer(
-                        query,
-                        state_reply(actor.entity.name, actor.entity_id, actor.version, actor.state),
+                    state = state_reply(
+                        actor.entity.name, actor.entity_id, actor.version, actor.state
                     )
+                    await answer(query, ok_answer(state))
                     continue
                 await self._turns.run(actor, take_commands(mailbox, self._settings.max_turn))
         finally:
@@ -317,7 +317,7 @@ class ActorRuntime:
                 version = stored.version
         except Exception as exc:
             log.exception("activation of %s/%s failed", entity.name, actor.entity_id)
-            error = error_from(Unavailable(f"cannot load {entity.name}/{actor.entity_id}: {exc}"))
+            error = error_answer(Unavailable(f"cannot load {entity.name}/{actor.entity_id}: {exc}"))
             while actor.mailbox:
                 await answer(actor.mailbox.popleft(), error)
             self._actors.pop((entity.name, actor.entity_id), None)

@@ -34,8 +34,8 @@ from anyio.abc import TaskGroup, TaskStatus
 from kaya.actors.entity import Command, Entity
 from kaya.actors.errors import KayaError
 from kaya.actors.registry import Registry
-from kaya.actors.replies import AnyReply, decode_reply
 from kaya.actors.retry import Backoff
+from kaya.actors.wire import Answer, AnyReply, decode_reply
 from kaya.store import EventStore
 from kaya.store.sagas import ensure_saga_tables, forget_deadline, step_deadline, unfinished
 
@@ -142,7 +142,7 @@ class SagaDriver:
     def _wake(self, saga: Saga, saga_id: str) -> None:
         """Activate the saga: when its (empty) turn ends, `_after_turns` looks at its state."""
 
-        async def ignore(_: bytes) -> None:
+        async def ignore(_: Answer) -> None:
             return None
 
         with contextlib.suppress(KayaError):  # a full mailbox: busy, it will look anyway

@@ -24,18 +24,24 @@ from typing import Any
 
 import msgspec
 
-from kaya.actors.errors import Conflict, Rejected, Unavailable
+from kaya.actors.errors import Conflict, Internal, Rejected, Timeout, Unavailable
 from kaya.actors.ids import event_ids, trace_id
 from kaya.actors.mailbox import Actor, Message, answer
 from kaya.actors.masking import masked
-from kaya.actors.replies import command_done, error_from, error_reply
+from kaya.actors.wire import (
+    Answer,
+    command_done,
+    error_answer,
+    ok_answer,
+    remembered_answer,
+)
 from kaya.store import Append, EventStore, NewEvent, Reply, Snapshot, StoreError, VersionConflict
 
 log = logging.getLogger("kaya.actors")
 
 _encoder = msgspec.json.Encoder()
 
-_Answer = tuple[Message, bytes, bool]
+_Answer = tuple[Message, Answer, bool]
 """(message, reply, whether the reply holds only if the turn's append commits)"""
 
 
@@ -52,14 +58,14 @@ class _Decided:
     decided: set[str] = field(default_factory=set)  # command ids first decided in this turn
     crashed: bool = False
 
-    def settle(self, message: Message, body: bytes, *, durable: bool) -> None:
-        """Answer `message` with `body`, and remember it under its command id if it has one."""
-        self.answers.append((message, body, durable))
+    def settle(self, message: Message, reply: Answer, *, durable: bool) -> None:
+        """Answer `message` with `reply`, and remember it under its command id if it has one."""
+        self.answers.append((message, reply, durable))
         cid = message.command_id
         if cid is not None:
-            reply = Reply(command_id=cid, request_hash=message.request_hash, body=body)
-            self.known[cid] = reply
-            self.remembered.append(reply)
+            kept = Reply(command_id=cid, request_hash=message.request_hash, body=reply.body)
+            self.known[cid] = kept
+            self.remembered.append(kept)
 
 
 class Turns:
@@ -78,7 +84,7 @@ class Turns:
         try:
             known = await self._store.find_replies(entity.name, entity_id, command_ids)
         except StoreError as exc:
-            error = error_from(Unavailable(str(exc)))
+            error = error_answer(Unavailable(str(exc)))
             for message in turn:
                 await answer(message, error)
             return
@@ -88,8 +94,8 @@ class Turns:
             answers = await self._commit(actor, decided)
         if decided.crashed:
             actor.loaded = False  # rebuilt from the store before its next message
-        for message, body, _ in answers:
-            await answer(message, body)
+        for message, reply, _ in answers:
+            await answer(message, reply)
 
     def _decide(self, actor: Actor, turn: Sequence[Message], known: dict[str, Reply]) -> _Decided:
         entity, entity_id = actor.entity, actor.entity_id
@@ -102,7 +108,7 @@ class Turns:
                 # a repeat within this turn is only as good as this turn's commit
                 pending = cid in out.decided
                 if prior.request_hash == message.request_hash:
-                    out.answers.append((message, prior.body, pending))
+                    out.answers.append((message, remembered_answer(prior.body), pending))
                 else:
                     out.answers.append((message, _reused_id(cid), False))
                 continue
@@ -111,9 +117,9 @@ class Turns:
             if message.traceparent is not None:
                 actor.traceparent = message.traceparent
             if message.deadline is not None and time.time() > message.deadline:
-                body = error_reply("timeout", "the command reached the entity after its deadline")
+                late = Timeout("the command reached the entity after its deadline")
                 # a definite answer: a later repeat must not apply it
-                out.settle(message, body, durable=cid is not None)
+                out.settle(message, error_answer(late), durable=cid is not None)
                 continue
             try:
                 events = list(entity.decide(out.state, message.command))
@@ -122,7 +128,7 @@ class Turns:
                     next_state = entity.evolve(next_state, event)
                 encoded = [entity.encode_event(event) for event in events]  # validated
             except Rejected as exc:
-                out.settle(message, error_from(exc), durable=cid is not None)
+                out.settle(message, error_answer(exc), durable=cid is not None)
                 continue
             except Exception:
                 out.crashed = True
@@ -140,8 +146,8 @@ class Turns:
                         "trace_id": trace_id(message.traceparent),
                     },
                 )
-                body = error_reply("internal", "the handler failed; nothing changed")
-                out.answers.append((message, body, False))
+                failed = error_answer(Internal("the handler failed; nothing changed"))
+                out.answers.append((message, failed, False))
                 continue
             out.state = next_state
             out.version += len(events)
@@ -156,9 +162,8 @@ class Turns:
                         traceparent=message.traceparent,
                     )
                 )
-            out.settle(
-                message, command_done(entity.name, entity_id, out.version, events), durable=True
-            )
+            done = command_done(entity.name, entity_id, out.version, events)
+            out.settle(message, ok_answer(done), durable=True)
         return out
 
     async def _commit(self, actor: Actor, decided: _Decided) -> list[_Answer]:
@@ -184,20 +189,21 @@ class Turns:
             await self._store.append(append)
         except VersionConflict as exc:
             actor.loaded = False  # someone else wrote: rebuild before the next turn
-            return _failed(decided.answers, error_from(Conflict(f"{exc}; retry")))
+            return _failed(decided.answers, error_answer(Conflict(f"{exc}; retry")))
         except StoreError as exc:
             actor.loaded = False
-            return _failed(decided.answers, error_from(Unavailable(f"store unavailable: {exc}")))
+            failure = error_answer(Unavailable(f"store unavailable: {exc}"))
+            return _failed(decided.answers, failure)
         actor.state, actor.version = decided.state, decided.version
         return decided.answers
 
 
-def _failed(answers: list[_Answer], failure: bytes) -> list[_Answer]:
+def _failed(answers: list[_Answer], failure: Answer) -> list[_Answer]:
     """The answers of a turn whose append failed: each one that needed the commit fails."""
     return [(m, failure if durable else r, durable) for m, r, durable in answers]
 
 
-def _reused_id(command_id: str) -> bytes:
-    return error_from(
+def _reused_id(command_id: str) -> Answer:
+    return error_answer(
         Conflict(f"Kaya-Command-Id {command_id!r} was already used with a different command")
     )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -327,3 +327,31 @@ def error_from(exc: KayaError) -> bytes:
 
 def decode_reply(data: bytes) -> AnyReply:
     return _decoder.decode(data)
+
+
+class Answer(NamedTuple):
+    """An encoded reply and its outcome (`ok` or the error code), made together where the
+    reply is made, so metrics and tracing never parse a reply back."""
+
+    body: bytes
+    outcome: str
+
+
+def ok_answer(body: bytes) -> Answer:
+    return Answer(body, "ok")
+
+
+def error_answer(exc: KayaError) -> Answer:
+    return Answer(error_from(exc), exc.code)
+
+
+def remembered_answer(body: bytes) -> Answer:
+    """A reply remembered in the store, whose outcome was not stored beside it: read off
+    its fixed prefix (only repeats of an idempotent command take this path)."""
+    if body.startswith(b'{"ok":true'):
+        return Answer(body, "ok")
+    start = body.find(b'"code":"')
+    if start < 0:
+        return Answer(body, "internal")
+    start += 8
+    return Answer(body, body[start : body.find(b'"', start)].decode(errors="replace"))

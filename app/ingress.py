@@ -26,7 +26,6 @@ import anyio
 import nats.errors
 import orjson
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
@@ -47,9 +46,11 @@ from kaya.actors.wire import (
     HEADER_TRACEPARENT,
     TRACEPARENT,
     VIEW_PREFIX,
+    Answer,
     check_command_id,
     parse_subject,
 )
+from kaya.app.broker.adapter import queued_messages, reply_subject
 from kaya.app.config import IngressConfig
 from kaya.app.observability.lag import LoopLag
 from kaya.app.observability.metrics import CommandMetrics
@@ -161,26 +162,27 @@ class Ingress:
     # ---- handlers --------------------------------------------------------------------
 
     async def _on_command(self, request: Request) -> None:
-        msg: Msg = request._msg
+        reply_to = reply_subject(request)
         lag, max_lag = self._lag, self._config.max_loop_lag
         if lag is not None and max_lag and lag.behind(max_lag):
             # the cheapest answer there is: while shedding, refusals are most of the work
             self.refused += 1
             self.metrics.shed()
-            if msg.reply:
-                await self._nc.publish(msg.reply, BEHIND)
+            if reply_to:
+                await self._nc.publish(reply_to, BEHIND)
             return
         span = None
         try:
-            self._admit(msg)
-            entity_name, entity_id = parse_subject(msg.subject, "cmd", self._shards)
+            self._admit(request)
+            entity_name, entity_id = parse_subject(request.subject, "cmd", self._shards)
             entity = self._registry.get(entity_name)
-            if len(msg.data) > self._config.max_body:
+            data = request.data
+            if len(data) > self._config.max_body:
                 raise BadRequest(
-                    f"body of {len(msg.data)} bytes exceeds the limit of {self._config.max_body}"
+                    f"body of {len(data)} bytes exceeds the limit of {self._config.max_body}"
                 )
-            command = entity.decode_command(msg.data)
-            headers = msg.headers or {}
+            command = entity.decode_command(data)
+            headers = request.headers or {}
             command_id = headers.get(HEADER_COMMAND_ID)
             if command_id is not None:
                 check_command_id(command_id)
@@ -206,7 +208,7 @@ class Ingress:
                 entity_id,
                 command,
                 self._replier(
-                    msg.reply,
+                    reply_to,
                     entity.name,
                     type(command).__name__,
                     span,
@@ -219,51 +221,53 @@ class Ingress:
         except KayaError as exc:
             if span is not None and self._tracing is not None:
                 self._tracing.finish(span, exc.code)
-            await self._refuse(msg, exc)
+            await self._refuse(request, reply_to, exc)
             return
         self._inflight += 1
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
 
     async def _on_query(self, request: Request) -> None:
-        msg: Msg = request._msg
+        reply_to = reply_subject(request)
         try:
-            self._admit(msg)
-            entity_name, entity_id = parse_subject(msg.subject, "qry", self._shards)
+            self._admit(request)
+            entity_name, entity_id = parse_subject(request.subject, "qry", self._shards)
             entity = self._registry.get(entity_name)
-            self._runtime.query(entity, entity_id, self._replier(msg.reply, entity.name, "query"))
+            self._runtime.query(entity, entity_id, self._replier(reply_to, entity.name, "query"))
         except KayaError as exc:
-            await self._refuse(msg, exc)
+            await self._refuse(request, reply_to, exc)
             return
         self._inflight += 1
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
 
     async def _on_view(self, request: Request) -> None:
         """Read models answer from SQLite directly: no actor, no mailbox."""
-        msg: Msg = request._msg
-        name = msg.subject.removeprefix(VIEW_PREFIX)
+        reply_to = reply_subject(request)
+        name = request.subject.removeprefix(VIEW_PREFIX)
         try:
             view = self._views.get(name)
             if view is None:
                 known = ", ".join(sorted(self._views)) or "none"
                 raise BadRequest(f"no view named {name!r} (known: {known})")
             try:
-                params = orjson.loads(msg.data) if msg.data.strip() else {}
+                params = orjson.loads(request.data) if request.data.strip() else {}
             except orjson.JSONDecodeError as exc:
                 raise BadRequest(f"view parameters are not valid JSON: {exc}") from None
             if not isinstance(params, dict):
                 raise BadRequest("view parameters must be a JSON object")
             result = await view(params)
         except KayaError as exc:
-            await self._refuse(msg, exc)
+            await self._refuse(request, reply_to, exc)
             return
         except Exception as exc:
             log.exception("view %s failed", name)
-            await self._refuse(msg, Internal(f"view {name} failed: {type(exc).__name__}"))
+            await self._refuse(
+                request, reply_to, Internal(f"view {name} failed: {type(exc).__name__}")
+            )
             return
-        if msg.reply:
-            await self._nc.publish(msg.reply, orjson.dumps({"ok": True, "view": name, **result}))
+        if reply_to:
+            await self._nc.publish(reply_to, orjson.dumps({"ok": True, "view": name, **result}))
 
-    def _admit(self, msg: Msg) -> None:
+    def _admit(self, request: Request) -> None:
         """Refuse early, before any decoding, while the node is behind.
 
         Two bounds: requests accepted and not yet answered (the work queued in actors
@@ -275,13 +279,11 @@ class Ingress:
         """
         if self._inflight >= self._config.max_inflight:
             raise Overloaded(f"{self._inflight} requests in flight; retry later")
-        # the depth of nats-py's buffer for this subscription is only reachable through its
-        # internals: without them (another nats-py), this check is skipped, not fatal
-        sid = getattr(msg, "_sid", None)
-        subs = getattr(self._nc, "_subs", None)
-        sub = subs.get(sid) if sid is not None and isinstance(subs, dict) else None
-        if sub is not None and sub.pending_msgs > self._config.max_queued:
-            raise Overloaded(f"{sub.pending_msgs} requests queued at this node; retry later")
+        # the depth of nats-py's buffer is only reachable through its internals (the adapter):
+        # without them (another nats-py), this check is skipped, not fatal
+        queued = queued_messages(self._nc, request)
+        if queued is not None and queued > self._config.max_queued:
+            raise Overloaded(f"{queued} requests queued at this node; retry later")
 
     def _replier(
         self,
@@ -298,23 +300,23 @@ class Ingress:
         tracing = self._tracing
         started = time.perf_counter()
 
-        async def reply(data: bytes) -> None:
+        async def reply(answer: Answer) -> None:
             self._inflight -= 1
             self.accepted += 1
             if self._inflight == 0:
                 self._idle.set()
             if reply_to:
-                await nc.publish(reply_to, data, headers=headers)
-            outcome = record(entity, command, data, time.perf_counter() - started)
+                await nc.publish(reply_to, answer.body, headers=headers)
+            record(entity, command, answer.outcome, time.perf_counter() - started)
             if span is not None and tracing is not None:
-                tracing.finish(span, outcome)
+                tracing.finish(span, answer.outcome)
 
         return reply
 
-    async def _refuse(self, msg: Msg, exc: KayaError) -> None:
+    async def _refuse(self, request: Request, reply_to: str, exc: KayaError) -> None:
         self.refused += 1
-        entity = msg.subject.split(".")[-2] if msg.subject.count(".") >= 3 else "-"
-        body = error_from(exc)
-        self.metrics.record(entity if entity in self._registry else "-", "-", body, None)
-        if msg.reply:
-            await self._nc.publish(msg.reply, body)
+        subject = request.subject
+        entity = subject.split(".")[-2] if subject.count(".") >= 3 else "-"
+        self.metrics.record(entity if entity in self._registry else "-", "-", exc.code, None)
+        if reply_to:
+            await self._nc.publish(reply_to, error_from(exc))

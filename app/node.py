@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +23,21 @@ from nats.aio.msg import Msg
 
 from kaya.actors import ActorRuntime, RuntimeSettings
 from kaya.actors.saga import SagaDriver
+from kaya.actors.wire import HEALTH_SUBJECT
 from kaya.app.application import App
+from kaya.app.broker.adapter import connect
 from kaya.app.broker.embedded import EmbeddedServer, ServerSettings, run_embedded_server
 from kaya.app.broker.streams import ensure_streams
 from kaya.app.config import Config
-from kaya.app.events.consumers import ConsumerRunner, Context
+from kaya.app.events.consumers import Context
 from kaya.app.events.relay import Relay
+from kaya.app.events.runner import ConsumerRunner
 from kaya.app.ingress import Ingress
-from kaya.app.observability.health import node_status, readiness, status_json
+from kaya.app.observability.health import node_status, status_json
 from kaya.app.observability.http import serve_http
 from kaya.app.observability.lag import LoopLag
 from kaya.app.observability.metrics import CONTENT_TYPE, Metrics
+from kaya.app.observability.statistics import NodeStatistics
 from kaya.app.schemas.registry import register_schemas
 from kaya.store import EventStore, StoreError, open_event_store
 
@@ -54,6 +58,35 @@ class Node:
     consumers: dict[str, ConsumerRunner]
     metrics_url: str | None = None
 
+    def readiness(self) -> tuple[str, ...]:
+        """What keeps the node from taking commands right now; empty when ready."""
+        problems = []
+        if not self.nc.is_connected:
+            problems.append("not connected to NATS")
+        if not self.ingress.serving:
+            problems.append("ingress not serving")
+        if self.store.closing:
+            problems.append("store closing")
+        return tuple(problems)
+
+    async def statistics(self) -> NodeStatistics:
+        """A frozen snapshot of every part, for health, status and metrics."""
+        problems = self.readiness()
+        return NodeStatistics(
+            name=self.config.node.name,
+            url=self.url,
+            shards=self.config.shards.count,
+            ready=not problems,
+            problems=problems,
+            inflight=self.ingress.inflight,
+            loop_lag=self.ingress.loop_lag,
+            commands=self.ingress.metrics.statistics(),
+            runtime=self.runtime.statistics(),
+            store=self.store.statistics(),
+            relay=await self.relay.statistics(),
+            consumers={name: runner.statistics() for name, runner in self.consumers.items()},
+        )
+
 
 def embedded_settings(config: Config) -> ServerSettings:
     return ServerSettings(
@@ -66,33 +99,6 @@ def embedded_settings(config: Config) -> ServerSettings:
         name=config.node.name,
         sync_always=config.nats.sync_always,
     )
-
-
-async def connect(url: str, *, name: str, on_reconnect: Callable[[], None] | None = None) -> NATS:
-    nc = NATS()
-
-    async def on_error(exc: Exception) -> None:
-        log.warning("nats: %s", exc)
-
-    async def on_disconnect() -> None:
-        if not (nc.is_closed or nc.is_draining):
-            log.warning("nats: disconnected")
-
-    async def on_reconnected() -> None:
-        log.info("nats: reconnected")
-        if on_reconnect is not None:
-            on_reconnect()
-
-    await nc.connect(
-        url,
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=1,
-        error_cb=on_error,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnected,
-    )
-    return nc
 
 
 async def _expire_replies(store: EventStore, retention: float) -> None:
@@ -233,14 +239,14 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
 
 async def _serve_health(node: Node, tg: TaskGroup) -> None:
     """`kaya.health` over NATS always; /metrics, /healthz, /readyz over HTTP if configured."""
-    metrics = Metrics(node, node.ingress.metrics)
+    metrics = Metrics(node.statistics)
 
     async def on_health(msg: Msg) -> None:
         if msg.reply:
-            status = await node_status(node, node.ingress.metrics)
+            status = node_status(await node.statistics())
             await node.nc.publish(msg.reply, status_json(status))
 
-    await node.nc.subscribe("kaya.health", cb=on_health)
+    await node.nc.subscribe(HEALTH_SUBJECT, cb=on_health)
     address = node.config.metrics.address
     if not address:
         return
@@ -254,8 +260,8 @@ async def _serve_health(node: Node, tg: TaskGroup) -> None:
         return 200, "text/plain", b"ok\n"
 
     async def readyz() -> tuple[int, str, bytes]:
-        ready, problems = readiness(node)
-        if ready:
+        problems = node.readiness()
+        if not problems:
             return 200, "text/plain", b"ready\n"
         return 503, "text/plain", ("; ".join(problems) + "\n").encode()
 

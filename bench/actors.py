@@ -96,6 +96,7 @@ from bench.common import (
     versions,
     write_results,
 )
+from kaya.actors.wire import Answer, ok_answer
 
 RESULT_PREFIX = "RESULT "
 TARGET_BYTES = 1.5e9
@@ -106,12 +107,12 @@ MAX_MESSAGES = 20_000_000
 SAMPLE_INTERVAL = 0.05
 MAX_SAMPLES = 4000
 OK_PREFIX = b'{"ok":true'
-QUEUE_REPLY = b'{"ok":true,"entity":"account","id":"x","version":1,"state":{}}'
+QUEUE_REPLY = ok_answer(b'{"ok":true,"entity":"account","id":"x","version":1,"state":{}}')
 PLATEAU_GOAL = 1.25
 """Passivation: RSS growth at the end may be at most this times the growth when the cap filled."""
 
 _T = TypeVar("_T")
-ReplyFn = Callable[[bytes], Awaitable[None]]
+ReplyFn = Callable[[Answer], Awaitable[None]]
 Submit = Callable[[int, ReplyFn], None]
 """Sends message number `i` (an entity index) with a reply callback, without waiting."""
 
@@ -120,7 +121,7 @@ Submit = Callable[[int, ReplyFn], None]
 
 
 def run_async(fn: Callable[..., Coroutine[Any, Any, _T]], *args: Any) -> _T:
-    """anyio on uvloop, as `kaya run` runs the node (app/cli.py)."""
+    """anyio on uvloop, as `kaya run` runs the node (app/cli/node.py)."""
     import anyio
 
     return anyio.run(fn, *args, backend="asyncio", backend_options={"use_uvloop": True})
@@ -244,9 +245,9 @@ class FullCollections:
 
 
 def _replier(future: asyncio.Future[bytes]) -> ReplyFn:
-    async def reply(data: bytes) -> None:
+    async def reply(data: Answer) -> None:
         if not future.done():
-            future.set_result(data)
+            future.set_result(data.body)
 
     return reply
 

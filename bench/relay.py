@@ -561,7 +561,7 @@ def publisher_main(args: argparse.Namespace) -> int:
 def solo_node_main(config_path: str) -> int:
     """`kaya run` minus the consumers: what the relay does with the event loop to itself.
 
-    It mirrors app/cli.py's `_run` (uvloop, the switch interval, the ready line,
+    It mirrors app/cli/node.py's `kaya run` (uvloop, the switch interval, the ready line,
     SIGTERM handling) and passes `consumers=` to `open_node`, an extension point
     the node already has. Diagnostic only: the figure to quote is the `relay` one.
     """
@@ -620,7 +620,8 @@ def running_node(
     if solo:
         argv = [sys.executable, "-m", "bench.relay", "--solo-node", str(config)]
     else:
-        argv = [str(Path(sys.executable).parent / "kaya"), "run", "--config", str(config)]
+        kaya = str(Path(sys.executable).parent / "kaya")
+        argv = [kaya, "run", "--config", str(config), "--app", "examples.bank:app"]
     log = workdir / f"{name}.log"
     info: dict[str, Any] = {}
     spawn_wall = time.time()

@@ -80,7 +80,7 @@ ENTITY = "account"
 MAX_APPENDS_PER_APPENDER = 5_000_000
 """Hard cap beside the window's end: no loop is unbounded."""
 SWITCH_INTERVAL = 0.0005
-"""What `kaya run` sets (app/cli.py)."""
+"""What `kaya run` sets (app/cli/node.py)."""
 INSERT_EVENT = (
     "INSERT INTO events (event_id, entity, entity_id, version, type, schema_version,"
     " data, recorded_at, command_id, traceparent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"

@@ -154,6 +154,10 @@ def running(
         raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
 
 
+BANK = "examples.bank:app"
+"""The app every benchmark serves: the example bank, as any user app (cwd: the repo)."""
+
+
 @contextlib.contextmanager
 def _running_kaya(
     workdir: Path, node_config: str, monitor: bool, data_dir: Path, ready_timeout: float
@@ -166,6 +170,8 @@ def _running_kaya(
     argv = [
         str(kaya),
         "run",
+        "--app",
+        BANK,
         "--data-dir",
         str(data_dir),
         "--nats-port",

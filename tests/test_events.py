@@ -25,12 +25,9 @@ from examples.bank import make_app
 from kaya.actors.wire import DLQ_STREAM, EVENTS_STREAM
 from kaya.app.config import ConsumersConfig
 from kaya.app.events.consumers import Consumer, Context, Delivered, Effects
-from kaya.app.events.ops import (
-    describe_streams,
-    list_dead_letters,
-    rebuild_projection,
-    replay_dead_letters,
-)
+from kaya.app.events.dlq import list_dead_letters, replay_dead_letters
+from kaya.app.events.inspect import describe_streams
+from kaya.app.events.rebuild import rebuild_projection
 from kaya.app.node import Node, open_node
 from kaya.store import Append, NewEvent, open_event_store
 from tests.conftest import call, node_config
@@ -67,7 +64,7 @@ async def caught_up(node: Node) -> None:
                 await runner.wait_for_position(last)
     except TimeoutError:
         relay = await node.relay.statistics()
-        stats = {name: runner.stats for name, runner in node.consumers.items()}
+        stats = {name: runner.statistics() for name, runner in node.consumers.items()}
         raise AssertionError(f"not caught up to {last}: relay {relay}, consumers {stats}") from None
 
 
@@ -377,8 +374,9 @@ async def test_a_poison_event_is_dead_lettered_and_replayed_once_fixed(
         await call(nc, subject, {"type": "Deposit", "amount": 7})
         await caught_up(node)
         runner = node.consumers["picky"]
-        assert runner.stats.dead_lettered == 1
-        assert runner.stats.retries == 2
+        stats = runner.statistics()
+        assert stats.dead_lettered == 1
+        assert stats.retries == 2
         assert await picky_total(node) == 57  # the consumer moved on past the poison
         # its log lines say which event, and which trace, so the request can be followed
         lines = [r for r in caplog.records if getattr(r, "consumer", None) == "picky"]

@@ -103,3 +103,60 @@ def test_the_wheel_installs_only_the_kaya_package(tmp_path: Path) -> None:
     assert "kaya/app/cli/__init__.py" in names
     assert "kaya/app/events/relay.py" in names  # subpackages too
     assert "kaya/store/__init__.py" in names
+
+
+def module_name(path: Path) -> str:
+    parts = ["kaya", *path.relative_to(ROOT).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_cycles_in_the_product() -> None:
+    """Every import counts, lazy and TYPE_CHECKING ones too: a cycle is a tangle either way."""
+    modules = {module_name(p): p for p in python_files(*PRODUCT)}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for _, imported in imports(path):
+            # `from kaya.app.events import relay` names a module; `from x import Y` a symbol
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and not name.startswith(imported + "."):
+                targets.add(imported)
+        graph[name] = targets
+    assert {"kaya.app.ingress", "kaya.actors"} <= graph["kaya.app.node"]  # the graph is real
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                cycles.append([*stack[stack.index(target) :], target])
+            elif target not in state:
+                visit(target, stack)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    assert cycles == []
+
+
+def test_every_public_name_says_what_it_is() -> None:
+    import inspect
+
+    import kaya
+
+    undocumented = [
+        name
+        for name in kaya.__all__
+        if (
+            (inspect.isclass(getattr(kaya, name)) or inspect.isfunction(getattr(kaya, name)))
+            # a class's own docstring: inspect.getdoc would fall back to its base's
+            and len(getattr(kaya, name).__doc__ or "") < 20
+        )
+        or (name not in vars(kaya))
+    ]
+    assert undocumented == []

@@ -12,9 +12,10 @@ from nats.aio.msg import Msg
 from prometheus_client.parser import text_string_to_metric_families
 
 from examples.bank import make_app
+from kaya.actors.wire import remembered_answer
 from kaya.app.config import MetricsConfig
 from kaya.app.node import Node, open_node
-from kaya.app.observability.metrics import Histogram, reply_outcome
+from kaya.app.observability.metrics import Histogram
 from tests.conftest import call, node_config
 from tests.servers import NatsServer
 
@@ -107,10 +108,11 @@ async def test_health_endpoints_and_status(observed: Node, nc: NATS, uid: str) -
     assert set(status["consumers"]) == {"analytics", "notifications"}
 
 
-def test_reply_outcome_reads_the_code() -> None:
-    assert reply_outcome(b'{"ok":true,"entity":"a"}') == "ok"
-    assert reply_outcome(b'{"ok":false,"error":{"code":"rejected","message":"x"}}') == "rejected"
-    assert reply_outcome(b"garbage") == "internal"
+def test_a_remembered_reply_gives_back_its_outcome() -> None:
+    assert remembered_answer(b'{"ok":true,"entity":"a"}').outcome == "ok"
+    rejected = b'{"ok":false,"error":{"code":"rejected","message":"x"}}'
+    assert remembered_answer(rejected).outcome == "rejected"
+    assert remembered_answer(b"garbage").outcome == "internal"
 
 
 def test_histogram_quantiles() -> None:
@@ -119,9 +121,9 @@ def test_histogram_quantiles() -> None:
         h.observe(0.0005)
     h.observe(0.05)
     h.observe(5.0)
-    assert h.quantile(0.5) == 0.001
-    assert h.quantile(0.99) == 0.1
-    assert h.quantile(1.0) == float("inf")
+    assert h.snapshot().quantile(0.5) == 0.001
+    assert h.snapshot().quantile(0.99) == 0.1
+    assert h.snapshot().quantile(1.0) == float("inf")
 
 
 def test_status_view_shows_rates_from_two_snapshots() -> None:

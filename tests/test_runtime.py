@@ -29,6 +29,7 @@ from kaya.actors import (
     RuntimeSettings,
     decode_reply,
 )
+from kaya.actors.wire import Answer
 from kaya.store import EventStore, StoredEvent, open_event_store
 
 pytestmark = pytest.mark.anyio
@@ -115,8 +116,9 @@ class Replies:
         self._expected = expected
         self._done = anyio.Event()
 
-    async def __call__(self, body: bytes) -> None:
-        self.bodies.append(body)
+    async def __call__(self, answer: Answer) -> None:
+        self.bodies.append(answer.body)
+        assert answer.outcome == decode_reply(answer.body).outcome  # made with the reply
         if len(self.bodies) >= self._expected:
             self._done.set()
 

@@ -21,15 +21,15 @@ from examples.bank import Analytics, Notifications, make_app
 from examples.bank.account import Account, AccountState, Deposit, Open, Opened
 from kaya.actors import ActorRuntime, Entity, Event, UnknownSchema, decode_reply
 from kaya.actors.wire import EVENTS_STREAM
+from kaya.app.events.admission import admit
 from kaya.app.events.consumers import (
     Consumer,
     Context,
     Delivered,
     Effects,
     UnknownEventPolicy,
-    admit,
 )
-from kaya.app.events.ops import list_dead_letters
+from kaya.app.events.dlq import list_dead_letters
 from kaya.app.node import Node, open_node
 from kaya.app.schemas.contracts import check_consumer, sample_value
 from kaya.app.schemas.registry import (
@@ -640,7 +640,7 @@ async def test_an_unknown_version_is_handled_by_policy_never_by_crashing(
 
     async with open_node(config, make_app(consumers=consumers.values())) as node:
         runners = node.consumers
-        await until(lambda: bool(runners["halt"].stats.stopped))
+        await until(lambda: bool(runners["halt"].statistics().stopped))
         with anyio.fail_after(15):
             await runners["dead"].wait_for_position(3)
             await runners["skip"].wait_for_position(3)
@@ -649,10 +649,10 @@ async def test_an_unknown_version_is_handled_by_policy_never_by_crashing(
                 ("Opened", 2, "ann"),
                 ("Opened", 2, "bo"),
             ]
-            assert runners[name].stats.unknown == 1
+            assert runners[name].statistics().unknown == 1
         assert [b["owner"] for _, _, b in consumers["halt"].seen] == ["ann"]
-        assert "newer than this code" in runners["halt"].stats.stopped
-        assert runners["halt"].stats.checkpoint == 1  # the event stays unapplied, unacked
+        assert "newer than this code" in runners["halt"].statistics().stopped
+        assert runners["halt"].statistics().checkpoint == 1  # the event stays unapplied, unacked
         letters = await list_dead_letters(nc.jetstream(), "dead")
         assert [(x.event_type, x.original_subject) for x in letters] == [
             ("Opened", "kaya.evt.account.future")

@@ -48,8 +48,8 @@ from kaya.actors import (
     decode_reply,
     error_reply,
 )
-from kaya.actors.replies import command_done
 from kaya.actors.saga import TRANSIENT, Step, StepDone
+from kaya.actors.wire import command_done
 from kaya.app.config import Config
 from kaya.app.node import Node, open_node
 from kaya.store import Append, NewEvent, open_event_store
@@ -615,7 +615,7 @@ async def test_a_transfer_from_a_missing_account_fails_without_dead_letters(
         await node.relay.wait_caught_up()
         last = await node.store.last_position()
         await node.consumers["notifications"].wait_for_position(last)
-    assert node.consumers["notifications"].stats.dead_lettered == 0
+    assert node.consumers["notifications"].statistics().dead_lettered == 0
 
 
 @pytest.mark.anyio
@@ -635,9 +635,9 @@ async def test_consumers_pass_over_events_not_theirs_and_catch_up_to_the_last(
             await runner.wait_for_position(last)
     tail = await node.store.read_all(last - 1, 1)
     assert tail[0].entity == "transfer"  # the last event is not an account's
-    analytics = node.consumers["analytics"]
-    assert analytics.stats.checkpoint == last
-    assert analytics.stats.dead_lettered == 0
+    analytics = node.consumers["analytics"].statistics()
+    assert analytics.checkpoint == last
+    assert analytics.dead_lettered == 0
     view = await call(nc, "kaya.view.analytics")
     assert view["operations"]["deposits"] >= 2  # the opening deposit and the credit
     assert view["operations"]["withdrawals"] >= 1  # the debit

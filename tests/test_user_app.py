@@ -216,3 +216,17 @@ def test_every_tool_that_needs_the_domain_takes_app(tmp_path: Path) -> None:
     wrong = run("replay", "totals", "--app", "counter_app:nope", "--data-dir", "d")
     assert wrong.returncode == 2
     assert "has no attribute 'nope'" in wrong.stderr
+
+
+@pytest.mark.slow
+def test_replay_of_an_unknown_read_model_is_one_line(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [str(VENV_BIN / "kaya"), "replay", "nosuch", "--app", "examples.bank:app"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert out.returncode == 2
+    assert out.stderr == "error: no read model named 'nosuch' (known: analytics)\n"

@@ -23,10 +23,10 @@ import anyio
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.protocol.command import hpub_cmd
 
 from kaya.actors.retry import Backoff
 from kaya.actors.wire import event_header_block, event_headers, event_subject
+from kaya.app.broker.adapter import HeaderPublisher
 from kaya.store import EventStore, StoredEvent, StoreError
 
 log = logging.getLogger("kaya.relay")
@@ -76,7 +76,7 @@ class Relay:
         self._ack_timeout = ack_timeout
         self._rewind_seconds = rewind
         self._backoff = Backoff(initial=0.2, cap=10.0)  # full jitter: about the old 0.1-5 s mean
-        self._inbox = f"_INBOX.kaya-relay.{nc._nuid.next().decode()}"
+        self._inbox = nc.new_inbox()  # one inbox: every ack arrives on `<inbox>.<gen>.<i>`
         self._acks: dict[int, _Ack | None] = {}
         self._generation = 0
         self._outstanding = 0
@@ -90,18 +90,7 @@ class Relay:
         self.duplicates = 0
         self.failures = 0
         self._caught_up = anyio.Event()
-        # the header fast path uses nats-py internals: only when they are all there
-        self._raw_publish = all(
-            hasattr(nc, name)
-            for name in (
-                "_send_command",
-                "_flush_pending",
-                "_flush_queue",
-                "stats",
-                "max_payload",
-                "is_draining_pubs",
-            )
-        )
+        self._publisher = HeaderPublisher(nc)
 
     @property
     def checkpoint(self) -> int:
@@ -214,25 +203,14 @@ class Relay:
 
     async def _publish_one(self, event: StoredEvent, reply: str) -> None:
         """Publish with headers; nats-py's own header encoding is most of a publish's cost,
-        so when the client is connected, the header block is built here in one go and
-        handed to the client's outbound buffer as nats-py's publish() would hand it."""
-        nc = self._nc
-        subject = event_subject(event.entity, event.entity_id)
-        data = event.data
-        if (
-            self._raw_publish
-            and nc.is_connected
-            and not nc.is_draining_pubs
-            and len(data) <= nc.max_payload
-        ):
-            await nc._send_command(hpub_cmd(subject, reply, event_header_block(event), data))
-            nc.stats["out_msgs"] += 1
-            nc.stats["out_bytes"] += len(data)
-            flush_queue = nc._flush_queue
-            if flush_queue is not None and flush_queue.empty():
-                await nc._flush_pending()
-            return
-        await nc.publish(subject, data, reply=reply, headers=event_headers(event))
+        so the header block is built in one go (wire.event_header_block) and handed over."""
+        await self._publisher.publish(
+            event_subject(event.entity, event.entity_id),
+            event.data,
+            reply=reply,
+            header_block=event_header_block(event),
+            headers=lambda: event_headers(event),
+        )
 
     async def _on_ack(self, msg: Msg) -> None:
         try:

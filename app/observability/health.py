@@ -1,58 +1,43 @@
 """Health and status: what `/healthz`, `/readyz`, `kaya.health` and `kaya status` report.
 
 Liveness says the process works (its event loop answers); readiness says it can
-take commands right now (NATS connected, ingress serving, store writable).
+take commands right now (NATS connected, ingress serving, store writable). Both
+read a `NodeStatistics` snapshot, never the node itself.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
-if TYPE_CHECKING:
-    from kaya.app.node import Node
-    from kaya.app.observability.metrics import CommandMetrics
+from kaya.app.observability.statistics import NodeStatistics
 
 STARTED = time.time()
 
 
-def readiness(node: Node) -> tuple[bool, list[str]]:
-    problems = []
-    if not node.nc.is_connected:
-        problems.append("not connected to NATS")
-    if not node.ingress.serving:
-        problems.append("ingress not serving")
-    if node.store.closing:
-        problems.append("store closing")
-    return not problems, problems
-
-
-async def node_status(node: Node, commands: CommandMetrics) -> dict[str, Any]:
+def node_status(stats: NodeStatistics) -> dict[str, Any]:
     """One snapshot of the node: counters are totals, so a reader derives rates from two."""
-    ready, problems = readiness(node)
-    runtime = node.runtime.statistics()
-    store = node.store.statistics()
-    last = await node.store.last_position()
     outcomes: dict[str, int] = {}
-    for (_, _, outcome), n in commands.outcomes.items():
+    for (_, _, outcome), n in stats.commands.outcomes.items():
         outcomes[outcome] = outcomes.get(outcome, 0) + n
     latency = {
-        entity: {"p50": h.quantile(0.5), "p99": h.quantile(0.99), "count": sum(h.counts)}
-        for entity, h in commands.latency.items()
+        entity: {"p50": h.quantile(0.5), "p99": h.quantile(0.99), "count": h.count}
+        for entity, h in stats.commands.latency.items()
     }
+    runtime, store, last = stats.runtime, stats.store, stats.last_position
     return {
         "ok": True,
-        "node": node.config.node.name,
+        "node": stats.name,
         "pid": os.getpid(),
         "time": time.time(),
         "uptime": time.time() - STARTED,
-        "ready": ready,
-        "problems": problems,
-        "nats": node.url,
-        "shards": node.config.shards.count,
+        "ready": stats.ready,
+        "problems": list(stats.problems),
+        "nats": stats.url,
+        "shards": stats.shards,
         "commands": {"total": sum(outcomes.values()), "by_outcome": outcomes},
         "latency_seconds": latency,
         "actors": {
@@ -61,10 +46,7 @@ async def node_status(node: Node, commands: CommandMetrics) -> dict[str, Any]:
             "mailbox_depth": runtime.queued,
             "crashes": runtime.crashes,
         },
-        "ingress": {
-            "inflight": node.ingress.inflight,
-            "loop_lag_ms": round(node.ingress.loop_lag * 1000, 1),
-        },
+        "ingress": {"inflight": stats.inflight, "loop_lag_ms": round(stats.loop_lag * 1000, 1)},
         "store": {
             "last_position": last,
             "commits": store.batches,
@@ -72,18 +54,18 @@ async def node_status(node: Node, commands: CommandMetrics) -> dict[str, Any]:
             "queued_appends": store.queued,
         },
         "relay": {
-            "checkpoint": node.relay.checkpoint,
-            "backlog": max(0, last - node.relay.checkpoint),
-            "published": node.relay.published,
+            "checkpoint": stats.relay.checkpoint,
+            "backlog": max(0, last - stats.relay.checkpoint),
+            "published": stats.relay.published,
         },
         "consumers": {
             name: {
-                "lag": max(0, last - runner.stats.checkpoint),
-                "handled": runner.stats.handled,
-                "retries": runner.stats.retries,
-                "dead_letters": runner.stats.dead_lettered,
+                "lag": max(0, last - consumer.checkpoint),
+                "handled": consumer.handled,
+                "retries": consumer.retries,
+                "dead_letters": consumer.dead_lettered,
             }
-            for name, runner in sorted(node.consumers.items())
+            for name, consumer in sorted(stats.consumers.items())
         },
     }
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -27,8 +26,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from kaya.app.node import Node
+from kaya.app.observability.statistics import (
+    CommandStatistics,
+    LatencySnapshot,
+    NodeStatistics,
+)
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -50,27 +52,8 @@ class Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
 
-    def quantile(self, q: float) -> float:
-        """Upper bound of the bucket holding quantile q (what Prometheus would estimate)."""
-        count = sum(self.counts)
-        if count == 0:
-            return 0.0
-        rank, seen = q * count, 0
-        for i, n in enumerate(self.counts):
-            seen += n
-            if seen >= rank:
-                return self.bounds[i] if i < len(self.bounds) else float("inf")
-        return float("inf")
-
-    def family(self, name: str, doc: str, labels: dict[str, str] | None = None) -> Metric:
-        keys = list(labels or {})
-        family = HistogramMetricFamily(name, doc, labels=keys)
-        cumulative, buckets = 0, []
-        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            cumulative += n
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-        family.add_metric(list((labels or {}).values()), buckets, self.total)
-        return family
+    def snapshot(self) -> LatencySnapshot:
+        return LatencySnapshot(self.bounds, tuple(self.counts), self.total)
 
 
 class CommandMetrics:
@@ -81,16 +64,21 @@ class CommandMetrics:
         self.latency: defaultdict[str, Histogram] = defaultdict(Histogram)
         self.overloaded = 0
 
-    def record(self, entity: str, command: str, reply: bytes, seconds: float | None) -> str:
-        """Count the reply; return its outcome. `seconds` None: refused before it was queued,
-        so no latency worth measuring."""
-        outcome = reply_outcome(reply)
+    def record(self, entity: str, command: str, outcome: str, seconds: float | None) -> None:
+        """Count a reply by its outcome (`ok` or the error code). `seconds` None: refused
+        before it was queued, so no latency worth measuring."""
         self.outcomes[(entity, command, outcome)] += 1
         if seconds is not None:
             self.latency[entity].observe(seconds)
         if outcome == "overloaded":
             self.overloaded += 1
-        return outcome
+
+    def statistics(self) -> CommandStatistics:
+        return CommandStatistics(
+            outcomes=dict(self.outcomes),
+            latency={entity: h.snapshot() for entity, h in self.latency.items()},
+            overloaded=self.overloaded,
+        )
 
     def shed(self) -> None:
         """A command refused `overloaded` before it was looked at (the loop is behind)."""
@@ -98,27 +86,29 @@ class CommandMetrics:
         self.overloaded += 1
 
 
-def reply_outcome(reply: bytes) -> str:
-    """`ok` or the error code, read off the reply's fixed prefix without decoding it."""
-    if reply.startswith(b'{"ok":true'):
-        return "ok"
-    start = reply.find(b'"code":"')
-    if start < 0:
-        return "internal"
-    start += 8
-    return reply[start : reply.find(b'"', start)].decode(errors="replace")
+def _histogram(name: str, doc: str, label: str, histograms: dict[str, LatencySnapshot]) -> Metric:
+    """One family, one labelled series per key: a second HELP line is invalid exposition."""
+    family = HistogramMetricFamily(name, doc, labels=[label])
+    for key, h in sorted(histograms.items()):
+        cumulative, buckets = 0, []
+        for bound, n in zip((*h.bounds, float("inf")), h.counts, strict=True):
+            cumulative += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        family.add_metric([key], buckets, h.total)
+    return family
 
 
 class NodeCollector(Collector):
-    """Turns the node's statistics into metric families at scrape time."""
+    """Turns the node's latest statistics snapshot into metric families at scrape time."""
 
-    def __init__(self, node: Node, commands: CommandMetrics) -> None:
-        self._node = node
-        self._commands = commands
-        self.snapshot: dict[str, Any] = {}
+    def __init__(self) -> None:
+        self.latest: NodeStatistics | None = None
 
     def collect(self) -> Iterator[Metric]:
-        node, commands = self._node, self._commands
+        stats = self.latest
+        if stats is None:
+            return
+        commands = stats.commands
         outcomes = CounterMetricFamily(
             "kaya_commands", "Commands answered, by entity, command and outcome",
             labels=["entity", "command", "outcome"],
@@ -126,27 +116,26 @@ class NodeCollector(Collector):
         for (entity, command, outcome), n in sorted(commands.outcomes.items()):
             outcomes.add_metric([entity, command, outcome], n)
         yield outcomes
-        for entity, histogram in sorted(commands.latency.items()):
-            yield histogram.family(
-                "kaya_command_duration_seconds",
-                "From request received to reply sent (end to end inside the node)",
-                {"entity": entity},
-            )
+        yield _histogram(
+            "kaya_command_duration_seconds",
+            "From request received to reply sent (end to end inside the node)",
+            "entity",
+            commands.latency,
+        )
         yield CounterMetricFamily(
             "kaya_ingress_overloaded", "Requests refused with `overloaded`",
             value=commands.overloaded,
         )  # fmt: skip
         yield GaugeMetricFamily(
-            "kaya_ingress_inflight", "Requests accepted, not yet answered",
-            value=node.ingress.inflight,
-        )  # fmt: skip
+            "kaya_ingress_inflight", "Requests accepted, not yet answered", value=stats.inflight
+        )
         yield GaugeMetricFamily(
             "kaya_event_loop_lag_seconds",
             "How late the node's event loop runs timers (smoothed); commands are refused "
             "above ingress.max_loop_lag",
-            value=node.ingress.loop_lag,
+            value=stats.loop_lag,
         )
-        runtime = node.runtime.statistics()
+        runtime = stats.runtime
         yield GaugeMetricFamily("kaya_actors_active", "Actors in memory", value=runtime.active)
         yield GaugeMetricFamily(
             "kaya_actors_busy", "Actors with a turn running", value=runtime.busy
@@ -164,7 +153,7 @@ class NodeCollector(Collector):
             "kaya_handler_crashes", "Handlers that raised (answered `internal`)",
             value=runtime.crashes,
         )  # fmt: skip
-        store = node.store.statistics()
+        store = stats.store
         yield CounterMetricFamily("kaya_store_appends", "Appends committed", value=store.appends)
         yield CounterMetricFamily("kaya_store_events", "Events committed", value=store.events)
         yield CounterMetricFamily(
@@ -173,8 +162,7 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily(
             "kaya_store_queued_appends", "Appends waiting for the writer", value=store.queued
         )
-        last = self.snapshot.get("last_position", 0)
-        relay = node.relay
+        last, relay = stats.last_position, stats.relay
         yield CounterMetricFamily(
             "kaya_relay_published", "Events acknowledged by JetStream", value=relay.published
         )
@@ -202,24 +190,24 @@ class NodeCollector(Collector):
         dead = CounterMetricFamily(
             "kaya_consumer_dead_letters", "Events sent to KAYA_DLQ", labels=["consumer"]
         )
-        for name, runner in sorted(node.consumers.items()):
-            lag.add_metric([name], max(0, last - runner.stats.checkpoint))
-            handled.add_metric([name], runner.stats.handled)
-            retries.add_metric([name], runner.stats.retries)
-            dead.add_metric([name], runner.stats.dead_lettered)
+        for name, consumer in sorted(stats.consumers.items()):
+            lag.add_metric([name], max(0, last - consumer.checkpoint))
+            handled.add_metric([name], consumer.handled)
+            retries.add_metric([name], consumer.retries)
+            dead.add_metric([name], consumer.dead_lettered)
         yield from (lag, handled, retries, dead)
 
 
 class Metrics:
     """The node's metrics registry; `render()` is the `/metrics` body."""
 
-    def __init__(self, node: Node, commands: CommandMetrics) -> None:
+    def __init__(self, statistics: Callable[[], Awaitable[NodeStatistics]]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = NodeCollector(node, commands)
+        self.collector = NodeCollector()
         self.registry.register(self.collector)
-        self._node = node
+        self._statistics = statistics
 
     async def render(self) -> bytes:
-        # the one figure that needs the database, read before the synchronous collect
-        self.collector.snapshot = {"last_position": await self._node.store.last_position()}
+        # the snapshot needs the database (the last position): taken before the sync collect
+        self.collector.latest = await self._statistics()
         return generate_latest(self.registry)

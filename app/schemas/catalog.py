@@ -21,8 +21,7 @@ from typing import Any
 import msgspec
 
 from kaya.actors import Entity, Registry
-from kaya.actors.replies import AnyReply
-from kaya.actors.wire import subscribes
+from kaya.actors.wire import AnyReply, subscribes
 from kaya.app.events.consumers import Consumer
 from kaya.app.schemas.registry import SCHEMAS_BUCKET, Kind, resolved, schema_key, type_schema
 

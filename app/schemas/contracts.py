@@ -29,13 +29,9 @@ import orjson
 
 from kaya.actors import Registry, UnknownSchema
 from kaya.actors.wire import delivered_from_stored, subscribes
-from kaya.app.events.consumers import (
-    Consumer,
-    Effects,
-    admit,
-    apply_batch,
-    ensure_tables,
-)
+from kaya.app.events.admission import admit
+from kaya.app.events.consumers import Consumer, Effects
+from kaya.app.events.runner import apply_batch, ensure_tables
 from kaya.app.schemas.registry import resolved
 from kaya.store import EventStore, StoredEvent
 

@@ -1,0 +1,219 @@
+"""`kaya streams`, `kaya dlq`, `kaya replay` and `kaya tail`: operating the event side.
+
+    kaya streams                    -> KAYA_EVENTS, KAYA_DLQ: messages, each consumer's lag
+    kaya dlq list|show|replay|purge -> the dead letters (kaya.app.events.dlq)
+    kaya replay PROJECTION          -> rebuild a read model, then swap it in (events.rebuild)
+    kaya tail [SUBJECT]             -> events as they are published
+
+What an operator needs when a consumer falls behind, gives up on events or has
+built a read model wrong, without stopping the node: the work is done by library
+functions in kaya.app.events (tests call them); these handlers connect, call, and
+print what they return.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import orjson
+
+from kaya.app.cli import common
+from kaya.app.cli.common import CliError
+
+
+def register(sub: common.Subcommands) -> None:
+    streams = sub.add_parser("streams", help="streams, consumers and their lag")
+    common.remote(streams)
+    streams.add_argument("--json", action="store_true", help="machine-readable output")
+    streams.set_defaults(handler=_streams)
+
+    dlq = sub.add_parser("dlq", help="dead letters: list, show, replay, purge")
+    dlq.add_argument("action", choices=["list", "show", "replay", "purge"])
+    dlq.add_argument("consumer", nargs="?", help="only this consumer's dead letters")
+    dlq.add_argument("--seq", type=int, help="one dead letter, by its KAYA_DLQ sequence")
+    common.remote(dlq)
+    dlq.add_argument("--data-dir", metavar="DIR", help="the node's data dir (for replay)")
+    common.with_app(dlq)
+    dlq.set_defaults(handler=_dlq)
+
+    replay = sub.add_parser("replay", help="rebuild a read model from the event store")
+    replay.add_argument("projection", metavar="PROJECTION", help="e.g. analytics")
+    replay.add_argument("--dry-run", action="store_true", help="rebuild and compare only")
+    common.common(replay, node=True)
+    common.with_app(replay)
+    replay.set_defaults(handler=_replay)
+
+    tail = sub.add_parser("tail", help="follow events as they are published")
+    tail.add_argument("subject", nargs="?", default="kaya.evt.>", metavar="SUBJECT")
+    tail.add_argument("--all", action="store_true", help="from the start of the stream")
+    tail.add_argument("--count", type=int, default=0, help="stop after N events")
+    common.remote(tail)
+    tail.set_defaults(handler=_tail)
+
+
+async def _streams(args: argparse.Namespace) -> int:
+    from kaya.app.events.inspect import describe_streams
+
+    nc = await common.connect(common.url(args))
+    try:
+        streams = await describe_streams(nc.jetstream())
+    finally:
+        await nc.close()
+    if args.json:
+        common.print_json(streams)
+        return 0
+    for stream in streams:
+        if stream.get("missing"):
+            print(f"{stream['stream']}: not created yet (start a node)")
+            continue
+        print(
+            f"{stream['stream']}  subjects {','.join(stream['subjects'])}  "
+            f"messages {stream['messages']}  bytes {stream['bytes']}  "
+            f"seq {stream['first_seq']}..{stream['last_seq']}"
+        )
+        for c in stream["consumers"]:
+            print(
+                f"  consumer {c['name']:<16} lag {c['lag']:<8} pending {c['pending']:<8}"
+                f" ack-pending {c['ack_pending']:<6} redelivered {c['redelivered']}"
+            )
+    return 0
+
+
+async def _dlq(args: argparse.Namespace) -> int:
+    from kaya.app.events import dlq
+
+    nc = await common.connect(common.url(args))
+    try:
+        js = nc.jetstream()
+        if args.action == "list":
+            letters = await dlq.list_dead_letters(js, args.consumer)
+            for letter in letters:
+                print(orjson.dumps(letter.summary()).decode())
+            print(f"{len(letters)} dead letters", file=sys.stderr)
+        elif args.action == "show":
+            if args.seq is None:
+                raise CliError("kaya dlq show needs --seq N")
+            try:
+                letter = await dlq.show_dead_letter(js, args.seq)
+            except LookupError as exc:
+                raise CliError(str(exc), exit_code=1) from None
+            common.print_json(
+                {
+                    **letter.summary(),
+                    "headers": letter.headers,
+                    "data": letter.data.decode(errors="replace"),
+                }
+            )
+        elif args.action == "purge":
+            removed = await dlq.purge_dead_letters(js, args.consumer)
+            print(f"purged {removed} dead letters")
+        else:
+            return await _dlq_replay(args, nc)
+    finally:
+        await nc.close()
+    return 0
+
+
+async def _dlq_replay(args: argparse.Namespace, nc: Any) -> int:
+    from kaya.app.events import dlq
+    from kaya.app.events.consumers import Context
+    from kaya.store import open_event_store
+
+    config = common.config(args)
+    app = common.app(config)
+
+    async def publish(subject: str, data: bytes, headers: Any) -> None:
+        await nc.publish(subject, data, headers=dict(headers) if headers else None)
+
+    async with open_event_store(config.store_path) as store:
+        context = Context(store, publish)
+        for consumer in app.consumers:
+            consumer.bind(context)
+        outcome = await dlq.replay_dead_letters(
+            nc.jetstream(),
+            store,
+            {c.name: c for c in app.consumers},
+            consumer=args.consumer,
+            seq=args.seq,
+            registry=app.registry,
+        )
+    print(
+        f"replayed {len(outcome.replayed)}, already applied {len(outcome.skipped)},"
+        f" failed {len(outcome.failed)}"
+    )
+    for seq, reason in outcome.failed.items():
+        print(f"  seq {seq}: {reason}", file=sys.stderr)
+    if outcome.failed:
+        raise CliError(
+            f"{len(outcome.failed)} dead letters still fail; fix the cause, retry", exit_code=1
+        )
+    return 0
+
+
+async def _replay(args: argparse.Namespace) -> int:
+    from kaya.app.events.consumers import Context
+    from kaya.app.events.rebuild import rebuild_projection
+    from kaya.store import open_event_store
+
+    config = common.config(args)
+    app = common.app(config)
+    models = {c.name: c for c in app.projections}
+    consumer = models.get(args.projection)
+    if consumer is None:  # before the store is open: one line, not an exception group
+        known = ", ".join(sorted(models)) or "none"
+        raise CliError(f"no read model named {args.projection!r} (known: {known})")
+    async with open_event_store(config.store_path) as store:
+        consumer.bind(Context(store))
+        view = app.views.get(args.projection)
+
+        async def read_view(target: Any) -> Any:
+            return None if view is None else await view(Context(target), {})
+
+        def progress(done: int, total: int) -> None:
+            width = 40
+            filled = int(width * done / total) if total else width
+            print(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} events",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        outcome = await rebuild_projection(
+            store,
+            consumer,
+            view=read_view,
+            progress=progress,
+            swap=not args.dry_run,
+            registry=app.registry,
+        )
+    print(file=sys.stderr)
+    same = {
+        None: "not compared (the live model was at another position)",
+        True: "identical to the live read model",
+        False: "DIFFERENT from the live read model",
+    }
+    swapped = "; swapped in" if outcome.swapped else " (dry run: live model untouched)"
+    print(
+        f"rebuilt {args.projection} from {outcome.events} events up to position"
+        f" {outcome.position}: {same[outcome.identical_before_swap]}{swapped}"
+    )
+    return 0
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    from kaya.app.events.inspect import tail_events
+
+    nc = await common.connect(common.url(args))
+    try:
+        seen = 0
+        async for event in tail_events(nc, args.subject, from_start=args.all):
+            print(orjson.dumps(event).decode(), flush=True)
+            seen += 1
+            if args.count and seen >= args.count:
+                break
+    finally:
+        await nc.close()
+    return 0

@@ -1,0 +1,94 @@
+"""`kaya run` and `kaya server-config`: the commands that are, or configure, a node.
+
+    kaya run -> config + app -> logging, GC and GIL settings -> open_node -> until a signal
+
+`kaya run` is the process a deployment starts: it tunes the interpreter for a busy
+node (the reasons are beside each setting), prints one `ready` line once the node
+serves, and stops cleanly on SIGINT or SIGTERM. `kaya server-config` prints the
+nats-server config that node would embed, for running that server separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import signal
+import sys
+
+import anyio
+
+from kaya.app.cli import common
+
+GC_THRESHOLDS = (50_000, 20, 20)
+"""Allocations before a young collection, and young/middle collections before the next
+generation's: far fewer full scans of the many long-lived objects a busy node holds."""
+
+
+def register(sub: common.Subcommands) -> None:
+    """`kaya run` (first in `kaya --help`; `register_server_config` adds the other)."""
+    run = sub.add_parser("run", help="start a node and serve until SIGINT/SIGTERM")
+    common.common(run, node=True)
+    common.with_app(run)
+    run.add_argument(
+        "--monitor-port", type=int, metavar="N", help="overrides nats.monitor_port (0: off)"
+    )
+    run.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="overrides metrics.address (port 0 picks a free one; empty: off)",
+    )
+    run.add_argument("--log-format", choices=["json", "text"], help="overrides log.format")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(handler=_run)
+
+
+def register_server_config(sub: common.Subcommands) -> None:
+    """`kaya server-config`, apart from `run` so `kaya --help` keeps its place after status."""
+    server = sub.add_parser("server-config", help="print the nats-server config a node uses")
+    common.common(server, node=True)
+    server.set_defaults(handler=_server_config)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from kaya.app.node import open_node
+    from kaya.app.observability.logs import configure_logging
+
+    config = common.config(args)
+    app = common.app(config)
+    configure_logging(
+        level=args.log_level or config.log.level,
+        fmt=args.log_format or config.log.format,
+        node=config.node.name,
+    )
+    sys.setswitchinterval(0.0005)  # the SQLite thread hands the GIL back sooner: lower p99
+    # A busy node keeps tens of thousands of requests, replies and actors alive; with the
+    # default thresholds (700, 10, 10) the cyclic GC re-scans them every few hundred
+    # allocations. At 3x peak: 5.0k -> 7.7k accepted/s, refusals p99 352 -> 253 ms (bench.load).
+    gc.set_threshold(*GC_THRESHOLDS)
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_node(config, app) as node:
+            gc.freeze()  # what start-up built lives as long as the node: never scan it again
+            where = "embedded" if node.server else "external"
+            if node.metrics_url:
+                print(f"kaya node {config.node.name} metrics on {node.metrics_url}", flush=True)
+            print(
+                f"kaya node {config.node.name} ready on {node.url} ({where} nats-server,"
+                f" store {config.store_path}, app {config.node.app})",
+                flush=True,
+            )
+            async for signum in signals:
+                print(
+                    f"kaya node {config.node.name} stopping ({signal.Signals(signum).name})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                break
+    return 0
+
+
+async def _server_config(args: argparse.Namespace) -> int:
+    from kaya.app.broker.embedded import server_config
+    from kaya.app.node import embedded_settings
+
+    print(server_config(embedded_settings(common.config(args))), end="")
+    return 0

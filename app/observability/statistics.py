@@ -1,0 +1,70 @@
+"""NodeStatistics: one frozen snapshot of a node, what health, status and metrics read.
+
+The node builds it on demand from each part's own `statistics()`; the readers format it
+and never reach into the node's parts, so observability depends on data, not on the
+node (and the node, which serves these endpoints, imports observability, not back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kaya.actors import RuntimeStatistics
+from kaya.app.events.relay import RelayStatistics
+from kaya.app.events.runner import ConsumerStatistics
+from kaya.store import StoreStatistics
+
+
+@dataclass(frozen=True)
+class LatencySnapshot:
+    """A latency histogram's bucket counts (the last one past every bound) and sum."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    total: float
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def quantile(self, q: float) -> float:
+        """Upper bound of the bucket holding quantile q (what Prometheus would estimate)."""
+        count = self.count
+        if count == 0:
+            return 0.0
+        rank, seen = q * count, 0
+        for i, n in enumerate(self.counts):
+            seen += n
+            if seen >= rank:
+                return self.bounds[i] if i < len(self.bounds) else float("inf")
+        return float("inf")
+
+
+@dataclass(frozen=True)
+class CommandStatistics:
+    """Replies counted by the ingress: by (entity, command, outcome), latency per entity."""
+
+    outcomes: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    latency: dict[str, LatencySnapshot] = field(default_factory=dict)
+    overloaded: int = 0
+
+
+@dataclass(frozen=True)
+class NodeStatistics:
+    name: str
+    url: str
+    shards: int
+    ready: bool
+    problems: tuple[str, ...]
+    inflight: int
+    loop_lag: float
+    commands: CommandStatistics
+    runtime: RuntimeStatistics
+    store: StoreStatistics
+    relay: RelayStatistics
+    consumers: dict[str, ConsumerStatistics]
+
+    @property
+    def last_position(self) -> int:
+        """The last event committed to the store."""
+        return self.relay.committed
