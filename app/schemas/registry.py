@@ -27,7 +27,12 @@ import msgspec
 import orjson
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyDeletedError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
 from nats.js.kv import KeyValue
 
 from kaya.actors import Registry
@@ -370,13 +375,20 @@ async def register_schemas(js: JetStreamContext, registry: Registry, *, replicas
 
 async def read_registry(js: JetStreamContext) -> SchemaSet:
     """Every schema in `kaya_schemas`; empty when the bucket does not exist yet."""
+    # the keys from the bucket's stream state, not from `kv.keys()`: that one watches for
+    # updates with a timeout and, on a busy machine, can report no keys at all
+    prefix = f"$KV.{SCHEMAS_BUCKET}."
     try:
         kv = await js.key_value(SCHEMAS_BUCKET)
-        keys = await kv.keys()
-    except (BucketNotFoundError, NoKeysError):
+        info = await js.stream_info(f"KV_{SCHEMAS_BUCKET}", subjects_filter=f"{prefix}>")
+    except (BucketNotFoundError, NotFoundError):
         return {}
     schemas: SchemaSet = {}
-    for key in keys:
-        entry = await kv.get(key)
+    for subject in info.state.subjects or {}:
+        key = subject.removeprefix(prefix)
+        try:
+            entry = await kv.get(key)
+        except KeyDeletedError:
+            continue
         schemas[key] = orjson.loads(entry.value or b"{}")
     return sort_schemas(schemas)
