@@ -53,7 +53,13 @@ TRANSIENT = frozenset({"overloaded", "unavailable", "internal"})
 
 
 class Step(msgspec.Struct, frozen=True):
-    """A command for another entity; `name` is unique within one saga instance."""
+    """A command the saga needs another entity to take now; returned by `next_step`.
+
+    `name` is unique within one saga instance: the runtime sends the command with the
+    command id `<saga>/<id>/<name>`, so however often it is retried (crash, timeout,
+    restart) the target applies it at most once. With `timeout`, the target refuses it
+    (`timeout`, remembered) if it arrives later than that many seconds after first sent.
+    """
 
     name: str
     entity: str
@@ -72,7 +78,16 @@ class StepDone(Command, frozen=True):
 
 
 class Saga(Entity[Any, Any, Any]):
-    """Base of orchestrating sagas. `terminal_events` end an instance (no resume needed)."""
+    """Base of orchestrating sagas: an entity whose state says what to do next.
+
+    You implement what an entity has (`decide`, `evolve`, the types) plus
+    `next_step(state) -> Step | None`, and decide the `StepDone` commands the runtime
+    feeds back with each step's outcome. The runtime guarantees: each step is applied
+    at most once by its target; a transient failure (`overloaded`, `unavailable`,
+    `internal`) is retried with backoff, never reported; unfinished sagas (no event of
+    `terminal_events` yet) resume when the node starts. Test one without NATS or SQLite
+    with `kaya.run_saga`.
+    """
 
     terminal_events: ClassVar[tuple[str, ...]] = ()
 
