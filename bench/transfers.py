@@ -20,7 +20,8 @@ runs two phases on the same node, in alternating order from round to round:
 Latency is completion-event arrival minus Start send time, so it includes the
 relay hop (commit -> relay -> JetStream -> this consumer). The same subscription
 gives a breakdown per transfer: Start reply, Started-event arrival (its lag behind
-the reply is an estimate of the relay hop), Debited arrival, terminal arrival.
+the reply is an estimate of the relay hop), Debited arrival, Credited arrival, terminal
+arrival (a completed transfer settles its source's outgoing between the last two).
 
 After each phase every account's balance is read on `kaya.qry.account.<id>` and
 checked exactly: deposits add what was acknowledged, completed transfers move
@@ -125,6 +126,7 @@ class _Transfer:
     reply_ns: int = 0
     started_ns: int = 0
     debited_ns: int = 0
+    credited_ns: int = 0
     done_ns: int = 0
 
 
@@ -137,6 +139,7 @@ class _Tally:
     relay_lag: list[int] = field(default_factory=list)
     debit: list[int] = field(default_factory=list)
     credit: list[int] = field(default_factory=list)
+    settle: list[int] = field(default_factory=list)
 
 
 async def generate(settings: GeneratorSettings) -> dict[str, Any]:
@@ -174,6 +177,8 @@ async def generate(settings: GeneratorSettings) -> dict[str, Any]:
             rec.started_ns = now
         elif kind == "Debited":
             rec.debited_ns = now
+        elif kind == "Credited":
+            rec.credited_ns = now
         elif kind in TERMINAL and not rec.done.done():
             rec.done_ns = now
             rec.done.set_result(kind)
@@ -243,11 +248,13 @@ async def generate(settings: GeneratorSettings) -> dict[str, Any]:
             if outcome in TERMINAL and start_ns <= rec.done_ns <= end_ns:
                 tally.in_window[outcome] += 1
                 tally.latencies.append(rec.done_ns - t0)
-                if rec.reply_ns and rec.started_ns and rec.debited_ns and outcome == "Completed":
+                seen = rec.reply_ns and rec.started_ns and rec.debited_ns and rec.credited_ns
+                if seen and outcome == "Completed":
                     tally.reply.append(rec.reply_ns - t0)
                     tally.relay_lag.append(rec.started_ns - rec.reply_ns)
                     tally.debit.append(rec.debited_ns - rec.started_ns)
-                    tally.credit.append(rec.done_ns - rec.debited_ns)
+                    tally.credit.append(rec.credited_ns - rec.debited_ns)
+                    tally.settle.append(rec.done_ns - rec.credited_ns)
 
     async def marks() -> tuple[float, float]:
         await asyncio.sleep(max(0.0, (start_ns - clock()) / 1e9))
@@ -284,6 +291,7 @@ async def generate(settings: GeneratorSettings) -> dict[str, Any]:
             "relay_lag_started": _latency_summary(tally.relay_lag),
             "debit": _latency_summary(tally.debit),
             "credit": _latency_summary(tally.credit),
+            "settle": _latency_summary(tally.settle),
         },
         "outcomes_in_window": dict(sorted(tally.in_window.items())),
         "outcomes_total": dict(sorted(tally.total.items())),

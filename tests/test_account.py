@@ -1,9 +1,14 @@
-"""The account decider as given/when/then: pure, no NATS, no SQLite."""
+"""The account decider as given/when/then: pure, no NATS, no SQLite.
+
+The transfer steps (Debit, Credit, Refund, Settle) are here too: what the account
+guarantees so that a transfer can never strand money (issue 2/6).
+"""
 
 from __future__ import annotations
 
 import functools
 
+import msgspec
 import pytest
 
 from examples.bank.account import (
@@ -15,10 +20,18 @@ from examples.bank.account import (
     AccountState,
     Close,
     Closed,
+    Credit,
+    Debit,
     Deposit,
     Deposited,
     Open,
     Opened,
+    Refund,
+    Settle,
+    TransferCredited,
+    TransferDebited,
+    TransferRefunded,
+    TransferSettled,
     Withdraw,
     Withdrawn,
 )
@@ -238,4 +251,159 @@ def test_a_bad_currency_is_a_bad_request(currency: str) -> None:
 def test_a_bad_owner_is_a_bad_request(owner: str) -> None:
     body = f'{{"type": "Open", "owner": {owner}, "currency": "EUR"}}'.encode()
     with pytest.raises(BadRequest, match="owner"):
+        ACCOUNT.decode_command(body)
+
+
+# ---- transfer steps: what keeps a transfer's money in sight -----------------------------
+
+FUNDED = (OPENED, Deposited(amount=100))
+DEBITED = TransferDebited(amount=30, target="bob", currency="EUR")
+
+
+def test_a_debit_holds_the_money_as_outgoing_for_the_target() -> None:
+    assert when(given(*FUNDED), Debit(amount=30, target="bob")) == [DEBITED]
+    state = given(*FUNDED, DEBITED)
+    assert (state.balance, state.in_flight, state.held_out) == (70, {"bob": 30}, 30)
+
+
+def test_outgoing_amounts_add_up_per_target() -> None:
+    more = TransferDebited(amount=5, target="bob", currency="EUR")
+    other = TransferDebited(amount=7, target="cy", currency="EUR")
+    state = given(*FUNDED, DEBITED, more, other)
+    assert (state.balance, state.in_flight) == (58, {"bob": 35, "cy": 7})
+    state = given(*FUNDED, DEBITED, more, other, TransferSettled(amount=5, target="bob"))
+    assert state.in_flight == {"bob": 30, "cy": 7}
+
+
+@pytest.mark.parametrize(
+    ("history", "reason"),
+    [
+        (FUNDED, "insufficient funds: balance 100, transfer 101"),
+        ((), "not open"),
+        ((*FUNDED, Withdrawn(amount=100), Closed()), "not open"),
+    ],
+    ids=["insufficient", "never-opened", "closed"],
+)
+def test_a_debit_is_refused_when_a_withdrawal_would_be(
+    history: tuple[AccountEvent, ...], reason: str
+) -> None:
+    with pytest.raises(Rejected, match=reason):
+        when(given(*history), Debit(amount=101, target="bob"))
+
+
+def test_close_is_refused_while_transfers_out_are_in_flight_and_names_them() -> None:
+    state = given(
+        *FUNDED,
+        DEBITED,
+        TransferDebited(amount=70, target="al", currency="EUR"),
+    )
+    assert state.balance == 0
+    with pytest.raises(Rejected) as refused:
+        when(state, Close())
+    assert refused.value.message == (
+        "cannot close while transfers out of the account are in flight: 70 to al, 30 to bob"
+    )
+
+
+def test_a_refund_puts_the_money_back_and_ends_the_outgoing() -> None:
+    assert when(given(*FUNDED, DEBITED), Refund(amount=30, target="bob")) == [
+        TransferRefunded(amount=30, target="bob")
+    ]
+    state = given(*FUNDED, DEBITED, TransferRefunded(amount=30, target="bob"))
+    assert state == AccountState(owner="ada", currency="EUR", balance=100, status="open")
+
+
+def test_a_settlement_ends_the_outgoing_and_leaves_the_balance() -> None:
+    assert when(given(*FUNDED, DEBITED), Settle(amount=30, target="bob")) == [
+        TransferSettled(amount=30, target="bob")
+    ]
+    state = given(*FUNDED, DEBITED, TransferSettled(amount=30, target="bob"))
+    assert state == AccountState(owner="ada", currency="EUR", balance=70, status="open")
+    assert when(state, Withdraw(amount=70)) == [Withdrawn(amount=70)]
+
+
+def test_an_account_emptied_and_settled_can_close() -> None:
+    state = given(
+        *FUNDED,
+        DEBITED,
+        Withdrawn(amount=70),
+        TransferSettled(amount=30, target="bob"),
+    )
+    assert when(state, Close()) == [Closed()]
+
+
+@pytest.mark.parametrize("step", [Refund, Settle], ids=["refund", "settle"])
+@pytest.mark.parametrize(
+    ("amount", "target"), [(30, "cy"), (31, "bob")], ids=["other-target", "more-than-held"]
+)
+def test_a_refund_or_settlement_of_nothing_in_flight_is_refused(
+    step: type[Refund] | type[Settle], amount: int, target: str
+) -> None:
+    with pytest.raises(Rejected, match=f"no transfer of {amount} to {target} is in flight"):
+        when(given(*FUNDED, DEBITED), step(amount=amount, target=target))
+
+
+def test_a_credit_in_the_account_currency_lands() -> None:
+    credit = Credit(amount=30, currency="EUR", source="al")
+    assert when(given(OPENED), credit) == [TransferCredited(amount=30, source="al")]
+    assert given(OPENED, TransferCredited(amount=30, source="al")).balance == 30
+
+
+def test_a_credit_in_another_currency_is_refused() -> None:
+    with pytest.raises(Rejected) as refused:
+        when(given(OPENED), Credit(amount=30, currency="USD", source="al"))
+    assert refused.value.message == (
+        "currency mismatch: the account is in EUR, the transfer in USD"
+    )
+
+
+@pytest.mark.parametrize("history", [(), (OPENED, Closed())], ids=["never-opened", "closed"])
+def test_a_credit_to_an_account_that_is_not_open_is_refused(
+    history: tuple[AccountEvent, ...],
+) -> None:
+    with pytest.raises(Rejected, match="not open"):
+        when(given(*history), Credit(amount=30, currency="EUR", source="al"))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [Deposit(amount=11), Credit(amount=11, currency="EUR", source="al")],
+    ids=["deposit", "credit"],
+)
+def test_money_held_out_keeps_room_below_the_cap_for_its_refund(command: AccountCommand) -> None:
+    state = given(
+        OPENED,
+        Deposited(amount=MAX_BALANCE - 10),
+        TransferDebited(amount=100, target="bob", currency="EUR"),
+    )
+    with pytest.raises(Rejected, match=str(MAX_BALANCE)):
+        when(state, command)
+    assert when(state, Refund(amount=100, target="bob")) == [
+        TransferRefunded(amount=100, target="bob")
+    ]
+
+
+def test_the_state_shows_outgoing_only_while_something_is_in_flight() -> None:
+    encode = msgspec.json.encode
+    assert encode(given(*FUNDED)) == (
+        b'{"owner":"ada","currency":"EUR","balance":100,"status":"open"}'
+    )
+    assert encode(given(*FUNDED, DEBITED)) == (
+        b'{"owner":"ada","currency":"EUR","balance":70,"status":"open","outgoing":{"bob":30}}'
+    )
+    assert ACCOUNT.decode_state(encode(given(*FUNDED, DEBITED))) == given(*FUNDED, DEBITED)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"type": "Debit", "amount": 5, "target": "bob"}',
+        b'{"type": "Credit", "amount": 5, "currency": "EUR", "source": "bob"}',
+        b'{"type": "Refund", "amount": 5, "target": "bob"}',
+        b'{"type": "Settle", "amount": 5, "target": "bob"}',
+    ],
+    ids=["debit", "credit", "refund", "settle"],
+)
+def test_transfer_steps_never_come_from_the_wire(body: bytes) -> None:
+    with pytest.raises(UnknownCommand, match="known: Close, Deposit, Open, Withdraw"):
         ACCOUNT.decode_command(body)

@@ -54,6 +54,10 @@ def test_triggers_are_read_from_decide() -> None:
         ("Deposit", ["Deposited"]),
         ("Withdraw", ["Withdrawn"]),
         ("Close", ["Closed"]),
+        ("Debit", ["TransferDebited"]),  # the transfer saga's steps: never on the wire
+        ("Credit", ["TransferCredited"]),
+        ("Refund", ["TransferRefunded"]),
+        ("Settle", ["TransferSettled"]),
     ]
     cases = dict(decide_cases(Transfer()))
     assert cases["StepDone(step='debit')"] == ["DebitRefused", "Failed"]
@@ -111,7 +115,16 @@ def test_the_asyncapi_document_is_complete_and_self_contained() -> None:
             target = target[token]
     events = doc["channels"]["accountEvents"]
     assert events["address"] == "kaya.evt.account.{id}"
-    assert set(events["messages"]) == {"Opened", "Deposited", "Withdrawn", "Closed"}
+    assert set(events["messages"]) == {
+        "Opened",
+        "Deposited",
+        "Withdrawn",
+        "Closed",
+        "TransferDebited",
+        "TransferCredited",
+        "TransferRefunded",
+        "TransferSettled",
+    }
     receive = doc["operations"]["receiveAccountEvents"]
     assert receive["action"] == "receive"
     assert doc["operations"]["sendTransferCommands"]["action"] == "send"

@@ -475,6 +475,10 @@ async def test_the_reference_consumers_handle_every_registered_version(tmp_path:
             "account.Opened.v2",
             "account.Withdrawn.v1",
             "account.Closed.v1",
+            "account.TransferDebited.v1",
+            "account.TransferCredited.v1",
+            "account.TransferRefunded.v1",
+            "account.TransferSettled.v1",
         }
 
         class Strict(Recorder):

@@ -57,7 +57,7 @@ import nats
 import uvloop
 from nats.aio.msg import Msg
 
-from kaya.actors import replies
+from kaya.actors import wire as replies  # the contract's reply envelopes
 from kaya.actors.errors import ErrorCode
 from kaya.store.schema import DDL as KAYA_DDL
 
@@ -158,7 +158,8 @@ def check_entity_id(entity_id: str) -> str:
 
 
 class AccountState(msgspec.Struct, kw_only=True):
-    """What Kaya's account query returns in `state` (examples/bank/account.py)."""
+    """What Kaya's account query returns in `state` (examples/bank/account.py) for an
+    account no transfer is moving money out of (Kaya adds `outgoing` only then)."""
 
     owner: str = ""
     currency: str = ""
@@ -167,7 +168,10 @@ class AccountState(msgspec.Struct, kw_only=True):
 
 
 def decide(state: AccountState, command: Command) -> Event:
-    """Kaya's account rules for Open and Deposit; Refused with `rejected` when one says no."""
+    """Kaya's account rules for Open and Deposit; Refused with `rejected` when one says no.
+
+    Kaya's cap counts money held out by transfers in flight (`outgoing`) with the
+    balance; with no transfers here that is always nothing, so the balance alone."""
     if isinstance(command, Open):
         if state.status != "new":
             raise Refused("rejected", f"account is already {state.status}")

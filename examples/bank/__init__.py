@@ -1,7 +1,8 @@
 """The bank: Kaya's example app, and the workload of its benchmarks and chaos tests.
 
     account        an entity: Open, Deposit, Withdraw, Close
-    transfer       a saga: debit the source, credit the target, refund if the credit fails
+    transfer       a saga: debit the source, credit the target, then settle the source's
+                   outgoing, or refund it if the credit fails (money conserved by design)
     analytics      a projection (read model) served on kaya.view.analytics
     notifications  a reaction: account and transfer events -> kaya.notify.<owner>
 

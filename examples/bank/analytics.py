@@ -4,6 +4,13 @@ Its effects are SQL, applied with the consumer's checkpoint in one transaction, 
 it is effectively-once: a redelivered event cannot count twice. An event's currency
 is looked up in the model's own `analytics_accounts` table inside the same
 transaction, so an account opened earlier in the same batch is already visible.
+
+`deposited` / `withdrawn` (and their counts) are money entering and leaving the
+bank: client deposits and withdrawals. Transfers move money inside one currency (an
+account refuses a credit in another), so their debits, credits and refunds move only
+`balance`: the sum of the balances of that currency's accounts. While a transfer is
+in flight its amount is out of `balance` (held by the transfer); once every transfer
+has ended, `balance == deposited - withdrawn` for each currency.
 """
 
 from __future__ import annotations
@@ -18,7 +25,16 @@ _CURRENCY_OF = "(SELECT currency FROM analytics_accounts WHERE id = ?)"
 class Analytics(Projection):
     name = "analytics"
     filter_subject = "kaya.evt.account.>"
-    accepts = {"Opened": {2}, "Deposited": {1}, "Withdrawn": {1}, "Closed": {1}}
+    accepts = {
+        "Opened": {2},
+        "Deposited": {1},
+        "Withdrawn": {1},
+        "Closed": {1},
+        "TransferDebited": {1},
+        "TransferCredited": {1},
+        "TransferRefunded": {1},
+        "TransferSettled": {1},
+    }
     tables = ("analytics_accounts", "analytics_currencies")
     ddl = """
     CREATE TABLE IF NOT EXISTS analytics_accounts (
@@ -79,8 +95,20 @@ class Analytics(Projection):
                     f" WHERE currency = {_CURRENCY_OF}",
                     (account,),
                 )
+            case "TransferDebited":
+                effects.execute(
+                    "UPDATE analytics_currencies SET balance = balance - ?"
+                    f" WHERE currency = {_CURRENCY_OF}",
+                    (_amount(body), account),
+                )
+            case "TransferCredited" | "TransferRefunded":
+                effects.execute(
+                    "UPDATE analytics_currencies SET balance = balance + ?"
+                    f" WHERE currency = {_CURRENCY_OF}",
+                    (_amount(body), account),
+                )
             case _:
-                pass  # other account events do not move these figures
+                pass  # a settlement, or another account event: no figure moves
 
 
 def _amount(body: dict[str, Any]) -> int:

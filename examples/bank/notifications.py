@@ -1,5 +1,8 @@
 """Notifications: every account event becomes a message on `kaya.notify.<owner>`.
 
+That includes what transfers do to an account (`TransferDebited`, `TransferCredited`,
+`TransferRefunded`, `TransferSettled`): the owner sees money leave, arrive or come back.
+
 It is also the choreographed half of transfers: nobody orchestrates it, it reacts
 to a transfer's `Failed` event by telling the source account's owner.
 
