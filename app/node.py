@@ -4,6 +4,12 @@ Start-up: embedded server (unless `nats.url`), event store, actor runtime, NATS
 connection, ingress. Shut-down is the reverse, each step waiting for the one
 before: stop taking requests, answer those in flight, close NATS, commit what
 the store has queued, stop the server.
+
+While it runs, no part's failure is the node's: the relay and the consumers retry
+what fails and report it (degraded, in `/readyz`, `kaya status` and metrics). The
+one failure that ends the node is losing its embedded nats-server for good (it is
+restarted first, see kaya.app.broker.embedded): then `open_node` raises its
+ServerError, and `kaya run` exits with it.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -22,6 +28,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from kaya.actors import ActorRuntime, RuntimeSettings
+from kaya.actors.retry import Backoff
 from kaya.actors.saga import SagaDriver
 from kaya.actors.wire import HEALTH_SUBJECT
 from kaya.app.application import App
@@ -33,15 +40,47 @@ from kaya.app.events.consumers import Context
 from kaya.app.events.relay import Relay
 from kaya.app.events.runner import ConsumerRunner
 from kaya.app.ingress import Ingress
-from kaya.app.observability.health import node_status, status_json
+from kaya.app.observability.health import healthz, node_status, readyz, status_json
 from kaya.app.observability.http import serve_http
 from kaya.app.observability.lag import LoopLag
 from kaya.app.observability.metrics import CONTENT_TYPE, Metrics
-from kaya.app.observability.statistics import NodeStatistics
+from kaya.app.observability.statistics import BrokerStatistics, NodeStatistics
 from kaya.app.schemas.registry import register_schemas
 from kaya.store import EventStore, StoreError, open_event_store
 
 log = logging.getLogger("kaya.node")
+
+LIVENESS_GRACE = 30.0
+"""Seconds without a NATS connection before the node counts as unable to serve (`/healthz`
+503). A broker restart or a network blip takes less; a node cut off for longer serves
+nothing, and a liveness probe's restart is the one remedy left that the node cannot
+apply itself (a fresh process, a fresh connection, possibly elsewhere)."""
+STREAMS_RETRY = Backoff(initial=0.2, cap=5.0)
+STREAMS_ATTEMPTS = 8
+"""Attempts to re-create the streams after a reconnect: JetStream may still be starting."""
+
+
+class NatsLink:
+    """Since when the node's NATS connection has been down: what liveness allows a grace."""
+
+    def __init__(self) -> None:
+        self.down_since: float | None = None
+
+    def disconnected(self) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+
+    def reconnected(self) -> None:
+        self.down_since = None
+
+    def down_for(self, nc: NATS) -> float:
+        """Seconds the connection has been down (0 while connected), by the client's state."""
+        if nc.is_connected:
+            self.down_since = None
+            return 0.0
+        self.disconnected()
+        assert self.down_since is not None
+        return time.monotonic() - self.down_since
 
 
 @dataclass
@@ -57,10 +96,22 @@ class Node:
     relay: Relay
     consumers: dict[str, ConsumerRunner]
     metrics_url: str | None = None
+    link: NatsLink = field(default_factory=NatsLink)
+
+    def _server_down(self) -> str:
+        server = self.server
+        if server is None or server.down_since is None:
+            return ""
+        return (
+            f"embedded nats-server down for {server.down_for:.0f}s"
+            f" (restarting it; {server.restarts} restarts so far)"
+        )
 
     def readiness(self) -> tuple[str, ...]:
         """What keeps the node from taking commands right now; empty when ready."""
         problems = []
+        if down := self._server_down():
+            problems.append(down)
         if not self.nc.is_connected:
             problems.append("not connected to NATS")
         if not self.ingress.serving:
@@ -69,9 +120,33 @@ class Node:
             problems.append("store closing")
         return tuple(problems)
 
+    def liveness(self) -> tuple[str, ...]:
+        """Why the node cannot serve and a restart of the process is called for; empty
+        while it can: its embedded server is down (being restarted, else the node
+        exits), or NATS has been unreachable for longer than LIVENESS_GRACE."""
+        problems = []
+        if down := self._server_down():
+            problems.append(down)
+        away = self.link.down_for(self.nc)
+        if away > LIVENESS_GRACE:
+            problems.append(f"not connected to NATS for {away:.0f}s")
+        return tuple(problems)
+
+    def _broker(self) -> BrokerStatistics:
+        server = self.server
+        return BrokerStatistics(
+            connected=self.nc.is_connected,
+            disconnected_for=self.link.down_for(self.nc),
+            embedded=server is not None,
+            server_pid=server.pid if server is not None and server.process else None,
+            server_down_for=server.down_for if server is not None else 0.0,
+            server_restarts=server.restarts if server is not None else 0,
+        )
+
     async def statistics(self) -> NodeStatistics:
         """A frozen snapshot of every part, for health, status and metrics."""
         problems = self.readiness()
+        liveness = self.liveness()
         return NodeStatistics(
             name=self.config.node.name,
             url=self.url,
@@ -85,6 +160,9 @@ class Node:
             store=self.store.statistics(),
             relay=await self.relay.statistics(),
             consumers={name: runner.statistics() for name, runner in self.consumers.items()},
+            live=not liveness,
+            liveness=liveness,
+            broker=self._broker(),
         )
 
 
@@ -151,11 +229,15 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             ),
         )
         reconnected = anyio.Event()
+        link = NatsLink()
 
         def on_reconnect() -> None:
+            link.reconnected()
             reconnected.set()
 
-        nc = await connect(url, name=config.node.name, on_reconnect=on_reconnect)
+        nc = await connect(
+            url, name=config.node.name, on_reconnect=on_reconnect, on_disconnect=link.disconnected
+        )
         stack.push_async_callback(_close, nc)  # runs after the tasks below are cancelled
         await ensure_streams(nc.jetstream(), config.events)
         await register_schemas(nc.jetstream(), registry, replicas=config.events.replicas)
@@ -192,11 +274,18 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             while True:
                 await reconnected.wait()
                 reconnected = anyio.Event()
-                try:
-                    await ensure_streams(nc.jetstream(), config.events)
-                except Exception:
-                    log.exception("re-creating the streams after a reconnect failed")
                 relay.request_rewind()
+                for attempt in range(1, STREAMS_ATTEMPTS + 1):  # JetStream may be starting
+                    try:
+                        await ensure_streams(nc.jetstream(), config.events)
+                        break
+                    except Exception as exc:
+                        log.warning(
+                            "re-creating the streams after a reconnect failed (%r), attempt %d",
+                            exc,
+                            attempt,
+                        )
+                        await STREAMS_RETRY.sleep(attempt)
 
         tg.start_soon(after_reconnects)
 
@@ -225,7 +314,9 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             tracing=tracing,
             lag=lag,
         )
-        node = Node(config, url, nc, store, runtime, ingress, app, server, relay, runners)
+        node = Node(
+            config, url, nc, store, runtime, ingress, app, server, relay, runners, link=link
+        )
         await _serve_health(node, tg)
         try:
             await ingress.start()
@@ -233,8 +324,9 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
         finally:
             with anyio.CancelScope(shield=True):
                 await ingress.stop()
-                with anyio.move_on_after(10):
-                    await relay.wait_caught_up()
+                if nc.is_connected:  # without a broker there is nothing to wait for
+                    with anyio.move_on_after(10):
+                        await relay.wait_caught_up()
 
 
 async def _serve_health(node: Node, tg: TaskGroup) -> None:
@@ -256,16 +348,13 @@ async def _serve_health(node: Node, tg: TaskGroup) -> None:
     async def metrics_route() -> tuple[int, str, bytes]:
         return 200, CONTENT_TYPE, await metrics.render()
 
-    async def healthz() -> tuple[int, str, bytes]:
-        return 200, "text/plain", b"ok\n"
+    async def liveness() -> tuple[int, str, bytes]:
+        return healthz(await node.statistics())
 
-    async def readyz() -> tuple[int, str, bytes]:
-        problems = node.readiness()
-        if not problems:
-            return 200, "text/plain", b"ready\n"
-        return 503, "text/plain", ("; ".join(problems) + "\n").encode()
+    async def readiness() -> tuple[int, str, bytes]:
+        return readyz(await node.statistics())
 
-    routes = {"/metrics": metrics_route, "/healthz": healthz, "/readyz": readyz}
+    routes = {"/metrics": metrics_route, "/healthz": liveness, "/readyz": readiness}
     try:
         bound = await tg.start(serve_http, host, int(port), routes)
     except OSError as exc:
@@ -279,3 +368,7 @@ async def _close(nc: NATS) -> None:
             await nc.drain()
         except Exception:  # already closed, or the server is gone: nothing left to flush
             log.debug("nats: drain failed", exc_info=True)
+            try:  # still reconnecting, say: stop that too, and let go of the socket
+                await nc.close()
+            except Exception:
+                log.debug("nats: close failed", exc_info=True)

@@ -45,6 +45,14 @@ TRANSFERS = 200
 FAIL_RATE = 0.05
 TRANSIENT = frozenset({"internal", "overloaded", "unavailable"})
 ENDED = frozenset({"completed", "failed"})
+BALANCE_SIGN = {
+    "Deposited": 1,
+    "Withdrawn": -1,
+    "TransferDebited": -1,
+    "TransferCredited": 1,
+    "TransferRefunded": 1,
+}
+"""How each account event moves its balance (a TransferSettled does not)."""
 
 
 @dataclass(frozen=True)
@@ -235,7 +243,7 @@ def test_transfers_survive_a_killed_node_and_a_flaky_handler(tmp_path: Path) -> 
     for entity, entity_id, type_, data, command_id in events:
         if entity != "account":
             continue
-        sign = {"Deposited": 1, "Withdrawn": -1}.get(type_, 0)
+        sign = BALANCE_SIGN.get(type_, 0)
         from_events[entity_id] += sign * data.get("amount", 0)
         if command_id and command_id.startswith("transfer/"):
             by_step.setdefault(command_id, []).append((entity_id, type_, data["amount"]))
@@ -254,14 +262,17 @@ def test_transfers_survive_a_killed_node_and_a_flaky_handler(tmp_path: Path) -> 
         debit = by_step.get(f"transfer/{p.transfer_id}/debit")
         credit = by_step.get(f"transfer/{p.transfer_id}/credit")
         refund = by_step.get(f"transfer/{p.transfer_id}/refund")
+        settle = by_step.get(f"transfer/{p.transfer_id}/settle")
         if state["status"] == "completed":
             assert state["reason"] == ""
-            assert debit == [(p.source, "Withdrawn", p.amount)], p
-            assert credit == [(p.target, "Deposited", p.amount)], p
+            assert debit == [(p.source, "TransferDebited", p.amount)], p
+            assert credit == [(p.target, "TransferCredited", p.amount)], p
+            assert settle == [(p.source, "TransferSettled", p.amount)], p
             assert refund is None, p
         else:
             assert state["reason"], p
             assert credit is None, p
+            assert settle is None, p
             # a handler failing at random is retried, never a reason for a transfer to fail
             assert state["reason"].startswith(
                 ("debit refused: insufficient funds", "credit refused: timeout:")
@@ -270,6 +281,6 @@ def test_transfers_survive_a_killed_node_and_a_flaky_handler(tmp_path: Path) -> 
                 assert refund is None, p
                 assert state["reason"].startswith("debit refused"), state
             else:
-                assert debit == [(p.source, "Withdrawn", p.amount)], p
-                assert refund == [(p.source, "Deposited", p.amount)], p
+                assert debit == [(p.source, "TransferDebited", p.amount)], p
+                assert refund == [(p.source, "TransferRefunded", p.amount)], p
                 assert state["reason"].startswith("credit refused"), state

@@ -12,10 +12,18 @@ from nats.aio.msg import Msg
 from prometheus_client.parser import text_string_to_metric_families
 
 from examples.bank import make_app
+from kaya.actors import RuntimeStatistics
 from kaya.actors.wire import remembered_answer
 from kaya.app.config import MetricsConfig
+from kaya.app.events.failing import Failing, PartHealth
+from kaya.app.events.relay import RelayStatistics
+from kaya.app.events.runner import ConsumerStatistics
 from kaya.app.node import Node, open_node
-from kaya.app.observability.metrics import Histogram
+from kaya.app.observability.health import healthz, node_status, readyz
+from kaya.app.observability.metrics import Histogram, NodeCollector
+from kaya.app.observability.statistics import BrokerStatistics, CommandStatistics, NodeStatistics
+from kaya.app.observability.status import render_status
+from kaya.store import StoreStatistics
 from tests.conftest import call, node_config
 from tests.servers import NatsServer
 
@@ -182,11 +190,14 @@ async def test_one_trace_spans_a_transfer_its_accounts_and_the_stream(
     transfer = await node.store.read_stream("transfer", t)
     assert [e.type for e in transfer][-1] == "Completed"
     assert all(e.traceparent and trace_id in e.traceparent for e in transfer)
-    debit = (await node.store.read_stream("account", a))[-1]
-    credit = (await node.store.read_stream("account", b))[-1]
-    assert (debit.type, credit.type) == ("Withdrawn", "Deposited")
-    assert trace_id in (debit.traceparent or "")
-    assert trace_id in (credit.traceparent or "")
+    for account in (a, b):  # every event the transfer's steps caused on either account
+        caused = [
+            e
+            for e in await node.store.read_stream("account", account)
+            if (e.command_id or "").startswith(f"transfer/{t}/")
+        ]
+        assert caused, account
+        assert all(trace_id in (e.traceparent or "") for e in caused), caused
     # and the same trace on the events as JetStream carries them
     with anyio.fail_after(10):
         await node.relay.wait_caught_up()
@@ -194,3 +205,124 @@ async def test_one_trace_spans_a_transfer_its_accounts_and_the_stream(
     sub = await js.subscribe(f"kaya.evt.account.{b}", ordered_consumer=True)
     seen = [await sub.next_msg(timeout=5) for _ in range(2)]
     assert trace_id in (seen[-1].headers or {}).get("traceparent", "")
+
+
+# ---- liveness, readiness and degraded parts, from a snapshot ------------------------------
+
+
+def snapshot(
+    *,
+    problems: tuple[str, ...] = (),
+    liveness: tuple[str, ...] = (),
+    relay: PartHealth | None = None,
+    consumers: dict[str, ConsumerStatistics] | None = None,
+    broker: BrokerStatistics | None = None,
+) -> NodeStatistics:
+    """A NodeStatistics as a node would build it, with the parts' health chosen."""
+    return NodeStatistics(
+        name="n1",
+        url="nats://127.0.0.1:4222",
+        shards=16,
+        ready=not problems,
+        problems=problems,
+        inflight=0,
+        loop_lag=0.0,
+        commands=CommandStatistics(),
+        runtime=RuntimeStatistics(0, 0, 0, 0, 0, 0, 0),
+        store=StoreStatistics(appends=0, batches=0, events=0, queued=0),
+        relay=RelayStatistics(0, 0, 0, 10, 10, health=relay or PartHealth()),
+        consumers=consumers or {},
+        live=not liveness,
+        liveness=liveness,
+        broker=broker or BrokerStatistics(),
+    )
+
+
+def consumer(health: PartHealth, stopped: str = "") -> ConsumerStatistics:
+    return ConsumerStatistics(
+        handled=1, skipped=0, retries=0, dead_lettered=0, checkpoint=10, unknown=0,
+        stopped=stopped, health=health,
+    )  # fmt: skip
+
+
+def failing(error: str, times: int = 2) -> PartHealth:
+    record = Failing()
+    for _ in range(times):
+        record.failed(RuntimeError(error))
+    return record.snapshot()
+
+
+def test_a_healthy_node_answers_ok_and_ready() -> None:
+    stats = snapshot(consumers={"analytics": consumer(PartHealth())})
+    assert healthz(stats) == (200, "text/plain", b"ok\n")
+    assert readyz(stats) == (200, "text/plain", b"ready\n")
+    assert node_status(stats)["degraded"] == []
+
+
+def test_liveness_and_readiness_fail_with_their_reasons() -> None:
+    down = "embedded nats-server down for 3s (restarting it; 0 restarts so far)"
+    stats = snapshot(problems=(down, "not connected to NATS"), liveness=(down,))
+    status, _, body = healthz(stats)
+    assert (status, body) == (503, f"{down}\n".encode())
+    status, _, body = readyz(stats)
+    assert (status, body) == (503, f"{down}; not connected to NATS\n".encode())
+
+
+def test_a_failing_part_is_degraded_not_unready() -> None:
+    """Neither a restart nor unrouting fixes a full disk: both probes pass, and say so."""
+    stats = snapshot(
+        relay=failing("broker refused"),
+        consumers={
+            "gate": consumer(failing("database or disk is full", times=3)),
+            "halt": consumer(PartHealth(), stopped="v9 is newer than this code"),
+            "ok": consumer(PartHealth()),
+        },
+    )
+    assert healthz(stats)[0] == 200
+    status, _, body = readyz(stats)
+    lines = body.decode().splitlines()
+    assert status == 200
+    assert lines[0] == "ready"
+    assert lines[1].startswith("degraded: relay failing for 0s (2 errors): RuntimeError: broker")
+    assert lines[2].startswith("degraded: consumer gate failing for 0s (3 errors): RuntimeError")
+    assert lines[3] == "degraded: consumer halt stopped: v9 is newer than this code"
+    assert len(lines) == 4
+
+    json_status = node_status(stats)
+    assert json_status["relay"]["healthy"] is False
+    assert json_status["consumers"]["gate"]["errors"] == 3
+    assert "disk is full" in json_status["consumers"]["gate"]["last_error"]
+    assert json_status["consumers"]["halt"]["healthy"] is False
+    assert json_status["consumers"]["ok"]["healthy"] is True
+
+    view = render_status(json_status, None, dlq=0)
+    assert "FAILING" in view
+    assert "disk is full" in view
+    assert "STOPPED: v9 is newer" in view
+
+    collector = NodeCollector()
+    collector.latest = stats
+    found = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in collector.collect()
+        for sample in family.samples
+    }
+    assert found[("kaya_relay_healthy", ())] == 0
+    assert found[("kaya_relay_errors_total", ())] == 2
+    assert found[("kaya_consumer_healthy", (("consumer", "gate"),))] == 0
+    assert found[("kaya_consumer_errors_total", (("consumer", "gate"),))] == 3
+    assert found[("kaya_consumer_healthy", (("consumer", "ok"),))] == 1
+    assert found[("kaya_consumer_failing_seconds", (("consumer", "ok"),))] == 0
+    assert found[("kaya_node_live", ())] == 1
+
+
+def test_a_part_that_recovers_is_healthy_and_keeps_its_last_error() -> None:
+    record = Failing()
+    assert record.failed(OSError("no space")) == 1
+    assert record.failed(OSError("no space")) == 2  # the backoff's attempt number
+    assert record.recovered() is True
+    assert record.recovered() is False
+    health = record.snapshot()
+    assert health.healthy
+    assert health.failing_for() == 0
+    assert (health.errors, health.last_error) == (2, "OSError: no space")

@@ -35,17 +35,27 @@ def _warn_once(what: str, why: str) -> None:
 
 
 async def connect(
-    servers: str | list[str], *, name: str, on_reconnect: Callable[[], None] | None = None
+    servers: str | list[str],
+    *,
+    name: str,
+    on_reconnect: Callable[[], None] | None = None,
+    on_disconnect: Callable[[], None] | None = None,
 ) -> NATS:
-    """A connection that reconnects forever and logs its disconnections."""
+    """A connection that reconnects forever and logs its disconnections.
+
+    `on_disconnect` and `on_reconnect` let the node time an outage (liveness) and
+    restore what a restarted server may have lost (streams, the relay's rewind).
+    """
     nc = NATS()
 
     async def on_error(exc: Exception) -> None:
-        log.warning("nats: %s", exc)
+        log.warning("nats: %r", exc)
 
-    async def on_disconnect() -> None:
+    async def on_disconnected() -> None:
         if not (nc.is_closed or nc.is_draining):
             log.warning("nats: disconnected")
+            if on_disconnect is not None:
+                on_disconnect()
 
     async def on_reconnected() -> None:
         log.info("nats: reconnected")
@@ -58,7 +68,7 @@ async def connect(
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         error_cb=on_error,
-        disconnected_cb=on_disconnect,
+        disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
     )
     return nc

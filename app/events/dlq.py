@@ -4,6 +4,7 @@
       -> publish_dead_letter / publish_malformed -> kaya.dlq.<consumer> on KAYA_DLQ
     kaya dlq list|show|purge -> DeadLetter (read back from the same headers)
     kaya dlq replay          -> the consumer again (admit, handle), then the letter is deleted
+                                (a letter whose event the store does not back is refused)
 
 A dead letter lets a consumer move on past an event it cannot apply without losing
 the event: the checkpoint passes it, the letter keeps it with why (the headers below)
@@ -23,7 +24,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -31,6 +31,7 @@ from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 
 from kaya.actors import Registry
+from kaya.actors.retry import Backoff
 from kaya.actors.wire import (
     DLQ_STREAM,
     HEADER_ATTEMPTS,
@@ -42,12 +43,14 @@ from kaya.actors.wire import (
     HEADER_ORIGINAL_SEQUENCE,
     HEADER_ORIGINAL_SUBJECT,
     Delivered,
+    MalformedEvent,
     dlq_subject,
     parse_event,
 )
 from kaya.app.broker.pull import ack_tokens
 from kaya.app.events.admission import admit
 from kaya.app.events.consumers import Consumer, Effects
+from kaya.app.events.envelopes import stored_envelopes, unbacked
 from kaya.store import EventStore, StoreError
 
 log = logging.getLogger("kaya.consumers")  # the runner's logger: these lines are about it
@@ -94,18 +97,26 @@ def malformed_headers(consumer: str, msg: Msg, error: BaseException) -> dict[str
     return headers
 
 
+PUBLISH_RETRY = Backoff(initial=0.2, cap=5.0)
+"""Between attempts to put a dead letter on KAYA_DLQ (the broker may be restarting)."""
+
+
 async def publish_dead_letter(
     js: JetStreamContext, consumer: str, event: Delivered, attempts: int, error: BaseException
 ) -> None:
     """Publish the event to KAYA_DLQ with why; until JetStream has it."""
     headers = dead_letter_headers(consumer, event, attempts, error)
+    attempt = 0
     while True:
         try:
             await js.publish(dlq_subject(consumer), event.data, headers=headers, timeout=5)
             return
+        except nats.errors.ConnectionClosedError:
+            raise  # the node is stopping: the consumer starts from its checkpoint next time
         except nats.errors.Error as exc:  # the DLQ must not lose it either: keep trying
+            attempt += 1
             log.warning("consumer %s: dead-lettering failed (%r); retrying", consumer, exc)
-            await anyio.sleep(1.0)
+            await PUBLISH_RETRY.sleep(attempt)
 
 
 async def publish_malformed(
@@ -228,6 +239,7 @@ async def replay_dead_letters(
     replay interrupted before the delete is not applied twice when run again.
     """
     letters = [await show_dead_letter(js, seq)] if seq else await list_dead_letters(js, consumer)
+    backed = await _backed(store, letters)
     async with store.transaction() as tx:
         await tx.execute(_REPLAYED_DDL)
     outcome = ReplayOutcome(replayed=[], failed={}, skipped=[])
@@ -237,6 +249,9 @@ async def replay_dead_letters(
             outcome.failed[letter.seq] = f"no consumer named {letter.consumer!r} here"
             continue
         effects = Effects()
+        if letter.seq in backed:
+            outcome.failed[letter.seq] = f"Untrusted: {backed[letter.seq]}"
+            continue
         try:
             event = admit(handler, _delivered_from_letter(letter), registry)
             await handler.handle(event, effects)
@@ -255,3 +270,16 @@ async def replay_dead_letters(
         with contextlib.suppress(NotFoundError):
             await js.delete_msg(DLQ_STREAM, letter.seq)
     return outcome
+
+
+async def _backed(store: EventStore, letters: list[DeadLetter]) -> dict[int, str]:
+    """Letters whose event the store does not back, and why: a replay would apply what
+    nobody committed (a consumer dead-letters such a message; it stays in the DLQ)."""
+    events: dict[int, Delivered] = {}
+    for letter in letters:
+        with contextlib.suppress(MalformedEvent):  # replaying it fails on its own
+            events[letter.seq] = _delivered_from_letter(letter)
+    held = await stored_envelopes(store, {e.position for e in events.values()})
+    last = await store.last_position() if len(held) < len(events) else 0
+    why = {seq: unbacked(event, held.get(event.position), last) for seq, event in events.items()}
+    return {seq: reason for seq, reason in why.items() if reason}

@@ -12,6 +12,11 @@ so a broker that loses power can lose acknowledged events. The SQLite store is
 the source of truth: on start and on every reconnect the relay rewinds to the
 events committed `relay_rewind` seconds before its checkpoint and publishes
 them again; dedup drops those the broker still has.
+
+Nothing the relay meets leaves it: a broker that refuses or does not answer, a
+connection that is down, a store that cannot save the checkpoint. It records the
+failure (`statistics().health`: failing since, errors, the last one), backs off,
+and tries again, so command serving never depends on it and it resumes by itself.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from nats.aio.msg import Msg
 from kaya.actors.retry import Backoff
 from kaya.actors.wire import event_header_block, event_headers, event_subject
 from kaya.app.broker.adapter import HeaderPublisher
+from kaya.app.events.failing import Failing, PartHealth
 from kaya.store import EventStore, StoredEvent, StoreError
 
 log = logging.getLogger("kaya.relay")
@@ -50,8 +56,11 @@ class RelayStatistics(msgspec.Struct, frozen=True):
     published: int
     duplicates: int
     failures: int
+    """Batches the broker did not fully acknowledge."""
     checkpoint: int
     committed: int
+    health: PartHealth = PartHealth()
+    """Failing since when, errors so far (refusals, lost acks, exceptions, checkpoint saves)."""
 
     @property
     def backlog(self) -> int:
@@ -91,6 +100,8 @@ class Relay:
         self.failures = 0
         self._caught_up = anyio.Event()
         self._publisher = HeaderPublisher(nc)
+        self._failing = Failing()
+        self._committed = 0  # the store's last position when last read (statistics)
 
     @property
     def checkpoint(self) -> int:
@@ -102,12 +113,17 @@ class Relay:
         self._rewind_requested = True
 
     async def statistics(self) -> RelayStatistics:
+        try:  # a store that cannot be read must not make health itself fail
+            self._committed = await self._store.last_position()
+        except StoreError:
+            log.debug("relay: reading the last position failed", exc_info=True)
         return RelayStatistics(
             published=self.published,
             duplicates=self.duplicates,
             failures=self.failures,
             checkpoint=self._published,
-            committed=await self._store.last_position(),
+            committed=self._committed,
+            health=self._failing.snapshot(),
         )
 
     def _wake_waiters(self) -> None:
@@ -129,33 +145,11 @@ class Relay:
             self._checkpoint = await self._store.checkpoint(CHECKPOINT)
             self._position = self._published = self._checkpoint
             task_status.started()
-            failures = 0
             while True:
-                if self._rewind_requested:
-                    await self._rewind()
-                seen = self._store.commit_count
-                events = await self._store.read_all(self._position, self._batch)
-                if not events:
-                    await self._save_checkpoint()
-                    self._wake_waiters()
-                    with anyio.move_on_after(1.0):
-                        await self._store.wait_for_commit(seen)
-                    continue
-                acked = await self._publish(events)
-                if acked:
-                    self._position = events[acked - 1].position
-                    self._published = max(self._published, self._position)
-                    if time.monotonic() - self._saved_at >= SAVE_EVERY:
-                        await self._save_checkpoint()
-                    self._wake_waiters()
-                if acked < len(events):
-                    failures += 1
-                    self.failures += 1
-                    delay = self._backoff.delay(failures)
-                    log.warning("relay: broker refused or did not ack; retrying in %.2fs", delay)
-                    await anyio.sleep(delay)
-                else:
-                    failures = 0
+                try:
+                    await self._step()
+                except Exception as exc:  # a broker away, a store that cannot read: wait, retry
+                    await self._failed(repr(exc))
         finally:
             with anyio.CancelScope(shield=True):
                 await self._save_checkpoint()
@@ -163,6 +157,43 @@ class Relay:
                     await sub.unsubscribe()
                 except Exception:  # the connection may already be closed
                     log.debug("relay: unsubscribe failed", exc_info=True)
+
+    async def _step(self) -> None:
+        """Publish the next batch after the position, or wait (up to 1 s) for a commit."""
+        if self._rewind_requested:
+            await self._rewind()
+        seen = self._store.commit_count
+        events = await self._store.read_all(self._position, self._batch)
+        if not events:
+            saved = await self._save_checkpoint()
+            self._wake_waiters()
+            if saved:  # idle, caught up and the checkpoint saved: nothing is failing
+                self._recovered()
+            with anyio.move_on_after(1.0):
+                await self._store.wait_for_commit(seen)
+            return
+        acked, refusal = await self._publish(events)
+        if acked:
+            self._position = events[acked - 1].position
+            self._published = max(self._published, self._position)
+            if time.monotonic() - self._saved_at >= SAVE_EVERY:
+                await self._save_checkpoint()
+            self._wake_waiters()
+        if acked < len(events):
+            self.failures += 1
+            await self._failed(refusal or "the broker did not acknowledge in time")
+        elif not self._failing.since or await self._save_checkpoint():
+            self._recovered()
+
+    async def _failed(self, why: str) -> None:
+        attempt = self._failing.failed(why)
+        delay = self._backoff.delay(attempt)
+        log.warning("relay: %s; retrying in %.2fs (attempt %d)", why, delay, attempt)
+        await anyio.sleep(delay)
+
+    def _recovered(self) -> None:
+        if self._failing.recovered():
+            log.info("relay: recovered")
 
     async def _rewind(self) -> None:
         self._rewind_requested = False
@@ -174,8 +205,9 @@ class Relay:
             log.info("relay: republishing positions %d..%d", rewound + 1, self._position)
             self._position = rewound
 
-    async def _publish(self, events: list[StoredEvent]) -> int:
-        """Publish all, wait for the acks; return how many leading events were acked."""
+    async def _publish(self, events: list[StoredEvent]) -> tuple[int, str]:
+        """Publish all, wait for the acks; return how many leading events were acked, and
+        the broker's reason for refusing the first one that was not (empty: no answer)."""
         self._generation += 1  # a late ack of an earlier batch must not count for this one
         self._acks = dict.fromkeys(range(len(events)))
         self._outstanding = len(events)
@@ -186,20 +218,20 @@ class Relay:
         with anyio.move_on_after(self._ack_timeout):
             await self._all_acked.wait()
         acked = 0
+        refusal = ""
         for i in range(len(events)):
             ack = self._acks.get(i)
             if ack is None or ack.error is not None or ack.seq is None:
                 if ack is not None and ack.error is not None:
-                    log.warning(
-                        "relay: publish of position %d refused: %s", events[i].position, ack.error
-                    )
+                    why = ack.error.get("description", ack.error)
+                    refusal = f"the broker refused position {events[i].position}: {why}"
                 break
             acked += 1
             if ack.duplicate:
                 self.duplicates += 1
             else:
                 self.published += 1
-        return acked
+        return acked, refusal
 
     async def _publish_one(self, event: StoredEvent, reply: str) -> None:
         """Publish with headers; nats-py's own header encoding is most of a publish's cost,
@@ -233,17 +265,21 @@ class Relay:
         if self._outstanding == 0:
             self._all_acked.set()
 
-    async def _save_checkpoint(self) -> None:
-        """Saving is throttled: a lost checkpoint only costs a deduplicated republish, while
-        each save takes the store's write lock, which the group commit is waiting for."""
+    async def _save_checkpoint(self) -> bool:
+        """Save the position; False if the store refused (counted as a failure, retried
+        on the next save). Saving is throttled: a lost checkpoint only costs a
+        deduplicated republish, while each save takes the store's write lock, which the
+        group commit is waiting for."""
         self._saved_at = time.monotonic()
         if self._position <= self._checkpoint:
-            return
+            return True
         try:
             # no fsync: a checkpoint lost to power loss only means republishing (deduplicated)
             async with self._store.transaction(durable=False) as tx:
                 await tx.set_checkpoint(CHECKPOINT, self._position)
-        except StoreError:
-            log.exception("relay: saving the checkpoint failed; will retry")
-            return
+        except StoreError as exc:
+            if self._failing.failed(f"saving the checkpoint failed: {exc}") == 1:
+                log.warning("relay: saving the checkpoint failed (%s); will retry", exc)
+            return False
         self._checkpoint = self._position
+        return True

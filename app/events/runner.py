@@ -24,14 +24,32 @@ durable consumer is recreated to deliver from the stream sequence after the
 checkpoint, so delivery is always in order. The position is re-read inside the
 transaction that applies a batch, so a republished event, or one already applied
 by a rebuild (`kaya replay`), is skipped, never applied twice.
+
+Positions are trusted only when the store backs them. Anyone who can publish on
+`kaya.evt.>` can put a message on KAYA_EVENTS, and one message claiming position
+10^12 would otherwise move the checkpoint there and make the consumer skip every
+real event after it. So each message past the checkpoint is checked against the
+event the store holds at its position (one read per batch): a position ahead of
+the store, a missing envelope, or an envelope or body that differs from the
+store's is dead-lettered with the reason and moves no checkpoint, on the handled
+path and on the path that passes over events outside `filter_subject` alike.
+
+Failures never leave the runner: a batch that cannot be committed (a full disk,
+a broken database), a broker that does not answer, a subscription that cannot be
+made: the runner records it (`statistics().health`), backs off, and starts again
+after its checkpoint, so the node's command serving never notices and the
+consumer resumes by itself once the cause is gone. Only an effect's own SQL
+failing (a constraint, a typo in the handler's statement) is the event's fault,
+and that event is dead-lettered so the others go on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -48,7 +66,6 @@ from kaya.actors.runtime import trace_id
 from kaya.actors.wire import (
     EVENT_SUBJECTS,
     EVENTS_STREAM,
-    HEADER_POSITION,
     Delivered,
     MalformedEvent,
     delivered_from_stored,
@@ -60,12 +77,44 @@ from kaya.app.config import ConsumersConfig
 from kaya.app.events.admission import admit
 from kaya.app.events.consumers import Consumer, Effects
 from kaya.app.events.dlq import publish_dead_letter, publish_malformed
-from kaya.store import EventStore, StoreError
+from kaya.app.events.envelopes import Untrusted, stored_envelopes, unbacked
+from kaya.app.events.failing import Failing, PartHealth
+from kaya.store import EventStore
 
 if TYPE_CHECKING:
     from kaya.app.observability.tracing import Tracing
 
 log = logging.getLogger("kaya.consumers")
+
+
+class EffectsFailed(Exception):
+    """A handler's own SQL failed (a constraint, a typo, a wrong parameter): the fault of
+    the events whose effects it was, not of the store, so retrying cannot help."""
+
+
+_STORE_FAULTS = frozenset(
+    {
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_NOTADB,
+        sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_INTERRUPT,
+        sqlite3.SQLITE_PERM,
+        sqlite3.SQLITE_ABORT,
+    }
+)
+"""SQLite result codes that say the database, not the statement, failed: retry later."""
+
+
+def _store_fault(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and (code & 0xFF) in _STORE_FAULTS
 
 
 async def apply_batch(
@@ -75,7 +124,11 @@ async def apply_batch(
     *,
     stream_seq: int | None = None,
 ) -> int:
-    """Apply effects newer than the checkpoint and advance it, in one transaction."""
+    """Apply effects newer than the checkpoint and advance it, in one transaction.
+
+    Raises EffectsFailed when the effects' own SQL fails (nothing applied), StoreError
+    when the store does (a full disk: nothing applied, try again later).
+    """
     async with store.transaction(durable=False) as tx:  # derived: a replay redoes it
         name = consumer.checkpoint_name()
         checkpoint = await tx.checkpoint(name)
@@ -87,7 +140,14 @@ async def apply_batch(
             checkpoint = position
         # one database hop per run of identical statements, not one per statement: the
         # write lock is held meanwhile, and the group commit of every actor waits for it
-        await tx.execute_in_order(statements)
+        try:
+            await tx.execute_in_order(statements)
+        except sqlite3.Error as exc:
+            if _store_fault(exc):
+                raise  # the store makes a StoreError of it
+            raise EffectsFailed(f"{type(exc).__name__}: {exc}") from exc
+        except (TypeError, ValueError, OverflowError) as exc:  # a parameter SQLite refuses
+            raise EffectsFailed(f"{type(exc).__name__}: {exc}") from exc
         await tx.set_checkpoint(name, checkpoint)
         if stream_seq is not None:
             await tx.set_checkpoint(consumer.sequence_checkpoint_name(), stream_seq)
@@ -112,10 +172,6 @@ def _log_fields(consumer: str, event: Delivered) -> dict[str, Any]:
     }
 
 
-RESUBSCRIBE = Backoff(initial=0.2, cap=5.0)
-"""Between attempts to recreate a durable the server lost (it may be restarting)."""
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConsumerStatistics:
     """A frozen view of a runner's counters (for health, metrics and tests)."""
@@ -130,6 +186,14 @@ class ConsumerStatistics:
     """Events of an unknown type or version, handled by the consumer's policy."""
     stopped: str
     """Why the consumer stopped (policy `stop`), or empty while it runs."""
+    untrusted: int = 0
+    """Messages the store did not back (a bogus position or envelope): dead-lettered."""
+    health: PartHealth = field(default_factory=PartHealth)
+    """Failing since when, errors so far: a failure is retried, never raised."""
+
+    @property
+    def healthy(self) -> bool:
+        return self.health.healthy and not self.stopped
 
 
 class ConsumerRunner:
@@ -163,7 +227,10 @@ class ConsumerRunner:
         self._checkpoint = 0
         self._unknown_events = 0
         self._stopped = ""
+        self._untrusted = 0
         self._seq = 0
+        self._prepared = False
+        self._failing = Failing()
         self._progress = anyio.Event()
 
     def statistics(self) -> ConsumerStatistics:
@@ -175,6 +242,8 @@ class ConsumerRunner:
             checkpoint=self._checkpoint,
             unknown=self._unknown_events,
             stopped=self._stopped,
+            untrusted=self._untrusted,
+            health=self._failing.snapshot(),
         )
 
     async def wait_for_position(self, position: int) -> None:
@@ -185,20 +254,34 @@ class ConsumerRunner:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        await ensure_tables(self._store, self.consumer)
-        self._checkpoint = await self._store.checkpoint(self.consumer.checkpoint_name())
-        self._seq = await self._store.checkpoint(self.consumer.sequence_checkpoint_name())
-        pull = await self._subscribe_after_checkpoint()
+        """Consume until cancelled, the connection is closed, or policy `stop` stops it.
+
+        Nothing it meets is raised: a failure is recorded, waited out (the consumer's
+        backoff) and followed by a fresh start after the checkpoint. A consumer that
+        cannot even start (its tables, its durable) does not hold up the node's start.
+        """
+        pull: LeanPull | None = None
+        try:
+            pull = await self._start()
+        except nats.errors.ConnectionClosedError:
+            task_status.started()
+            return
+        except Exception as exc:
+            self._failed("starting", exc)
         task_status.started()
-        failures = 0
         try:
             while True:
                 try:
+                    if pull is None:
+                        if self._failing.in_a_row:
+                            await anyio.sleep(self._backoff.delay(self._failing.in_a_row))
+                        pull = await self._start()
                     msgs = await pull.next_batch(timeout=1.0)
-                    if not msgs:  # nothing new within a second
+                    if not msgs:  # nothing new within a second: nothing is failing either
+                        self._recovered()
                         continue
-                    failures = 0
                     in_order = await self._handle_batch(msgs)
+                    self._recovered()
                     if self._stopped:
                         log.error("consumer %s stopped: %s", self.consumer.name, self._stopped)
                         return
@@ -211,21 +294,38 @@ class ConsumerRunner:
                     )
                 except nats.errors.ConnectionClosedError:
                     return
-                except nats.errors.Error as exc:
-                    # the server restarted and lost the consumer, or is not there yet
-                    failures += 1
-                    log.warning(
-                        "consumer %s: pull failed (%r); re-subscribing", self.consumer.name, exc
-                    )
-                    await RESUBSCRIBE.sleep(failures)
-                try:
+                except Exception as exc:  # a full disk, a broker away, a bug: never the node's
+                    self._failed("batch" if pull is not None else "re-subscribing", exc)
+                if pull is not None:  # start over after the checkpoint: in order, nothing lost
                     await pull.stop()
-                    pull = await self._subscribe_after_checkpoint()
-                except nats.errors.Error as exc:
-                    log.warning("consumer %s: re-subscribing failed (%r)", self.consumer.name, exc)
+                    pull = None
         finally:
-            with anyio.CancelScope(shield=True):
-                await pull.stop()
+            if pull is not None:
+                with anyio.CancelScope(shield=True):
+                    await pull.stop()
+
+    async def _start(self) -> LeanPull:
+        """Tables and checkpoints (once), then a durable delivering what follows them."""
+        if not self._prepared:
+            await ensure_tables(self._store, self.consumer)
+            self._checkpoint = await self._store.checkpoint(self.consumer.checkpoint_name())
+            self._seq = await self._store.checkpoint(self.consumer.sequence_checkpoint_name())
+            self._prepared = True
+        return await self._subscribe_after_checkpoint()
+
+    def _failed(self, what: str, error: BaseException) -> None:
+        attempt = self._failing.failed(error)
+        log.warning(
+            "consumer %s: %s failed (%r); starting again after its checkpoint (attempt %d)",
+            self.consumer.name,
+            what,
+            error,
+            attempt,
+        )
+
+    def _recovered(self) -> None:
+        if self._failing.recovered():
+            log.info("consumer %s: recovered", self.consumer.name)
 
     async def _subscribe_after_checkpoint(self) -> LeanPull:
         """(Re)create the durable consumer to deliver, in order, what follows the checkpoint.
@@ -258,37 +358,54 @@ class ConsumerRunner:
         return pull
 
     async def _handle_batch(self, msgs: list[Msg]) -> bool:
-        """Handle, commit, ack. False when a redelivery means delivery must restart."""
-        items: list[tuple[int, Effects]] = []
-        handled: list[Msg] = []
+        """Check, handle, commit, ack. False when a redelivery means delivery must restart."""
         in_order = True
-        stopped = ""
-        last_seq = self._seq
-        wanted = self.consumer.filter_subject
+        batch: list[tuple[Msg, int, Delivered | MalformedEvent]] = []
         for msg in msgs:
             delivered, stream_seq = ack_tokens(msg.reply)
             if delivered > 1 and stream_seq > self._seq:
                 in_order = False  # JetStream redelivers out of order: resume from SQLite
                 break
+            try:
+                envelope: Delivered | MalformedEvent = parse_event(
+                    msg.subject, msg.headers, msg.data, stream_seq=stream_seq
+                )
+            except MalformedEvent as exc:
+                envelope = exc
+            batch.append((msg, stream_seq, envelope))
+        checkpoint = self._checkpoint
+        # one read of the store for every position past the checkpoint: the judge of them
+        newer = {e.position for _, _, e in batch if isinstance(e, Delivered)}
+        newer = {p for p in newer if p > checkpoint}
+        held = await stored_envelopes(self._store, newer) if newer else {}
+        last_position = await self._store.last_position() if len(held) < len(newer) else 0
+
+        items: list[tuple[int, Effects]] = []
+        handled: list[Msg] = []
+        stopped = ""
+        last_seq = self._seq
+        wanted = self.consumer.filter_subject
+        for msg, stream_seq, envelope in batch:
             seq_before = last_seq
             handled.append(msg)
             last_seq = max(last_seq, stream_seq)
-            if wanted != EVENT_SUBJECTS and not subscribes(wanted, msg.subject):
+            if isinstance(envelope, MalformedEvent):
+                log.error("consumer %s: %s", self.consumer.name, envelope)
+                await self._dead_letter_raw(msg, envelope)
+                continue
+            event = envelope
+            mine = wanted == EVENT_SUBJECTS or subscribes(wanted, msg.subject)
+            if event.position <= checkpoint:
+                self._skipped += mine  # applied already: a redelivery or a republish
+                continue
+            why = unbacked(event, held.get(event.position), last_position)
+            if why:
+                await self._reject(msg, why)
+                continue
+            if not mine:
                 # not this consumer's: never seen, but passed, so its checkpoint (and lag)
                 # counts it as done
-                with contextlib.suppress(KeyError, TypeError, ValueError):
-                    position = int(msg.headers[HEADER_POSITION])  # type: ignore[index]
-                    if position > self._checkpoint:
-                        items.append((position, Effects()))
-                continue
-            try:
-                event = parse_event(msg.subject, msg.headers, msg.data, stream_seq=stream_seq)
-            except MalformedEvent as exc:
-                log.error("consumer %s: %s", self.consumer.name, exc)
-                await self._dead_letter_raw(msg, exc)
-                continue
-            if event.position <= self._checkpoint:
-                self._skipped += 1
+                items.append((event.position, Effects()))
                 continue
             try:
                 event = admit(self.consumer, event, self._registry)
@@ -317,6 +434,17 @@ class ConsumerRunner:
         self._progress.set()
         self._progress = anyio.Event()
         return in_order
+
+    async def _reject(self, msg: Msg, why: str) -> None:
+        """Dead-letter a message the store does not back; its position is not believed."""
+        self._untrusted += 1
+        log.error(
+            "consumer %s: %s at stream sequence %d: dead-lettered, checkpoint kept",
+            self.consumer.name,
+            why,
+            ack_tokens(msg.reply)[1],
+        )
+        await self._dead_letter_raw(msg, Untrusted(why))
 
     async def _unknown(self, event: Delivered, error: UnknownSchema) -> bool:
         """Apply the unknown-event policy; False when the consumer must stop here."""
@@ -354,6 +482,7 @@ class ConsumerRunner:
                 self._handled += 1
                 return effects
             except Exception as exc:
+                self._failing.failed(exc)
                 if attempt >= self._config.max_attempts:
                     await self.dead_letter(event, attempt, exc)
                     return Effects()
@@ -373,13 +502,18 @@ class ConsumerRunner:
                 attempt += 1
 
     async def _commit(self, items: list[tuple[int, Effects]], stream_seq: int) -> None:
+        """Commit the batch; if one event's SQL fails, isolate it and dead-letter it.
+
+        A StoreError (the store itself failing) is raised: the whole batch is tried
+        again later, and no event is blamed for a full disk.
+        """
         try:
             self._checkpoint = await apply_batch(
                 self._store, self.consumer, items, stream_seq=stream_seq
             )
             self._seq = stream_seq
             return
-        except StoreError as exc:
+        except EffectsFailed as exc:
             log.warning(
                 "consumer %s: batch failed (%s); applying one by one", self.consumer.name, exc
             )
@@ -388,17 +522,17 @@ class ConsumerRunner:
                 self._checkpoint = await apply_batch(
                     self._store, self.consumer, [(position, effects)]
                 )
-            except StoreError as exc:
+            except EffectsFailed as exc:
                 log.error(
                     "consumer %s: effects of position %d failed: %s",
                     self.consumer.name,
                     position,
                     exc,
                 )
+                await self._dead_letter_position(position, exc)
                 self._checkpoint = await apply_batch(
                     self._store, self.consumer, [(position, Effects())]
                 )
-                await self._dead_letter_position(position, exc)
         self._checkpoint = await apply_batch(self._store, self.consumer, [], stream_seq=stream_seq)
         self._seq = stream_seq
 

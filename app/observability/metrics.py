@@ -26,6 +26,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from kaya.app.events.failing import PartHealth
 from kaya.app.observability.statistics import (
     CommandStatistics,
     LatencySnapshot,
@@ -98,6 +99,34 @@ def _histogram(name: str, doc: str, label: str, histograms: dict[str, LatencySna
     return family
 
 
+_HealthFamilies = tuple[GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily]
+
+
+def _health(prefix: str, what: str, labels: list[str]) -> _HealthFamilies:
+    """A part's `healthy` and `failing_seconds` gauges and its `errors` counter."""
+    return (
+        GaugeMetricFamily(
+            f"{prefix}_healthy", f"1 while the {what} works, 0 while it fails and retries",
+            labels=labels,
+        ),
+        GaugeMetricFamily(
+            f"{prefix}_failing_seconds", f"How long the {what} has been failing (0: healthy)",
+            labels=labels,
+        ),
+        CounterMetricFamily(
+            f"{prefix}_errors", f"Failures of the {what}, each retried with backoff",
+            labels=labels,
+        ),
+    )  # fmt: skip
+
+
+def _add_health(families: _HealthFamilies, labels: list[str], health: PartHealth, ok: bool) -> None:
+    healthy, failing, errors = families
+    healthy.add_metric(labels, 1 if ok else 0)
+    failing.add_metric(labels, health.failing_for())
+    errors.add_metric(labels, health.errors)
+
+
 class NodeCollector(Collector):
     """Turns the node's latest statistics snapshot into metric families at scrape time."""
 
@@ -108,6 +137,22 @@ class NodeCollector(Collector):
         stats = self.latest
         if stats is None:
             return
+        yield GaugeMetricFamily(
+            "kaya_node_live", "1 while the node can serve (/healthz 200)", value=int(stats.live)
+        )
+        yield GaugeMetricFamily(
+            "kaya_node_ready", "1 while the node takes commands (/readyz 200)",
+            value=int(stats.ready),
+        )  # fmt: skip
+        broker = stats.broker
+        yield GaugeMetricFamily(
+            "kaya_nats_connected", "1 while the node is connected to NATS",
+            value=int(broker.connected),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "kaya_nats_server_restarts", "Times the node restarted its embedded nats-server",
+            value=broker.server_restarts,
+        )  # fmt: skip
         commands = stats.commands
         outcomes = CounterMetricFamily(
             "kaya_commands", "Commands answered, by entity, command and outcome",
@@ -177,6 +222,9 @@ class NodeCollector(Collector):
             "kaya_relay_backlog", "Committed events not yet acknowledged by JetStream",
             value=max(0, last - relay.checkpoint),
         )  # fmt: skip
+        relay_health = _health("kaya_relay", "relay", [])
+        _add_health(relay_health, [], relay.health, relay.health.healthy)
+        yield from relay_health
         lag = GaugeMetricFamily(
             "kaya_consumer_lag", "Committed events a consumer has not applied yet",
             labels=["consumer"],
@@ -190,12 +238,20 @@ class NodeCollector(Collector):
         dead = CounterMetricFamily(
             "kaya_consumer_dead_letters", "Events sent to KAYA_DLQ", labels=["consumer"]
         )
+        untrusted = CounterMetricFamily(
+            "kaya_consumer_untrusted",
+            "Messages whose position or envelope the store did not back (dead-lettered)",
+            labels=["consumer"],
+        )
+        consumer_health = _health("kaya_consumer", "consumer", ["consumer"])
         for name, consumer in sorted(stats.consumers.items()):
             lag.add_metric([name], max(0, last - consumer.checkpoint))
             handled.add_metric([name], consumer.handled)
             retries.add_metric([name], consumer.retries)
             dead.add_metric([name], consumer.dead_lettered)
-        yield from (lag, handled, retries, dead)
+            untrusted.add_metric([name], consumer.untrusted)
+            _add_health(consumer_health, [name], consumer.health, consumer.healthy)
+        yield from (lag, handled, retries, dead, untrusted, *consumer_health)
 
 
 class Metrics:

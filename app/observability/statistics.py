@@ -50,12 +50,27 @@ class CommandStatistics:
 
 
 @dataclass(frozen=True)
+class BrokerStatistics:
+    """The node's NATS connection and, when it runs one, its embedded nats-server."""
+
+    connected: bool = True
+    disconnected_for: float = 0.0
+    """Seconds the connection has been down; 0 while connected."""
+    embedded: bool = False
+    server_pid: int | None = None
+    server_down_for: float = 0.0
+    """Seconds since the embedded server died; 0 while it runs (or when there is none)."""
+    server_restarts: int = 0
+
+
+@dataclass(frozen=True)
 class NodeStatistics:
     name: str
     url: str
     shards: int
     ready: bool
     problems: tuple[str, ...]
+    """Why the node cannot take commands now (readiness); empty when ready."""
     inflight: int
     loop_lag: float
     commands: CommandStatistics
@@ -63,6 +78,10 @@ class NodeStatistics:
     store: StoreStatistics
     relay: RelayStatistics
     consumers: dict[str, ConsumerStatistics]
+    live: bool = True
+    liveness: tuple[str, ...] = ()
+    """Why the node cannot serve and will not recover on its own (liveness); empty when live."""
+    broker: BrokerStatistics = field(default_factory=BrokerStatistics)
 
     @property
     def last_position(self) -> int:

@@ -1,4 +1,9 @@
-"""`kaya status`: a node's health snapshot as a compact terminal view."""
+"""`kaya status`: a node's health snapshot as a compact terminal view.
+
+A part that fails and retries (the relay, a consumer) says FAILING with for how long
+and its last error, so an operator sees at a glance what `/readyz` lists as degraded.
+Keys a node of an older version does not send are read with defaults.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +22,37 @@ def _rate(current: dict[str, Any], previous: dict[str, Any] | None, *path: str) 
     return max(0.0, (now - before) / elapsed)
 
 
+def _health(part: dict[str, Any]) -> str:
+    """`` (healthy or unknown), or `   FAILING 12s (3 errors): why`."""
+    if part.get("healthy", True):
+        return ""
+    if part.get("stopped"):
+        return f"   STOPPED: {part['stopped']}"
+    return (
+        f"   FAILING {part.get('failing_seconds', 0):.0f}s ({part.get('errors', 0)} errors):"
+        f" {part.get('last_error', '')}"
+    )
+
+
 def render_status(current: dict[str, Any], previous: dict[str, Any] | None, dlq: int | None) -> str:
     ready = "ready" if current["ready"] else "NOT READY: " + "; ".join(current["problems"])
+    if not current.get("live", True):
+        ready = "NOT LIVE: " + "; ".join(current.get("liveness", [])) + " / " + ready
     lines = [
         f"kaya node {current['node']} (pid {current['pid']}) on {current['nats']}: {ready}",
         f"uptime {current['uptime']:.0f}s  shards {current['shards']}",
+    ]
+    broker = current.get("broker")
+    if broker:
+        down_for = broker["disconnected_seconds"]
+        state = "connected" if broker["connected"] else f"DISCONNECTED for {down_for:.0f}s"
+        server = ""
+        if broker["embedded"]:
+            down = broker["server_down_seconds"]
+            state_of_server = f"DOWN {down:.0f}s" if down else "up"
+            server = f"   embedded server {state_of_server}, restarts {broker['restarts']}"
+        lines.append(f"nats      {state}{server}")
+    lines += [
         "",
         f"commands  {_rate(current, previous, 'commands', 'total'):9.1f}/s"
         f"   total {current['commands']['total']}"
@@ -44,12 +75,13 @@ def render_status(current: dict[str, Any], previous: dict[str, Any] | None, dlq:
         f"   {_rate(current, previous, 'store', 'events'):.1f} events/s"
         f"   queued {current['store']['queued_appends']}",
         f"relay     backlog {current['relay']['backlog']}"
-        f"   {_rate(current, previous, 'relay', 'published'):.1f} published/s",
+        f"   {_rate(current, previous, 'relay', 'published'):.1f} published/s"
+        f"{_health(current['relay'])}",
     ]
     for name, consumer in sorted(current["consumers"].items()):
         lines.append(
             f"consumer  {name:<14} lag {consumer['lag']:<7} retries {consumer['retries']}"
-            f"   dead letters {consumer['dead_letters']}"
+            f"   dead letters {consumer['dead_letters']}{_health(consumer)}"
         )
     lines.append(f"dlq       {'?' if dlq is None else dlq} messages in KAYA_DLQ")
     return "\n".join(lines)
