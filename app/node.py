@@ -35,6 +35,7 @@ from kaya.app.application import App
 from kaya.app.broker.adapter import connect
 from kaya.app.broker.embedded import EmbeddedServer, ServerSettings, run_embedded_server
 from kaya.app.broker.streams import ensure_streams
+from kaya.app.broker.watchdog import watch_jetstream
 from kaya.app.config import Config
 from kaya.app.events.consumers import Context
 from kaya.app.events.relay import Relay
@@ -267,6 +268,14 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             rewind=config.events.relay_rewind,
         )
         await tg.start(relay.run)
+        if server is not None:
+            tg.start_soon(
+                watch_jetstream,
+                server,
+                lambda: relay.health,
+                lambda: nc.is_connected,
+                server.settings.store_dir,
+            )
 
         async def after_reconnects() -> None:
             """A server that restarted may have lost streams or unsynced events: restore."""

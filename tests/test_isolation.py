@@ -298,3 +298,50 @@ async def test_a_read_model_write_that_fails_dead_letters_that_event_only(
         stats = node.consumers["strict"].statistics()
         assert stats.healthy
         assert stats.checkpoint == await node.store.last_position()
+
+
+async def test_a_jetstream_wedged_by_a_full_disk_is_healed_by_restarting_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nats-server leaves a stream that hit `no space` refusing writes even once space is
+    back; the node restarts its embedded server and the relay republishes."""
+    from kaya.app.broker import watchdog
+    from kaya.app.config import Config, NatsConfig, NodeConfig
+    from tests.servers import free_port
+
+    monkeypatch.setattr(watchdog, "WEDGED_AFTER", 3.0)
+    monkeypatch.setattr(watchdog, "CHECK_EVERY", 0.2)
+    with small_disk(tmp_path / "disk", "48m") as disk:
+        config = Config(
+            node=NodeConfig(name="wedge", data_dir=str(disk / "data")),
+            nats=NatsConfig(port=free_port(), monitor_port=0),
+        )
+        async with open_node(config, make_app(consumers=[])) as node:
+            import nats
+
+            nc = await nats.connect(node.url)
+            try:
+                subject = "kaya.cmd.account.w-1"
+                assert (await call(nc, subject, open_cmd()))["ok"]
+                js = nc.jetstream()
+                filler = fill(disk)
+                with pytest.raises(Exception):  # noqa: B017, PT011 - a timeout or an error
+                    await js.publish("kaya.evt.account.w-x", b"x" * 200_000, timeout=2)
+                filler.unlink()
+                reply = await call(nc, subject, {"type": "Deposit", "amount": 5}, timeout=30)
+                assert reply["ok"] is True
+                assert node.server is not None
+                with anyio.fail_after(60):
+                    while True:
+                        try:
+                            info = await js.stream_info(
+                                EVENTS_STREAM, subjects_filter="kaya.evt.account.w-1"
+                            )
+                            if sum((info.state.subjects or {}).values()) >= 2:
+                                break
+                        except Exception:  # the server restarting: ask again
+                            pass
+                        await anyio.sleep(0.2)
+                assert node.server.restarts >= 1
+            finally:
+                await nc.close()

@@ -248,6 +248,15 @@ class EmbeddedServer:
             self.down_since = None
             log.warning("nats-server restarted (pid %d) after %s", self.pid, why)
 
+    def restart(self, why: str) -> None:
+        """Stop the running server so that `supervise` starts it again (same ports, same
+        store): for a server that runs but no longer works."""
+        process = self.process
+        if process is not None and process.returncode is None:
+            log.error("restarting nats-server (pid %d): %s", process.pid, why)
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+
     async def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, wait, then SIGKILL: the server is gone when this returns."""
         process = self.process

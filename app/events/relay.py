@@ -108,6 +108,11 @@ class Relay:
         """The last store position the broker has acknowledged (and we saved)."""
         return self._published
 
+    @property
+    def health(self) -> PartHealth:
+        """Failing since when (publishes refused or never acknowledged), and why."""
+        return self._failing.snapshot()
+
     def request_rewind(self) -> None:
         """Ask for a republish of the recent past (the broker may have lost it)."""
         self._rewind_requested = True
@@ -123,7 +128,7 @@ class Relay:
             failures=self.failures,
             checkpoint=self._published,
             committed=self._committed,
-            health=self._failing.snapshot(),
+            health=self.health,
         )
 
     def _wake_waiters(self) -> None:
