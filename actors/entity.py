@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Generic, TypeVar, Union
 import msgspec
 
 from kaya.actors.errors import BadRequest, UnknownCommand
+from kaya.actors.wire import DIGITS, LONG_NUMBER, TOO_DEEP, integer_out_of_range
 
 
 class Command(
@@ -60,6 +61,13 @@ class _TypeProbe(msgspec.Struct):
 
 
 _probe = msgspec.json.Decoder(_TypeProbe)
+
+
+def _shorten(text: str, limit: int = 64) -> str:
+    """`text` quoted, cut to `limit` characters: a caller's string echoed in a reply stays short."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 _encoder = msgspec.json.Encoder()
 
 
@@ -107,11 +115,26 @@ class Entity(Generic[S, C, E]):
     # ---- codecs ----------------------------------------------------------------
 
     def decode_command(self, data: bytes) -> C:
-        """Decode and validate a command body; BadRequest or UnknownCommand names the fault."""
+        """Decode and validate a command body; BadRequest or UnknownCommand names the fault.
+
+        Whatever the decoder refuses is the caller's fault, so it is a BadRequest: not JSON,
+        not UTF-8, nested too deeply (msgspec raises RecursionError), a number out of range
+        (a float beyond double, or an integer beyond 64 bits, which msgspec would accept).
+        """
         try:
             command: C = self._command_decoder.decode(data)
         except msgspec.DecodeError as exc:
             raise self._explain(data, exc) from None
+        except RecursionError:
+            raise BadRequest(f"command JSON {TOO_DEEP}") from None
+        # the first test is integer_out_of_range's own, inlined: this is every command's path
+        if len(data) - len(data.translate(None, DIGITS)) < LONG_NUMBER:
+            return command
+        path = integer_out_of_range(data)
+        if path is not None:
+            raise BadRequest(
+                f"invalid {type(command).__name__}: integer out of range (64 bits) - at `{path}`"
+            )
         return command
 
     def _explain(self, data: bytes, exc: msgspec.DecodeError) -> Exception:
@@ -121,9 +144,13 @@ class Entity(Generic[S, C, E]):
             return BadRequest(f'command must be a JSON object with a string "type": {exc}')
         except msgspec.DecodeError:
             return BadRequest(f"malformed JSON: {exc}")
+        except RecursionError:  # skipping a deep unknown field
+            return BadRequest(f"command JSON {TOO_DEEP}")
         if probe.type not in self.command_names:
             known = ", ".join(sorted(self.command_names))
-            return UnknownCommand(f"{self.name} has no command {probe.type!r} (known: {known})")
+            return UnknownCommand(
+                f"{self.name} has no command {_shorten(probe.type)} (known: {known})"
+            )
         return BadRequest(f"invalid {probe.type}: {exc}")
 
     def decode_event(self, type_name: str, schema_version: int, data: bytes) -> E:

@@ -2,7 +2,9 @@
 
 Unknown keys, wrong types and impossible values stop start-up with one message
 that names the key, because a typo in a config file should never be silently
-ignored in production.
+ignored in production. Values that are each fine but impossible together (see
+`cross_check`) stop it too, naming both keys: they would otherwise fail later, far
+from their cause, or quietly break a guarantee.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class IngressConfig(_Section):
     wait for a busy loop in the socket, where nothing else sees them: refusing while
     it is behind keeps refusals fast."""
     max_body: Positive = 64 * 1024
-    """Largest command body in bytes; beyond it: `bad_request`."""
+    """Largest command body (or view parameters) in bytes; beyond it: `bad_request`."""
     queue_group: str = "kaya"
 
 
@@ -147,6 +149,9 @@ class LogConfig(_Section):
 
 
 class Config(_Section):
+    """Every section. Built only whole and consistent: `cross_check` runs on every
+    construction (decoding a file, applying flags, a test's own Config)."""
+
     node: NodeConfig = NodeConfig()
     nats: NatsConfig = NatsConfig()
     store: StoreConfig = StoreConfig()
@@ -160,6 +165,11 @@ class Config(_Section):
     tracing: TracingConfig = TracingConfig()
     log: LogConfig = LogConfig()
 
+    def __post_init__(self) -> None:
+        problem = cross_check(self)
+        if problem is not None:
+            raise ValueError(problem)  # msgspec reports it as a ValidationError
+
     @property
     def data_path(self) -> Path:
         return Path(self.node.data_dir)
@@ -167,6 +177,97 @@ class Config(_Section):
     @property
     def store_path(self) -> Path:
         return self.data_path / self.store.path
+
+
+_ANY_HOST = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
+
+
+def _host(host: str) -> str:
+    return "127.0.0.1" if host == "localhost" else host
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two listen addresses' hosts can clash (the same, or either one all hosts)."""
+    return a in _ANY_HOST or b in _ANY_HOST or _host(a) == _host(b)
+
+
+def metrics_address(address: str) -> tuple[str, int] | None:
+    """(host, port) of `metrics.address`; None for ""; ValueError naming the key if malformed."""
+    if not address:
+        return None
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit() or not port.isascii() or int(port) > 65535:
+        raise ValueError(
+            f"metrics.address {address!r} must be HOST:PORT (port 0-65535; 0 picks a free one),"
+            " or empty for no HTTP endpoint"
+        )
+    return host or "127.0.0.1", int(port)  # the node serves an empty host on loopback
+
+
+def cross_check(config: Config) -> str | None:
+    """The first combination of settings that cannot work, named by both keys; None if none.
+
+    Only what is really impossible: each of these fails at start-up anyway (JetStream or a
+    socket refusing), or breaks a documented guarantee without a word.
+    """
+    events, consumers, nats = config.events, config.consumers, config.nats
+    window = events.duplicate_window
+    if window <= events.relay_rewind:
+        return (
+            f"events.duplicate_window ({window:g}) must exceed events.relay_rewind"
+            f" ({events.relay_rewind:g}): the relay republishes that many seconds of events on"
+            " every start, and the broker drops only the copies it sees within its window"
+        )
+    for key, max_age in (
+        ("events.max_age", events.max_age),
+        ("events.dlq_max_age", events.dlq_max_age),
+    ):
+        if max_age and window > max_age:
+            return (
+                f"events.duplicate_window ({window:g}) may not exceed {key} ({max_age:g}):"
+                " JetStream refuses a stream whose dedup window outlives its messages"
+            )
+    if events.ack_timeout >= window:
+        return (
+            f"events.ack_timeout ({events.ack_timeout:g}) must be shorter than"
+            f" events.duplicate_window ({window:g}): the relay publishes again what was not"
+            " acknowledged in time, and the broker must still recognise the copies"
+        )
+    if consumers.backoff_initial > consumers.backoff_max:
+        return (
+            f"consumers.backoff_initial ({consumers.backoff_initial:g}) may not exceed"
+            f" consumers.backoff_max ({consumers.backoff_max:g}): the first retry would wait"
+            " longer than the longest wait"
+        )
+    if consumers.backoff_max >= consumers.ack_wait:
+        return (
+            f"consumers.backoff_max ({consumers.backoff_max:g}) must be shorter than"
+            f" consumers.ack_wait ({consumers.ack_wait:g}): JetStream would redeliver an event"
+            " while its consumer still waits to retry it"
+        )
+    try:
+        metrics = metrics_address(config.metrics.address)
+    except ValueError as exc:
+        return str(exc)
+    if nats.url:  # an external server: nats.port and nats.monitor_port are not used
+        return None
+    ports = [("nats.port", nats.port)]
+    if nats.monitor_port:
+        ports.append(("nats.monitor_port", nats.monitor_port))
+    if nats.port and nats.port == nats.monitor_port:
+        return (
+            f"nats.port and nats.monitor_port are both {nats.port}: the embedded server"
+            " cannot listen on one port twice (monitor_port = 0 turns monitoring off)"
+        )
+    if metrics is not None and metrics[1]:
+        for key, port in ports:
+            if port == metrics[1] and _overlap(metrics[0], nats.host):
+                return (
+                    f"metrics.address ({config.metrics.address}) and {key} ({port}) are the"
+                    " same address: the node's HTTP endpoint and its embedded server would"
+                    " both listen there"
+                )
+    return None
 
 
 class ConfigError(Exception):
@@ -230,9 +331,11 @@ def with_overrides(
         nats = msgspec.structs.replace(nats, monitor_port=monitor_port)
     if metrics_address is not None:
         metrics = msgspec.structs.replace(metrics, address=metrics_address)
-    changed = msgspec.structs.replace(config, node=node, nats=nats, metrics=metrics)
     # the flags go through the same checks as the file: a bad port is one line, not a crash
     try:
+        changed = msgspec.structs.replace(config, node=node, nats=nats, metrics=metrics)
         return msgspec.convert(msgspec.to_builtins(changed), Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"command line: {_explain(str(exc))}") from None
+    except ValueError as exc:  # cross_check, raised by the replace
+        raise ConfigError(f"command line: {exc}") from None

@@ -13,10 +13,20 @@ not yet answered is bounded (`overloaded` beyond it) instead of buffering.
 Subjects that the server did not map (an external server without the shard
 mapping, or a malformed subject) arrive on `kaya.cmd.>` itself: a well-formed one
 is served the same way, anything else is answered with `bad_request`.
+
+Every reply is on contract. A handler never lets an exception out: nats.micro would
+answer it with an empty body and the exception's repr in a header. What the caller
+got wrong is `bad_request`; anything else is `internal` with a generic message, the
+detail in the log. Error replies carry NATS micro's `Nats-Service-Error` and
+`Nats-Service-Error-Code` headers beside the contract's body, and are counted per
+endpoint in the service's stats (`nats micro stats kaya`): nats.micro counts only
+exceptions, and most errors here are replied later, by the runtime, after the
+handler returned. Success replies get nothing more.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -26,9 +36,8 @@ import anyio
 import nats.errors
 import orjson
 from nats.aio.client import Client as NATS
-from nats.micro import add_service
 from nats.micro.request import Request
-from nats.micro.service import Service
+from nats.micro.service import Service, ServiceConfig, ServiceStats
 
 from kaya.actors import (
     ActorRuntime,
@@ -48,9 +57,13 @@ from kaya.actors.wire import (
     VIEW_PREFIX,
     Answer,
     check_command_id,
+    decode_json_object,
+    error_message,
+    header_block,
     parse_subject,
+    service_error_headers,
 )
-from kaya.app.broker.adapter import queued_messages, reply_subject
+from kaya.app.broker.adapter import HeaderPublisher, queued_messages, reply_subject
 from kaya.app.config import IngressConfig
 from kaya.app.observability.lag import LoopLag
 from kaya.app.observability.metrics import CommandMetrics
@@ -66,10 +79,50 @@ ViewFn = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 """A read model's query: JSON parameters in, a JSON object out."""
 
 
-BEHIND = error_reply(
-    "overloaded",
-    "node is behind (its event loop runs later than ingress.max_loop_lag); retry later",
+_BEHIND_MESSAGE = (
+    "node is behind (its event loop runs later than ingress.max_loop_lag); retry later"
 )
+BEHIND = error_reply("overloaded", _BEHIND_MESSAGE)
+BEHIND_HEADERS = service_error_headers("overloaded", _BEHIND_MESSAGE)
+BEHIND_BLOCK = header_block(BEHIND_HEADERS)
+INTERNAL = "internal error: the request could not be handled; the node's log has the details"
+"""What a caller is told of an exception nobody expected; its text stays in the log."""
+
+
+class EndpointErrors:
+    """Error replies sent for one endpoint, for the service's stats."""
+
+    __slots__ = ("count", "last")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last = ""
+
+    def add(self, code: str, message: str) -> None:
+        self.count += 1
+        self.last = f"{code}:{message}"[:256]
+
+
+class _Service(Service):
+    """nats.micro's service, whose stats add the error replies the ingress counted.
+
+    nats.micro counts an error only when a handler raises, and then it replies by itself
+    with an empty body; the ingress replies on contract, often later from the runtime, so
+    it counts its errors itself and they are added here, per endpoint.
+    """
+
+    def __init__(self, nc: NATS, config: ServiceConfig, errors: Mapping[str, EndpointErrors]):
+        super().__init__(nc, config)
+        self._errors = errors
+
+    def stats(self) -> ServiceStats:
+        stats = super().stats()
+        for endpoint in stats.endpoints:
+            counted = self._errors.get(endpoint.name)
+            if counted is not None and counted.count:
+                endpoint.num_errors += counted.count
+                endpoint.last_error = counted.last
+        return stats
 
 
 class Ingress:
@@ -97,6 +150,9 @@ class Ingress:
         self._reserved_ids = tuple(f"{e.name}/" for e in registry if isinstance(e, Saga))
         self.metrics = metrics or CommandMetrics()
         self._nc = nc
+        # error replies carry headers; nats-py's encoding of them would triple a refusal's
+        # cost, and refusals are most of the work while the node sheds load
+        self._publisher = HeaderPublisher(nc)
         self._runtime = runtime
         self._registry = registry
         self._config = config
@@ -108,6 +164,8 @@ class Ingress:
         self._idle.set()
         self.accepted = 0
         self.refused = 0
+        self.errors: dict[str, EndpointErrors] = {}
+        """Error replies per endpoint name (what `nats micro stats` shows)."""
 
     @property
     def inflight(self) -> int:
@@ -123,14 +181,16 @@ class Ingress:
         return self._service is not None
 
     async def start(self) -> None:
-        service = await add_service(
-            self._nc,
+        config = ServiceConfig(
             name="kaya",
             version=VERSION,
             description="Kaya node: entity commands and state queries",
             metadata={"node": self._node_name},
             queue_group=self._config.queue_group,
         )
+        self.errors = {}
+        service = _Service(self._nc, config, self.errors)
+        await service.start()
         for name, subject, handler in (
             ("commands", "kaya.shard.*.cmd.>", self._on_command),
             ("queries", "kaya.shard.*.qry.>", self._on_query),
@@ -138,7 +198,10 @@ class Ingress:
             ("queries-unmapped", "kaya.qry.>", self._on_query),
             ("views", "kaya.view.>", self._on_view),
         ):
-            await service.add_endpoint(name=name, subject=subject, handler=handler)
+            errors = self.errors[name] = EndpointErrors()
+            await service.add_endpoint(
+                name=name, subject=subject, handler=functools.partial(handler, errors)
+            )
         # nats-py's flush() can write its PING ahead of SUBs still queued in its buffer, so
         # one PONG does not prove the server has them; the second flush's PING goes after
         # them. Without it, the first request after `ready` may get "no responders".
@@ -161,17 +224,21 @@ class Ingress:
 
     # ---- handlers --------------------------------------------------------------------
 
-    async def _on_command(self, request: Request) -> None:
+    async def _on_command(self, errors: EndpointErrors, request: Request) -> None:
         reply_to = reply_subject(request)
         lag, max_lag = self._lag, self._config.max_loop_lag
         if lag is not None and max_lag and lag.behind(max_lag):
             # the cheapest answer there is: while shedding, refusals are most of the work
             self.refused += 1
             self.metrics.shed()
+            errors.add("overloaded", _BEHIND_MESSAGE)
             if reply_to:
-                await self._nc.publish(reply_to, BEHIND)
+                await self._publisher.publish(
+                    reply_to, BEHIND, reply="", header_block=BEHIND_BLOCK, headers=_behind
+                )
             return
         span = None
+        trace: str | None = None  # the traceparent a reply carries back
         try:
             self._admit(request)
             entity_name, entity_id = parse_subject(request.subject, "cmd", self._shards)
@@ -191,9 +258,7 @@ class Ingress:
                         f"{HEADER_COMMAND_ID} {command_id!r}: ids starting with"
                         f" {' or '.join(self._reserved_ids)} are reserved for saga steps"
                     )
-            traceparent = headers.get(HEADER_TRACEPARENT)
-            if traceparent is not None and not TRACEPARENT.fullmatch(traceparent):
-                traceparent = None  # W3C: an invalid traceparent is ignored, not an error
+            traceparent = _caller_trace(request)
             asked = traceparent is not None
             if self._tracing is not None:
                 span, traceparent = self._tracing.start(
@@ -203,43 +268,42 @@ class Ingress:
                      "kaya.command": type(command).__name__},
                     server=True,
                 )  # fmt: skip
+            # a caller that sent a trace, or a recorded span, gets it back
+            trace = traceparent if asked or span is not None else None
             self._runtime.tell(
                 entity,
                 entity_id,
                 command,
-                self._replier(
-                    reply_to,
-                    entity.name,
-                    type(command).__name__,
-                    span,
-                    # a caller that sent a trace, or a recorded span, gets it back
-                    traceparent if asked or span is not None else None,
-                ),
+                self._replier(reply_to, entity.name, type(command).__name__, errors, span, trace),
                 command_id=command_id,
                 traceparent=traceparent,
             )
-        except KayaError as exc:
+        except Exception as exc:
+            error = self._as_error(exc, "command", request)
             if span is not None and self._tracing is not None:
-                self._tracing.finish(span, exc.code)
-            await self._refuse(request, reply_to, exc)
+                self._tracing.finish(span, error.code)
+            await self._refuse(request, reply_to, error, errors, trace or _caller_trace(request))
             return
         self._inflight += 1
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
 
-    async def _on_query(self, request: Request) -> None:
+    async def _on_query(self, errors: EndpointErrors, request: Request) -> None:
         reply_to = reply_subject(request)
         try:
             self._admit(request)
             entity_name, entity_id = parse_subject(request.subject, "qry", self._shards)
             entity = self._registry.get(entity_name)
-            self._runtime.query(entity, entity_id, self._replier(reply_to, entity.name, "query"))
-        except KayaError as exc:
-            await self._refuse(request, reply_to, exc)
+            self._runtime.query(
+                entity, entity_id, self._replier(reply_to, entity.name, "query", errors)
+            )
+        except Exception as exc:
+            error = self._as_error(exc, "query", request)
+            await self._refuse(request, reply_to, error, errors)
             return
         self._inflight += 1
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
 
-    async def _on_view(self, request: Request) -> None:
+    async def _on_view(self, errors: EndpointErrors, request: Request) -> None:
         """Read models answer from SQLite directly: no actor, no mailbox."""
         reply_to = reply_subject(request)
         name = request.subject.removeprefix(VIEW_PREFIX)
@@ -248,24 +312,25 @@ class Ingress:
             if view is None:
                 known = ", ".join(sorted(self._views)) or "none"
                 raise BadRequest(f"no view named {name!r} (known: {known})")
-            try:
-                params = orjson.loads(request.data) if request.data.strip() else {}
-            except orjson.JSONDecodeError as exc:
-                raise BadRequest(f"view parameters are not valid JSON: {exc}") from None
-            if not isinstance(params, dict):
-                raise BadRequest("view parameters must be a JSON object")
+            data = request.data
+            if len(data) > self._config.max_body:
+                raise BadRequest(
+                    f"view parameters of {len(data)} bytes exceed the limit of"
+                    f" {self._config.max_body}"
+                )
+            params = decode_json_object(data, "view parameters")
             result = await view(params)
+            body = orjson.dumps({"ok": True, "view": name, **result})
         except KayaError as exc:
-            await self._refuse(request, reply_to, exc)
+            await self._refuse(request, reply_to, exc, errors)
             return
-        except Exception as exc:
+        except Exception:
             log.exception("view %s failed", name)
-            await self._refuse(
-                request, reply_to, Internal(f"view {name} failed: {type(exc).__name__}")
-            )
+            failed = Internal(f"view {name} failed; the node's log has the details")
+            await self._refuse(request, reply_to, failed, errors)
             return
         if reply_to:
-            await self._nc.publish(reply_to, orjson.dumps({"ok": True, "view": name, **result}))
+            await self._nc.publish(reply_to, body)
 
     def _admit(self, request: Request) -> None:
         """Refuse early, before any decoding, while the node is behind.
@@ -290,10 +355,15 @@ class Ingress:
         reply_to: str,
         entity: str,
         command: str,
+        errors: EndpointErrors,
         span: Any = None,
         traceparent: str | None = None,
     ) -> Any:
-        """The reply callback; it carries the command's traceparent back to the caller."""
+        """The reply callback; it carries the command's traceparent back to the caller.
+
+        A success is published as it is; an error (the runtime's answer, encoded) also
+        gets the micro error headers, its message read back from the body, and is counted.
+        """
         nc = self._nc
         headers = {HEADER_TRACEPARENT: traceparent} if traceparent else None
         record = self.metrics.record
@@ -305,18 +375,63 @@ class Ingress:
             self.accepted += 1
             if self._inflight == 0:
                 self._idle.set()
-            if reply_to:
-                await nc.publish(reply_to, answer.body, headers=headers)
-            record(entity, command, answer.outcome, time.perf_counter() - started)
+            outcome = answer.outcome
+            if outcome == "ok":
+                if reply_to:
+                    await nc.publish(reply_to, answer.body, headers=headers)
+            else:
+                message = error_message(answer.body)
+                errors.add(outcome, message)
+                if reply_to:
+                    await self._publish_error(
+                        reply_to, answer.body, service_error_headers(outcome, message, traceparent)
+                    )
+            record(entity, command, outcome, time.perf_counter() - started)
             if span is not None and tracing is not None:
-                tracing.finish(span, answer.outcome)
+                tracing.finish(span, outcome)
 
         return reply
 
-    async def _refuse(self, request: Request, reply_to: str, exc: KayaError) -> None:
+    def _as_error(self, exc: Exception, what: str, request: Request) -> KayaError:
+        """A refusal for the caller: a KayaError as it is; anything else is a bug, so it is
+        logged with its traceback and the caller gets a generic `internal`."""
+        if isinstance(exc, KayaError):
+            return exc
+        log.error("%s on %s failed", what, request.subject, exc_info=exc)
+        return Internal(INTERNAL)
+
+    async def _refuse(
+        self,
+        request: Request,
+        reply_to: str,
+        exc: KayaError,
+        errors: EndpointErrors,
+        traceparent: str | None = None,
+    ) -> None:
         self.refused += 1
+        errors.add(exc.code, exc.message)
         subject = request.subject
         entity = subject.split(".")[-2] if subject.count(".") >= 3 else "-"
         self.metrics.record(entity if entity in self._registry else "-", "-", exc.code, None)
         if reply_to:
-            await self._nc.publish(reply_to, error_from(exc))
+            await self._publish_error(
+                reply_to, error_from(exc), service_error_headers(exc.code, exc.message, traceparent)
+            )
+
+    async def _publish_error(self, reply_to: str, body: bytes, headers: dict[str, str]) -> None:
+        await self._publisher.publish(
+            reply_to, body, reply="", header_block=header_block(headers), headers=lambda: headers
+        )
+
+
+def _behind() -> dict[str, str]:
+    return BEHIND_HEADERS
+
+
+def _caller_trace(request: Request) -> str | None:
+    """The request's traceparent if it is valid (W3C: an invalid one is ignored, not refused)."""
+    headers = request.headers
+    traceparent = headers.get(HEADER_TRACEPARENT) if headers else None
+    if traceparent is not None and TRACEPARENT.fullmatch(traceparent):
+        return traceparent
+    return None

@@ -6,8 +6,10 @@ nats-server outlives its node.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+from collections import deque
 from pathlib import Path
 
 import anyio
@@ -18,9 +20,11 @@ import pytest
 from tests.servers import (
     VENV_BIN,
     KayaProcess,
+    drain,
     free_port,
     start_kaya,
     stop_pid,
+    wait_for_line,
     wait_gone,
     write_config,
 )
@@ -243,3 +247,53 @@ def test_status_reads_a_running_node_and_says_when_none_is_there(
     nobody = kaya("status", "--url", f"nats://127.0.0.1:{free_port()}")
     assert nobody.returncode == 2
     assert nobody.stderr.startswith("error: cannot connect to NATS")
+
+
+def test_status_ends_with_one_line_when_the_node_stops(running: KayaProcess) -> None:
+    """The live view of a node whose embedded server goes away: one line, exit 2."""
+    status = subprocess.Popen(
+        [str(VENV_BIN / "kaya"), "status", "--url", running.url, "--interval", "0.2"],
+        bufsize=0,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_line(status, "stdout", b": ready", 30)  # the first screen is up
+        drain(status, "stdout", deque(maxlen=10))
+        assert stop_pid(running.proc) == 0
+        status.wait(timeout=30)
+        assert status.stderr is not None
+        err = status.stderr.read().decode()
+    finally:
+        stop_pid(status)
+    assert status.returncode == 2, err
+    assert err.startswith("error: "), err
+    assert err.count("\n") == 1, err
+    assert "stopped" in err
+
+
+def test_sigterm_stops_a_node_still_waiting_for_its_nats_server(tmp_path: Path) -> None:
+    """`nats.url` names a server that is down: the node keeps trying (it may come up),
+    and SIGTERM still stops it at once instead of being held until it connects."""
+    config = tmp_path / "kaya.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "{tmp_path / "data"}"\napp = "examples.bank:app"\n'
+        f'[nats]\nurl = "nats://127.0.0.1:{free_port()}"\n'
+    )
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "kaya"), "run", "--config", str(config)],
+        cwd=Path(__file__).resolve().parent.parent,
+        bufsize=0,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_line(proc, "stderr", b"Connection refused", 30)  # retrying
+        drain(proc, "stderr", deque(maxlen=50))
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    finally:
+        stop_pid(proc, signal.SIGKILL)
+    assert proc.returncode == 0

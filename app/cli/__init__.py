@@ -14,7 +14,7 @@
 
 Any failure prints one line starting with `error:` on stderr and exits non-zero:
 1 for a refused command (the contract's error code is in the line), 2 for a
-usage, config or connection problem.
+usage, config or connection problem. A traceback means a bug in Kaya.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 
 from kaya.app.cli import entities, events, node, observe, schemas
-from kaya.app.cli.common import CliError, kaya_version
+from kaya.app.cli.common import CliError, Parser, kaya_version
 from kaya.app.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kaya", description="Kaya: actors on NATS JetStream with a SQLite event store."
     )
     parser.add_argument("--version", action="version", version=f"kaya {kaya_version()}")
@@ -51,13 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], Awaitable[int]] = args.handler
     try:
         return anyio.run(handler, args, backend="asyncio", backend_options={"use_uvloop": True})
-    except (CliError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code if isinstance(exc, CliError) else 2
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `kaya status --once | head`: the reader had enough
-        return 0
     except Exception as exc:  # the last line of defence: one line, not a traceback
         from kaya.app.broker.embedded import ServerError
         from kaya.app.schemas.registry import SchemaConflict
@@ -66,7 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cause: BaseException = exc
         while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
             cause = cause.exceptions[0]  # raised inside the node's task groups
-        if isinstance(cause, (ServerError, StoreError, OSError, SchemaConflict)):
+        if isinstance(cause, CliError | ConfigError):
+            print(f"error: {cause}", file=sys.stderr)
+            return cause.exit_code if isinstance(cause, CliError) else 2
+        if isinstance(cause, BrokenPipeError):  # `kaya status --once | head`: enough read
+            return 0
+        if isinstance(cause, ServerError | StoreError | OSError | SchemaConflict):
             print(f"error: {cause}", file=sys.stderr)
             return 2
         raise

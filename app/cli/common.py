@@ -1,19 +1,30 @@
 """What every `kaya` command shares: its options, its config and app, NATS, its output.
 
     argv -> build_parser (the family modules' `register`) -> a handler
-      -> config(args) / app(config) / url(args) -> connect / request -> print_*
+      -> config(args) / app(config) / url(args) -> session / request -> print_*
 
 One place for them, so every command reads `--config`, `--app` and `--url` the same
 way, reports a failure the same way (a CliError: one line and an exit code, printed
 by `main`), and prints JSON the same way. Heavy imports (nats, the node) happen
 inside the functions that need them: `kaya --help` and `--version` stay fast.
+
+Every failure a user can cause or meet is expected, so it is a CliError: a bad
+argument (argparse's own errors included), a server that is down, has no JetStream
+or no Kaya streams yet, a connection that drops. `session` turns nats-py's and
+JetStream's exceptions into one line that names the server; a traceback is left
+for bugs only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-from typing import TYPE_CHECKING, Any
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 import orjson
@@ -22,9 +33,6 @@ from kaya.app.config import Config, load_config, with_overrides
 
 if TYPE_CHECKING:
     from kaya.app.application import App
-
-    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
-    """What each family's `register` adds its commands to."""
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -44,6 +52,40 @@ class CliError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are one `error:` line (exit 2) like every other failure."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if TYPE_CHECKING:
+    Subcommands = argparse._SubParsersAction[Parser]
+    """What each family's `register` adds its commands to."""
+
+
+def _number(
+    cast: Callable[[str], Any], ok: Callable[[Any], bool], what: str
+) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}")
+        return value
+
+    parse.__name__ = what  # what argparse would name in its message
+    return parse
+
+
+positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number of seconds > 0")
+positive_int = _number(int, lambda v: v > 0, "an integer >= 1")
+count = _number(int, lambda v: v >= 0, "an integer >= 0")
 
 
 # ---- options ----------------------------------------------------------------------------
@@ -67,7 +109,9 @@ def with_app(p: argparse.ArgumentParser) -> None:
 def remote(p: argparse.ArgumentParser) -> None:
     common(p, node=False)
     p.add_argument("--url", help=f"NATS URL (default: $KAYA_NATS_URL or {DEFAULT_URL})")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+    p.add_argument(
+        "--timeout", type=positive_float, default=5.0, help="seconds to wait for a reply"
+    )
 
 
 # ---- config, app, url ---------------------------------------------------------------------
@@ -100,6 +144,30 @@ def app(config: Config) -> App:
         raise CliError(str(exc)) from None
 
 
+def store_path(config: Config) -> Path:
+    """The event store a tool opens read-write: it must exist (a node made it), or the tool
+    would create an empty store where the user mistyped a path."""
+    path = config.store_path
+    if not path.is_file():
+        raise CliError(f"no event store at {path} (is --data-dir or node.data_dir right?)")
+    return path
+
+
+def check_names(entity: str, entity_id: str, command_id: str | None = None) -> None:
+    """The contract's checks on what goes into a subject or a header, made here: a name
+    with a space or a wildcard cannot even be sent. Refused as the node refuses them."""
+    from kaya.actors.errors import BadRequest
+    from kaya.actors.wire import check_command_id, check_entity_id, check_entity_name
+
+    try:
+        check_entity_name(entity)
+        check_entity_id(entity_id)
+        if command_id is not None:
+            check_command_id(command_id)
+    except BadRequest as exc:
+        raise CliError(f"{exc.code}: {exc.message}", exit_code=1) from None
+
+
 def url(args: argparse.Namespace) -> str:
     if args.url:
         return str(args.url)
@@ -116,7 +184,7 @@ def url(args: argparse.Namespace) -> str:
 
 async def connect(url: str) -> Any:
     import nats
-    from nats.errors import NoServersError
+    import nats.errors
 
     errors: list[Exception] = []
 
@@ -128,10 +196,76 @@ async def connect(url: str) -> Any:
             return await nats.connect(
                 url, connect_timeout=2, allow_reconnect=False, error_cb=remember
             )
-        except (NoServersError, OSError) as exc:
+        except (nats.errors.Error, OSError, ValueError) as exc:  # refused, bad URL, TLS
             errors.append(exc)
-    reason = errors[-1] if errors else "timed out"
+    reason = _reason(errors[-1]) if errors else "timed out"
     raise CliError(f"cannot connect to NATS at {url}: {reason}")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).removeprefix("nats: ").strip()
+    return text or type(exc).__name__
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) single-exception groups (raised in task groups)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def nats_failure(exc: BaseException, url: str, stream: str = "") -> CliError | None:
+    """One line for a NATS or JetStream failure at `url`; None if `exc` is something else.
+
+    `stream` names the stream the command reads, for a server where no node created it.
+    """
+    import nats.errors
+    import nats.js.errors
+
+    exc = _innermost(exc)
+    if isinstance(exc, nats.js.errors.ServiceUnavailableError) or (
+        isinstance(exc, nats.errors.NoRespondersError) and stream
+    ):
+        return CliError(
+            f"JetStream is not enabled on the NATS server at {url}: Kaya needs it"
+            " (`kaya run` embeds a server with it; run your own with `nats-server -js`)"
+        )
+    if isinstance(exc, nats.js.errors.NotFoundError) and "stream" in str(exc.description):
+        what = stream or "the Kaya streams"
+        return CliError(f"{what} does not exist on {url} yet: start a node (`kaya run`)")
+    if isinstance(exc, nats.js.errors.APIError):
+        return CliError(f"JetStream at {url} refused: {exc.description or _reason(exc)}")
+    if isinstance(exc, nats.errors.TimeoutError | TimeoutError):
+        return CliError(f"NATS at {url} did not answer in time")
+    if isinstance(
+        exc,
+        nats.errors.ConnectionClosedError
+        | nats.errors.StaleConnectionError
+        | nats.errors.ConnectionReconnectingError
+        | ConnectionError,
+    ):
+        return CliError(f"lost the connection to NATS at {url}")
+    if isinstance(exc, nats.errors.Error):
+        return CliError(f"NATS at {url}: {_reason(exc)}")
+    return None
+
+
+@asynccontextmanager
+async def session(url: str, *, stream: str = "") -> AsyncIterator[Any]:
+    """A NATS connection for one command; NATS and JetStream failures inside the block
+    come out as one CliError line naming the server (and `stream`, if it is missing)."""
+    nc = await connect(url)
+    try:
+        yield nc
+    except Exception as exc:
+        failure = nats_failure(exc, url, stream)
+        if failure is None:
+            raise
+        raise failure from None
+    finally:
+        # already closed when the server went away: nothing left to flush
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await nc.close()
 
 
 async def request(
@@ -140,17 +274,21 @@ async def request(
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
 
-    nc = await connect(url)
-    try:
-        msg = await nc.request(subject, body, timeout=timeout, headers=headers)
-    except NoRespondersError:
-        raise CliError(
-            f"no Kaya node is serving {subject} on {url}: start one with `kaya run`"
-        ) from None
-    except NatsTimeout:
-        raise CliError(f"no reply on {subject} within {timeout}s", exit_code=1) from None
-    finally:
-        await nc.close()
+    from kaya.actors.wire import HEADER_SERVICE_ERROR, HEADER_SERVICE_ERROR_CODE
+
+    async with session(url) as nc:
+        try:
+            msg = await nc.request(subject, body, timeout=timeout, headers=headers)
+        except NoRespondersError:
+            raise CliError(
+                f"no Kaya node is serving {subject} on {url}: start one with `kaya run`"
+            ) from None
+        except NatsTimeout:
+            raise CliError(f"no reply on {subject} within {timeout}s", exit_code=1) from None
+    replied = msg.headers or {}
+    if not msg.data and HEADER_SERVICE_ERROR_CODE in replied:  # a micro error, no body
+        code, reason = replied[HEADER_SERVICE_ERROR_CODE], replied.get(HEADER_SERVICE_ERROR, "")
+        raise CliError(f"{code}: {reason}", exit_code=1)
     return bytes(msg.data)
 
 

@@ -47,15 +47,24 @@ def register(sub: common.Subcommands) -> None:
 
 
 async def _send(args: argparse.Namespace) -> int:
+    import msgspec
+
+    common.check_names(args.entity, args.entity_id, args.id)
+    # the bytes as given: an argument that is not UTF-8 arrives with surrogate escapes
+    body = args.json.encode("utf-8", "surrogateescape")
     try:
-        orjson.loads(args.json)
-    except orjson.JSONDecodeError as exc:
+        msgspec.json.decode(body)
+    except msgspec.ValidationError:
+        pass  # well-formed, e.g. a number out of range: the node says what is wrong with it
+    except msgspec.DecodeError as exc:
         raise CliError(f"JSON argument is not valid JSON: {exc}") from None
+    except RecursionError:
+        pass  # nested too deeply: the node's `bad_request` says so
     headers = {"Kaya-Command-Id": args.id} if args.id else None
     data = await common.request(
         common.url(args),
         f"kaya.cmd.{args.entity}.{args.entity_id}",
-        args.json.encode(),
+        body,
         headers,
         args.timeout,
     )
@@ -63,6 +72,7 @@ async def _send(args: argparse.Namespace) -> int:
 
 
 async def _get(args: argparse.Namespace) -> int:
+    common.check_names(args.entity, args.entity_id)
     data = await common.request(
         common.url(args), f"kaya.qry.{args.entity}.{args.entity_id}", b"", None, args.timeout
     )

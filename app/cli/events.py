@@ -32,7 +32,9 @@ def register(sub: common.Subcommands) -> None:
     dlq = sub.add_parser("dlq", help="dead letters: list, show, replay, purge")
     dlq.add_argument("action", choices=["list", "show", "replay", "purge"])
     dlq.add_argument("consumer", nargs="?", help="only this consumer's dead letters")
-    dlq.add_argument("--seq", type=int, help="one dead letter, by its KAYA_DLQ sequence")
+    dlq.add_argument(
+        "--seq", type=common.positive_int, help="one dead letter, by its KAYA_DLQ sequence"
+    )
     common.remote(dlq)
     dlq.add_argument("--data-dir", metavar="DIR", help="the node's data dir (for replay)")
     common.with_app(dlq)
@@ -48,7 +50,7 @@ def register(sub: common.Subcommands) -> None:
     tail = sub.add_parser("tail", help="follow events as they are published")
     tail.add_argument("subject", nargs="?", default="kaya.evt.>", metavar="SUBJECT")
     tail.add_argument("--all", action="store_true", help="from the start of the stream")
-    tail.add_argument("--count", type=int, default=0, help="stop after N events")
+    tail.add_argument("--count", type=common.count, default=0, help="stop after N events")
     common.remote(tail)
     tail.set_defaults(handler=_tail)
 
@@ -56,11 +58,8 @@ def register(sub: common.Subcommands) -> None:
 async def _streams(args: argparse.Namespace) -> int:
     from kaya.app.events.inspect import describe_streams
 
-    nc = await common.connect(common.url(args))
-    try:
+    async with common.session(common.url(args)) as nc:
         streams = await describe_streams(nc.jetstream())
-    finally:
-        await nc.close()
     if args.json:
         common.print_json(streams)
         return 0
@@ -82,19 +81,24 @@ async def _streams(args: argparse.Namespace) -> int:
 
 
 async def _dlq(args: argparse.Namespace) -> int:
+    from kaya.actors.wire import DLQ_STREAM, TOKEN
     from kaya.app.events import dlq
 
-    nc = await common.connect(common.url(args))
-    try:
+    if args.consumer is not None and not TOKEN.fullmatch(args.consumer):
+        raise CliError(f"consumer {args.consumer!r} must be 1-64 characters of [A-Za-z0-9_-]")
+    if args.action == "show" and args.seq is None:
+        raise CliError("kaya dlq show needs --seq N")
+    async with common.session(common.url(args), stream=DLQ_STREAM) as nc:
         js = nc.jetstream()
+        # a server no node ever ran on has no KAYA_DLQ: say so (likely the wrong --url),
+        # rather than "0 dead letters" or "no dead letter with sequence N"
+        await js.stream_info(DLQ_STREAM)
         if args.action == "list":
             letters = await dlq.list_dead_letters(js, args.consumer)
             for letter in letters:
                 print(orjson.dumps(letter.summary()).decode())
             print(f"{len(letters)} dead letters", file=sys.stderr)
         elif args.action == "show":
-            if args.seq is None:
-                raise CliError("kaya dlq show needs --seq N")
             try:
                 letter = await dlq.show_dead_letter(js, args.seq)
             except LookupError as exc:
@@ -111,8 +115,6 @@ async def _dlq(args: argparse.Namespace) -> int:
             print(f"purged {removed} dead letters")
         else:
             return await _dlq_replay(args, nc)
-    finally:
-        await nc.close()
     return 0
 
 
@@ -123,11 +125,12 @@ async def _dlq_replay(args: argparse.Namespace, nc: Any) -> int:
 
     config = common.config(args)
     app = common.app(config)
+    path = common.store_path(config)
 
     async def publish(subject: str, data: bytes, headers: Any) -> None:
         await nc.publish(subject, data, headers=dict(headers) if headers else None)
 
-    async with open_event_store(config.store_path) as store:
+    async with open_event_store(path) as store:
         context = Context(store, publish)
         for consumer in app.consumers:
             consumer.bind(context)
@@ -164,7 +167,7 @@ async def _replay(args: argparse.Namespace) -> int:
     if consumer is None:  # before the store is open: one line, not an exception group
         known = ", ".join(sorted(models)) or "none"
         raise CliError(f"no read model named {args.projection!r} (known: {known})")
-    async with open_event_store(config.store_path) as store:
+    async with open_event_store(common.store_path(config)) as store:
         consumer.bind(Context(store))
         view = app.views.get(args.projection)
 
@@ -204,16 +207,29 @@ async def _replay(args: argparse.Namespace) -> int:
 
 
 async def _tail(args: argparse.Namespace) -> int:
+    from kaya.actors.wire import EVENTS_STREAM
     from kaya.app.events.inspect import tail_events
 
-    nc = await common.connect(common.url(args))
-    try:
+    _check_events_subject(args.subject)
+    async with common.session(common.url(args), stream=EVENTS_STREAM) as nc:
         seen = 0
         async for event in tail_events(nc, args.subject, from_start=args.all):
             print(orjson.dumps(event).decode(), flush=True)
             seen += 1
             if args.count and seen >= args.count:
                 break
-    finally:
-        await nc.close()
     return 0
+
+
+def _check_events_subject(subject: str) -> None:
+    """A subject filter within KAYA_EVENTS (kaya.evt.>): anything else cannot match."""
+    tokens = subject.split(".")
+    valid = all(t and not any(c.isspace() for c in t) for t in tokens) and all(
+        t != ">" for t in tokens[:-1]
+    )
+    if not valid:
+        raise CliError(f"{subject!r} is not a NATS subject (dot-separated tokens, no spaces)")
+    if tokens[:2] != ["kaya", "evt"] or len(tokens) < 3:
+        raise CliError(
+            f"{subject!r} is not within kaya.evt.> (the events stream), e.g. kaya.evt.account.>"
+        )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import orjson
@@ -74,28 +75,23 @@ async def _schema(args: argparse.Namespace) -> int:
     current = schemas.code_schemas(registry)
     path = Path(args.file)
     if args.action == "publish":
-        everything = schemas.merge_schemas(schemas.load_schemas(path), current)
-        nc = await common.connect(common.url(args))
-        try:
-            added = await schemas.publish_schemas(nc.jetstream(), everything)
-        except schemas.SchemaConflict as exc:
-            raise CliError(str(exc), exit_code=1) from None
-        finally:
-            await nc.close()
+        everything = schemas.merge_schemas(_load(path), current)
+        async with common.session(common.url(args)) as nc:
+            try:
+                added = await schemas.publish_schemas(nc.jetstream(), everything)
+            except schemas.SchemaConflict as exc:
+                raise CliError(str(exc), exit_code=1) from None
         print(f"{schemas.SCHEMAS_BUCKET}: {len(everything)} schemas, {added} newly registered")
         return 0
     if args.action == "check" and args.registry:
         url = common.url(args)
-        nc = await common.connect(url)
-        try:
+        async with common.session(url) as nc:
             recorded = await schemas.read_registry(nc.jetstream())
-        finally:
-            await nc.close()
         against = f"{schemas.SCHEMAS_BUCKET} at {url}"
     else:
         if args.action == "check" and not await anyio.Path(path).exists():
             raise CliError(f"{path} does not exist: `kaya schema export` writes it")
-        recorded, against = schemas.load_schemas(path), str(path)
+        recorded, against = _load(path), str(path)
     report = schemas.check_compatibility(recorded, current, schemas.upcaster_keys(registry))
     if args.action == "check" or not report.ok:
         print(report.format(against), file=sys.stdout if args.action == "check" else sys.stderr)
@@ -108,6 +104,21 @@ async def _schema(args: argparse.Namespace) -> int:
         await anyio.Path(path).write_bytes(schemas.dump_schemas(merged))
         print(f"wrote {path}: {len(merged)} schemas, {len(merged.keys() - recorded.keys())} new")
     return 0
+
+
+def _load(path: Path) -> dict[str, Any]:
+    """The schema file, or one line saying why it cannot be read."""
+    from kaya.app.schemas import registry as schemas
+
+    try:
+        recorded = schemas.load_schemas(path)
+    except orjson.JSONDecodeError as exc:
+        raise CliError(
+            f"{path} is not a schema file (`kaya schema export` writes one): {exc}"
+        ) from None
+    if not isinstance(recorded, dict):
+        raise CliError(f"{path} is not a schema file (`kaya schema export` writes one)")
+    return recorded
 
 
 async def _catalog(args: argparse.Namespace) -> int:
