@@ -315,9 +315,12 @@ class ActorRuntime:
                 event = entity.decode_event(stored.type, stored.schema_version, stored.data)
                 state = entity.evolve(state, event)
                 version = stored.version
-        except Exception as exc:
+        except Exception:
             log.exception("activation of %s/%s failed", entity.name, actor.entity_id)
-            error = error_answer(Unavailable(f"cannot load {entity.name}/{actor.entity_id}: {exc}"))
+            # the detail (an exception's text, maybe the store's) is in the log, not on the wire
+            error = error_answer(
+                Unavailable(f"cannot load {entity.name}/{actor.entity_id} now; retry later")
+            )
             while actor.mailbox:
                 await answer(actor.mailbox.popleft(), error)
             self._actors.pop((entity.name, actor.entity_id), None)

@@ -84,7 +84,8 @@ class Turns:
         try:
             known = await self._store.find_replies(entity.name, entity_id, command_ids)
         except StoreError as exc:
-            error = error_answer(Unavailable(str(exc)))
+            log.warning("reading the replies of %s/%s failed: %s", entity.name, entity_id, exc)
+            error = error_answer(Unavailable("the store cannot be read now; retry later"))
             for message in turn:
                 await answer(message, error)
             return
@@ -192,7 +193,8 @@ class Turns:
             return _failed(decided.answers, error_answer(Conflict(f"{exc}; retry")))
         except StoreError as exc:
             actor.loaded = False
-            failure = error_answer(Unavailable(f"store unavailable: {exc}"))
+            log.warning("appending to %s/%s failed: %s", entity.name, actor.entity_id, exc)
+            failure = error_answer(Unavailable("the store cannot write now; retry later"))
             return _failed(decided.answers, failure)
         actor.state, actor.version = decided.state, decided.version
         return decided.answers

@@ -237,7 +237,11 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             reconnected.set()
 
         nc = await connect(
-            url, name=config.node.name, on_reconnect=on_reconnect, on_disconnect=link.disconnected
+            url,
+            name=config.node.name,
+            on_reconnect=on_reconnect,
+            on_disconnect=link.disconnected,
+            timeout=config.nats.startup_timeout,
         )
         stack.push_async_callback(_close, nc)  # runs after the tasks below are cancelled
         await ensure_streams(nc.jetstream(), config.events)

@@ -90,3 +90,24 @@ def test_a_busy_monitor_and_metrics_port_are_moved_by_flags(
         assert "ready on nats://" in node.ready_line
     finally:
         assert stop_pid(node.proc) == 0
+
+
+@pytest.mark.slow
+def test_a_node_whose_server_is_not_there_exits_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "kaya.toml"
+    dead = f"nats://127.0.0.1:{free_port()}"
+    config.write_text(
+        f'[node]\ndata_dir = "{tmp_path / "data"}"\napp = "examples.bank:app"\n'
+        f'[nats]\nurl = "{dead}"\nstartup_timeout = 2\n'
+    )
+    out = subprocess.run(
+        [str(VENV_BIN / "kaya"), "run", "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: cannot connect to NATS at {dead} within 2 s"
+    )

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import anyio
 from nats.aio.client import Client as NATS
 from nats.micro.request import Request
 
@@ -34,14 +35,23 @@ def _warn_once(what: str, why: str) -> None:
         log.warning("nats-py: %s is off (%s); using the public API instead", what, why)
 
 
+class NatsUnreachable(Exception):
+    """No server answered the first connection in time; the message names them."""
+
+
 async def connect(
     servers: str | list[str],
     *,
     name: str,
     on_reconnect: Callable[[], None] | None = None,
     on_disconnect: Callable[[], None] | None = None,
+    timeout: float = 10.0,
 ) -> NATS:
     """A connection that reconnects forever and logs its disconnections.
+
+    The first connection must succeed within `timeout` (NatsUnreachable otherwise):
+    nats-py's "reconnect forever" also applies to it, and a node that waits forever for
+    a server that was never there looks alive while it serves nothing.
 
     `on_disconnect` and `on_reconnect` let the node time an outage (liveness) and
     restore what a restarted server may have lost (streams, the relay's rewind).
@@ -62,15 +72,21 @@ async def connect(
         if on_reconnect is not None:
             on_reconnect()
 
-    await nc.connect(
-        servers,
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=1,
-        error_cb=on_error,
-        disconnected_cb=on_disconnected,
-        reconnected_cb=on_reconnected,
-    )
+    with anyio.move_on_after(timeout) as scope:
+        await nc.connect(
+            servers,
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+        )
+    if scope.cancelled_caught:
+        with anyio.CancelScope(shield=True):
+            await nc.close()
+        where = servers if isinstance(servers, str) else ", ".join(servers)
+        raise NatsUnreachable(f"cannot connect to NATS at {where} within {timeout:g} s")
     return nc
 
 

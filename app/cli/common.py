@@ -222,7 +222,11 @@ def nats_failure(exc: BaseException, url: str, stream: str = "") -> CliError | N
     import nats.errors
     import nats.js.errors
 
+    from kaya.app.broker.adapter import NatsUnreachable
+
     exc = _innermost(exc)
+    if isinstance(exc, NatsUnreachable):
+        return CliError(str(exc))
     if isinstance(exc, nats.js.errors.ServiceUnavailableError) or (
         isinstance(exc, nats.errors.NoRespondersError) and stream
     ):
