@@ -57,6 +57,29 @@ async def next_hmsg(stream: SocketStream, buffer: bytearray) -> tuple[str, bytes
         buffer.extend(await stream.receive())
 
 
+async def published_both_ways(
+    url: str, subject: str, data: bytes, headers: dict[str, str], block: bytes
+) -> tuple[tuple[str, bytes, bytes], tuple[str, bytes, bytes]]:
+    """The same message published by nats-py (reply `r.1`) and by the adapter's fast path
+    with a prebuilt header `block` (reply `r.2`), each as a raw subscriber received it."""
+    raw = await raw_subscriber(url, subject)
+    nc = await nats.connect(url)
+    try:
+        publisher = HeaderPublisher(nc)
+        assert publisher.fast  # the pinned nats-py has the internals the fast path needs
+        await nc.publish(subject, data, reply="r.1", headers=headers)
+        await publisher.publish(
+            subject, data, reply="r.2", header_block=block, headers=lambda: headers
+        )
+        await nc.flush()
+        buffer = bytearray()
+        with anyio.fail_after(5):
+            return await next_hmsg(raw, buffer), await next_hmsg(raw, buffer)
+    finally:
+        await nc.close()
+        await raw.aclose()
+
+
 @pytest.mark.parametrize(
     ("traceparent", "command_id"),
     [
@@ -81,28 +104,13 @@ async def test_the_header_block_is_what_nats_py_writes(
         command_id=command_id,
         traceparent=traceparent,
     )
-    subject = event_subject(event.entity, event.entity_id)
-    raw = await raw_subscriber(nats_server.url, "kaya.evt.>")
-    nc = await nats.connect(nats_server.url)
-    try:
-        publisher = HeaderPublisher(nc)
-        assert publisher.fast  # the pinned nats-py has the internals the fast path needs
-        await nc.publish(subject, event.data, reply="r.1", headers=event_headers(event))
-        await publisher.publish(
-            subject,
-            event.data,
-            reply="r.2",
-            header_block=event_header_block(event),
-            headers=lambda: event_headers(event),
-        )
-        await nc.flush()
-        buffer = bytearray()
-        with anyio.fail_after(5):
-            stock = await next_hmsg(raw, buffer)
-            fast = await next_hmsg(raw, buffer)
-    finally:
-        await nc.close()
-        await raw.aclose()
+    stock, fast = await published_both_ways(
+        nats_server.url,
+        event_subject(event.entity, event.entity_id),
+        event.data,
+        event_headers(event),
+        event_header_block(event),
+    )
     assert stock[0] == "r.1"
     assert fast[0] == "r.2"
     assert fast[1] == stock[1]  # the header block, byte for byte

@@ -14,9 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import msgspec
-import nats
 import orjson
 import pytest
 from nats.aio.client import Client as NATS
@@ -27,13 +25,12 @@ from examples.bank import Account
 from examples.bank.analytics import Analytics, analytics_view
 from kaya.actors.wire import header_block, service_error_headers
 from kaya.app import node as app_node
-from kaya.app.broker.adapter import HeaderPublisher
 from kaya.app.config import IngressConfig
 from kaya.app.node import Node, open_node
-from kaya.app.observability.lag import LoopLag
 from tests.conftest import node_config
 from tests.servers import NatsServer
-from tests.test_adapter import next_hmsg, raw_subscriber
+from tests.test_adapter import published_both_ways
+from tests.test_lag import AlwaysBehind
 
 pytestmark = pytest.mark.anyio
 
@@ -306,11 +303,6 @@ async def test_replies_made_by_the_runtime_carry_the_error_headers_and_the_trace
     assert (msg.headers or {}).get("traceparent") == TRACEPARENT
 
 
-class _AlwaysBehind(LoopLag):
-    def behind(self, max_lag: float) -> bool:
-        return True
-
-
 async def test_commands_shed_while_behind_carry_the_error_headers(
     nats_server: NatsServer,
     tmp_path: Path,
@@ -318,7 +310,7 @@ async def test_commands_shed_while_behind_carry_the_error_headers(
     uid: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(app_node, "LoopLag", _AlwaysBehind)
+    monkeypatch.setattr(app_node, "LoopLag", AlwaysBehind)
     async with open_node(node_config(nats_server, tmp_path), probe_app()):
         msg, reply = await ask(nc, f"kaya.cmd.probe.{uid}", {"type": "Set", "n": 1})
         assert_error(msg, reply, "overloaded", "behind")
@@ -396,19 +388,7 @@ async def test_error_headers_are_one_printable_line_as_nats_py_writes_them(
     assert len(description) <= 256
     if message.isascii() and message.isprintable() and len(message) <= 256:
         assert description == message
-    raw = await raw_subscriber(nats_server.url, "reply.>")
-    nc = await nats.connect(nats_server.url)
-    try:
-        await nc.publish("reply.1", b"{}", headers=headers)
-        await HeaderPublisher(nc).publish(
-            "reply.2", b"{}", reply="", header_block=header_block(headers), headers=lambda: headers
-        )
-        await nc.flush()
-        buffer = bytearray()
-        with anyio.fail_after(5):
-            stock = await next_hmsg(raw, buffer)
-            fast = await next_hmsg(raw, buffer)
-    finally:
-        await nc.close()
-        await raw.aclose()
+    stock, fast = await published_both_ways(
+        nats_server.url, "reply.x", b"{}", headers, header_block(headers)
+    )
     assert fast[1] == stock[1]  # the header block, byte for byte

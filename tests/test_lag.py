@@ -62,7 +62,7 @@ async def test_a_loop_waiting_off_cpu_is_late_but_not_behind() -> None:
     assert not lag.behind(0.015)
 
 
-class _AlwaysBehind(LoopLag):
+class AlwaysBehind(LoopLag):
     def behind(self, max_lag: float) -> bool:
         return True
 
@@ -77,7 +77,7 @@ async def test_a_node_behind_refuses_commands_at_once_and_changes_nothing(
     subject = f"kaya.cmd.account.{uid}"
     async with app_node.open_node(node_config(nats_server, tmp_path), make_app()):
         assert (await call(nc, subject, OPEN))["ok"] is True
-    monkeypatch.setattr(app_node, "LoopLag", _AlwaysBehind)
+    monkeypatch.setattr(app_node, "LoopLag", AlwaysBehind)
     async with app_node.open_node(node_config(nats_server, tmp_path), make_app()):
         refused = await call(nc, subject, {"type": "Deposit", "amount": 5})
         assert refused["ok"] is False
