@@ -31,7 +31,7 @@ WEDGED_AFTER = 20.0
 """Seconds of failing relay publishes, while connected, before the server is restarted;
 also the least time between two such restarts."""
 CHECK_EVERY = 2.0
-MIN_FREE = 16 * 1024 * 1024
+MIN_FREE = 4 * 1024 * 1024
 """Bytes free under the JetStream directory for a restart to be worth it."""
 
 
@@ -51,7 +51,14 @@ async def watch_jetstream(
             free = shutil.disk_usage(store_dir).free
         except OSError:
             continue
-        if free < MIN_FREE:
-            continue  # still full: a restart would fail the same way
+        if free < MIN_FREE:  # still full: a restart would fail the same way
+            log.warning(
+                "JetStream writes have failed for %.0f s; %d bytes free under %s: waiting"
+                " for room before restarting nats-server",
+                failing_for,
+                free,
+                store_dir,
+            )
+            continue
         server.restart(f"JetStream writes have failed for {failing_for:.0f} s")
         await anyio.sleep(WEDGED_AFTER)
