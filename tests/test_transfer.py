@@ -42,6 +42,7 @@ from examples.bank.transfer import (
 )
 from kaya.actors import (
     BadRequest,
+    Command,
     ErrorCode,
     Registry,
     Rejected,
@@ -658,6 +659,19 @@ async def test_unfinished_transfers_resume_when_the_node_starts(
         assert "outgoing" not in await account(nc, a)
 
 
+async def debited_before_a_crash(
+    node: Node, nc: NATS, transfer: str, source: str, target: str, debit: Command
+) -> None:
+    """Accounts `source` (100) and `target` (0), and the transfer's debit step applied under
+    its step id, as if the node had stopped right after it."""
+    await open_account(nc, source, 100)
+    await open_account(nc, target, 0)
+    reply = await node.runtime.ask(
+        node.app.registry.get("account"), source, debit, command_id=f"transfer/{transfer}/debit"
+    )
+    assert decode_reply(reply).ok
+
+
 @pytest.mark.anyio
 async def test_a_credit_deadline_does_not_move_when_the_node_restarts(
     nats_server: NatsServer, tmp_path: Path, nc: NATS
@@ -665,14 +679,7 @@ async def test_a_credit_deadline_does_not_move_when_the_node_restarts(
     config = node_config(nats_server, tmp_path)
     a, b, t = fresh("a"), fresh("b"), fresh("t")
     async with open_node(config, make_app()) as node:
-        await open_account(nc, a, 100)
-        await open_account(nc, b, 0)
-        cid = f"transfer/{t}/debit"
-        assert decode_reply(
-            await node.runtime.ask(
-                node.app.registry.get("account"), a, Debit(amount=50, target=b), command_id=cid
-            )
-        ).ok
+        await debited_before_a_crash(node, nc, t, a, b, Debit(amount=50, target=b))
     await write_transfer(config, t, Started(source=a, target=b, amount=50), DEBITED)
     async with open_event_store(config.store_path) as store:
         # the credit was first sent before the crash, with a deadline that has passed since
@@ -814,13 +821,8 @@ async def test_a_transfer_in_flight_shows_where_its_money_is(
     config = node_config(nats_server, tmp_path)
     a, b, t = fresh("a"), fresh("b"), fresh("t")
     async with open_node(config, make_app()) as node:
-        await open_account(nc, a, 100)
-        await open_account(nc, b, 0)
-        cid = f"transfer/{t}/debit"
-        debit = Debit(amount=60, target=b)
-        assert decode_reply(
-            await node.runtime.ask(node.app.registry.get("account"), a, debit, command_id=cid)
-        ).ok  # the saga's first step landed; the saga itself has not recorded anything yet
+        # the saga's first step landed; the saga itself has not recorded anything yet
+        await debited_before_a_crash(node, nc, t, a, b, Debit(amount=60, target=b))
         assert await account(nc, a) == {
             "owner": "o",
             "currency": "EUR",
@@ -928,14 +930,7 @@ async def test_a_transfer_started_before_2_6_resumes_with_its_own_steps(
     config = node_config(nats_server, tmp_path)
     a, b, t = fresh("a"), fresh("b"), fresh("t")
     async with open_node(config, make_app()) as node:
-        await open_account(nc, a, 100)
-        await open_account(nc, b, 0)
-        cid = f"transfer/{t}/debit"
-        assert decode_reply(
-            await node.runtime.ask(
-                node.app.registry.get("account"), a, Withdraw(amount=25), command_id=cid
-            )
-        ).ok
+        await debited_before_a_crash(node, nc, t, a, b, Withdraw(amount=25))
     body = {"source": a, "target": b, "amount": 25}
     async with open_event_store(config.store_path) as store:
         await store.append(Append("transfer", t, 0, [stored_v1(STARTED, body)]))
@@ -946,7 +941,8 @@ async def test_a_transfer_started_before_2_6_resumes_with_its_own_steps(
         state = await wait_ended(nc, t)
         assert (state["status"], state["protocol"], state["held"]) == ("completed", 1, 0)
         assert await balances(nc, a, b) == [75, 25]
-        assert (await history(node, "account", a))[2:] == [("Withdrawn", 25, cid)]
+        debit = f"transfer/{t}/debit"
+        assert (await history(node, "account", a))[2:] == [("Withdrawn", 25, debit)]
         assert (await history(node, "account", b))[1:] == [
             ("Deposited", 25, f"transfer/{t}/credit")
         ]
