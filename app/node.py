@@ -119,6 +119,9 @@ class Node:
             problems.append("ingress not serving")
         if self.store.closing:
             problems.append("store closing")
+        store = self.store.statistics()
+        if store.write_failing_since is not None:  # commands get `unavailable` meanwhile
+            problems.append(f"store cannot write: {store.last_write_error}")
         return tuple(problems)
 
     def liveness(self) -> tuple[str, ...]:

@@ -70,6 +70,9 @@ class StoreStatistics:
     batches: int
     events: int
     queued: int
+    write_failing_since: float | None = None
+    """Unix time of the first of the commits failing since the last one that worked."""
+    last_write_error: str = ""
 
 
 class GroupCommit:
@@ -95,6 +98,8 @@ class GroupCommit:
         self._appends = 0
         self._batches = 0
         self._events = 0
+        self._failing_since: float | None = None
+        self._last_error = ""
 
     @property
     def writer(self) -> Writer:
@@ -138,6 +143,8 @@ class GroupCommit:
             batches=self._batches,
             events=self._events,
             queued=len(self._queue),
+            write_failing_since=self._failing_since,
+            last_write_error=self._last_error,
         )
 
     # ---- the writer task -----------------------------------------------------------
@@ -189,9 +196,11 @@ class GroupCommit:
             try:
                 rollback_quietly(conn)
             finally:
+                self._failed(exc)
                 self._fail(batch, f"append failed: {exc}")
                 self._fail(waiters, f"commit failed: {exc}")
             return
+        self._failing_since = None
         for waiter in waiters:
             waiter.finish()
         if not batch:
@@ -205,6 +214,12 @@ class GroupCommit:
                 else:
                     pending.error = integrity_error(pending.append, conflict)
         self._account(committed, sum(len(p.append.events) for p in committed))
+
+    def _failed(self, exc: sqlite3.Error) -> None:
+        """Remember that writing fails (readiness shows it) until a commit works again."""
+        if self._failing_since is None:
+            self._failing_since = time.time()
+        self._last_error = str(exc)
 
     @staticmethod
     def _fail(waiters: Sequence[Waiter], message: str) -> None:
@@ -234,8 +249,10 @@ class GroupCommit:
             try:
                 rollback_quietly(conn)
             finally:
+                self._failed(exc)
                 self._fail(waiters, f"commit failed: {exc}")
             raise StoreError(f"commit failed: {exc}") from exc
+        self._failing_since = None
         for waiter in waiters:
             waiter.finish()
 

@@ -211,9 +211,12 @@ async def test_while_the_disk_is_full_commands_get_unavailable_and_work_again_af
                 refused = await call(nc, subject, {"type": "Deposit", "amount": amount})
                 assert refused["error"]["code"] == "unavailable", refused
                 assert refused["error"]["message"] == "the store cannot write now; retry later"
+            # not ready (don't route commands here), with the reason for the operator
+            assert any("store cannot write" in p and "full" in p for p in node.readiness())
             filler.unlink()
             reply = await call(nc, subject, {"type": "Deposit", "amount": 4})
             assert (reply["ok"], reply["version"]) == (True, 2)  # the refused ones left nothing
+            assert node.readiness() == ()
             await caught_up(node)
             view = await call(nc, "kaya.view.analytics")
             assert view["currencies"]["EUR"]["balance"] == 4
