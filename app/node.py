@@ -51,6 +51,10 @@ from kaya.store import EventStore, StoreError, open_event_store
 
 log = logging.getLogger("kaya.node")
 
+STORE_FAILURE_HOLD = 10.0
+"""Seconds a failed store write keeps the node unready unless appends commit again first:
+with no commands coming (none are routed to an unready node) it clears by itself once
+nothing has failed for this long, and a full disk keeps failing the consumers' retries."""
 LIVENESS_GRACE = 30.0
 """Seconds without a NATS connection before the node counts as unable to serve (`/healthz`
 503). A broker restart or a network blip takes less; a node cut off for longer serves
@@ -120,7 +124,11 @@ class Node:
         if self.store.closing:
             problems.append("store closing")
         store = self.store.statistics()
-        if store.write_failing_since is not None:  # commands get `unavailable` meanwhile
+        if (  # commands get `unavailable` meanwhile
+            store.write_failing_since is not None
+            and store.last_write_failure is not None
+            and time.time() - store.last_write_failure < STORE_FAILURE_HOLD
+        ):
             problems.append(f"store cannot write: {store.last_write_error}")
         return tuple(problems)
 

@@ -71,8 +71,12 @@ class StoreStatistics:
     events: int
     queued: int
     write_failing_since: float | None = None
-    """Unix time of the first of the commits failing since the last one that worked."""
+    """Unix time of the first commit that failed since appends last committed: while set,
+    commands get `unavailable` (a small checkpoint commit may still fit a full disk, so
+    only appends clear it)."""
     last_write_error: str = ""
+    last_write_failure: float | None = None
+    """Unix time of the most recent failed commit (of any kind)."""
 
 
 class GroupCommit:
@@ -99,6 +103,7 @@ class GroupCommit:
         self._batches = 0
         self._events = 0
         self._failing_since: float | None = None
+        self._last_failure: float | None = None
         self._last_error = ""
 
     @property
@@ -145,6 +150,7 @@ class GroupCommit:
             queued=len(self._queue),
             write_failing_since=self._failing_since,
             last_write_error=self._last_error,
+            last_write_failure=self._last_failure,
         )
 
     # ---- the writer task -----------------------------------------------------------
@@ -200,11 +206,11 @@ class GroupCommit:
                 self._fail(batch, f"append failed: {exc}")
                 self._fail(waiters, f"commit failed: {exc}")
             return
-        self._failing_since = None
         for waiter in waiters:
             waiter.finish()
         if not batch:
             return
+        self._failing_since = None  # appends commit again (a checkpoint alone may fit a full disk)
         committed = batch
         if errors is not None:
             committed = []
@@ -217,8 +223,10 @@ class GroupCommit:
 
     def _failed(self, exc: sqlite3.Error) -> None:
         """Remember that writing fails (readiness shows it) until a commit works again."""
+        now = time.time()
         if self._failing_since is None:
-            self._failing_since = time.time()
+            self._failing_since = now
+        self._last_failure = now
         self._last_error = str(exc)
 
     @staticmethod
@@ -252,7 +260,6 @@ class GroupCommit:
                 self._failed(exc)
                 self._fail(waiters, f"commit failed: {exc}")
             raise StoreError(f"commit failed: {exc}") from exc
-        self._failing_since = None
         for waiter in waiters:
             waiter.finish()
 

@@ -37,6 +37,7 @@ from tests.conftest import call, node_config
 from tests.servers import NatsServer
 from tests.test_events import caught_up, open_cmd
 from tests.test_observability import http_get, samples
+from tests.test_schemas import until
 
 pytestmark = pytest.mark.anyio
 
@@ -179,8 +180,9 @@ async def test_a_full_disk_at_a_consumers_commit_leaves_commands_served(
             assert healthy == 0
             assert errors >= 1
             code, body = await readyz(node)
-            assert code == 200  # commands are still answered: degraded, not unready
-            assert b"consumer gate" in body, body
+            assert code == 503  # every command gets `unavailable`: route them elsewhere
+            assert b"store cannot write" in body, body
+            assert b"degraded: consumer gate" in body, body  # and which part fails, and why
             assert b"full" in body, body
 
             filler.unlink()  # the cause goes away: everything resumes without a restart
@@ -348,3 +350,24 @@ async def test_a_jetstream_wedged_by_a_full_disk_is_healed_by_restarting_the_ser
                 assert node.server.restarts >= 1
             finally:
                 await nc.close()
+
+
+async def test_an_unready_store_clears_by_itself_without_commands(
+    nats_server: NatsServer, tmp_path: Path, nc: NATS, uid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unready node gets no commands routed to it: once the disk has room and nothing
+    has failed for a while, readiness must come back without one."""
+    from kaya.app import node as app_node
+
+    monkeypatch.setattr(app_node, "STORE_FAILURE_HOLD", 0.5)
+    with small_disk(tmp_path / "disk") as disk:
+        config = node_config(nats_server, disk / "node")
+        async with open_node(config, make_app(consumers=[])) as node:
+            subject = f"kaya.cmd.account.{uid}"
+            assert (await call(nc, subject, open_cmd()))["ok"] is True
+            filler = fill(disk)
+            refused = await call(nc, subject, {"type": "Deposit", "amount": 1})
+            assert refused["error"]["code"] == "unavailable"
+            assert any("store cannot write" in p for p in node.readiness())
+            filler.unlink()
+            await until(lambda: not node.readiness())

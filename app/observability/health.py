@@ -7,7 +7,7 @@ Three questions, three answers, for whoever runs the node:
   exit), or while NATS has been unreachable for longer than the node's grace
   period; a restart is what an orchestrator does about it.
 - readiness (`/readyz`): should commands be routed here now? 503 while NATS is
-  disconnected, the ingress is not serving or the store is closing.
+  disconnected, the ingress is not serving, the store is closing or cannot write.
 - degraded parts: the relay or a consumer failing (and retrying) while commands
   are still served. They make neither probe fail (restarting or unrouting the node
   would not fix a full disk or a broken handler, and commands still work), but
