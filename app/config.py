@@ -115,6 +115,25 @@ class ConsumersConfig(_Section):
 
 class ShardsConfig(_Section):
     count: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+    """Fixed when a cluster is created (the servers' `partition()` mapping uses it): choose
+    a few times the most nodes you expect, since a shard is the unit that moves."""
+
+
+class ClusterConfig(_Section):
+    """How nodes share the shards: leases in the KAYA_SHARDS bucket, writes fenced by epoch."""
+
+    durability: Literal["local", "replicated"] = "local"
+    """`local`: one node; a command is answered after its SQLite commit, the relay copies
+    events to JetStream. `replicated`: any number of nodes; a command is answered once
+    KAYA_EVENTS (at events.replicas) holds its events, fenced by the shard's epoch, and
+    every node's SQLite follows the stream."""
+    lease_ttl: Annotated[float, msgspec.Meta(ge=1)] = 5.0
+    """Seconds a shard's lease lasts without renewal: how soon a dead node's shards move."""
+    renew_every: Seconds = 1.0
+    """Seconds between renewals of every lease the node holds."""
+    max_moves: Positive = 2
+    """Shards a node hands over or takes at once while rebalancing (a joining node does
+    not move every shard at the same moment)."""
 
 
 class MetricsConfig(_Section):
@@ -160,6 +179,7 @@ class Config(_Section):
     events: EventsConfig = EventsConfig()
     consumers: ConsumersConfig = ConsumersConfig()
     shards: ShardsConfig = ShardsConfig()
+    cluster: ClusterConfig = ClusterConfig()
     metrics: MetricsConfig = MetricsConfig()
     slo: SloConfig = SloConfig()
     tracing: TracingConfig = TracingConfig()
@@ -244,6 +264,12 @@ def cross_check(config: Config) -> str | None:
             f"consumers.backoff_max ({consumers.backoff_max:g}) must be shorter than"
             f" consumers.ack_wait ({consumers.ack_wait:g}): JetStream would redeliver an event"
             " while its consumer still waits to retry it"
+        )
+    cluster = config.cluster
+    if cluster.renew_every * 2 > cluster.lease_ttl:
+        return (
+            f"cluster.renew_every ({cluster.renew_every:g}) must be at most half of"
+            f" cluster.lease_ttl ({cluster.lease_ttl:g}): one late renewal would lose the lease"
         )
     try:
         metrics = metrics_address(config.metrics.address)

@@ -49,6 +49,13 @@ class ServerSettings:
     max_payload: int = 1024 * 1024
     name: str = "kaya"
     sync_always: bool = False
+    cluster_name: str = ""
+    """Empty: a lone server. Otherwise the servers sharing it form one JetStream cluster
+    (each needs its own `name`, which JetStream uses to tell its peers apart)."""
+    cluster_port: int = 0
+    """Where this server listens for its peers' routes (only with `cluster_name`)."""
+    routes: tuple[str, ...] = ()
+    """The peers' route URLs, e.g. nats-route://127.0.0.1:6223 (only with `cluster_name`)."""
 
     @property
     def url(self) -> str:
@@ -61,7 +68,7 @@ def shard_mappings(shards: int) -> dict[str, str]:
         f"kaya.{kind}.*.*": (
             f"kaya.shard.{{{{partition({shards},1,2)}}}}.{kind}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
         )
-        for kind in ("cmd", "qry")
+        for kind in ("cmd", "qry", "step")
     }
 
 
@@ -84,6 +91,16 @@ def server_config(settings: ServerSettings) -> str:
         *(f'  "{src}": "{dst}"' for src, dst in shard_mappings(settings.shards).items()),
         "}",
     ]
+    if settings.cluster_name:
+        lines += [
+            "cluster {",
+            f'  name: "{settings.cluster_name}"',
+            f'  listen: "{settings.host}:{settings.cluster_port}"',
+            "  routes [",
+            *(f'    "{route}"' for route in settings.routes),
+            "  ]",
+            "}",
+        ]
     return "\n".join(lines) + "\n"
 
 
