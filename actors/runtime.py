@@ -38,7 +38,7 @@ from kaya.actors.mailbox import (
     deliver,
     take_commands,
 )
-from kaya.actors.turn import Turns
+from kaya.actors.turn import Journal, Turns
 from kaya.actors.wire import Answer, error_answer, ok_answer, state_reply
 from kaya.store import EventStore
 
@@ -83,11 +83,15 @@ class ActorRuntime:
         settings: RuntimeSettings | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        journal: Journal | None = None,
     ) -> None:
+        """`journal`: the shared log a cluster node writes to first (replicated durability);
+        then an actor of a shard this node does not serve answers `unavailable`."""
         self._store = store
         self._settings = settings or RuntimeSettings()
         self._clock = clock
-        self._turns = Turns(store, snapshot_every=self._settings.snapshot_every)
+        self._journal = journal
+        self._turns = Turns(store, snapshot_every=self._settings.snapshot_every, journal=journal)
         self._actors: OrderedDict[tuple[str, str], Actor] = OrderedDict()
         self._tg: TaskGroup | None = None
         self._busy = 0
@@ -96,6 +100,7 @@ class ActorRuntime:
         self._activations = 0
         self._passivations = 0
         self._observers: list[TurnObserver] = []
+        self._drained: anyio.Event | None = None  # set when an actor's mailbox is drained
 
     # ---- entry points --------------------------------------------------------------
 
@@ -225,6 +230,31 @@ class ActorRuntime:
         self._passivations += len(idle)
         return len(idle)
 
+    def unload(self, belongs: Callable[[str, str], bool]) -> int:
+        """Forget every idle actor for which `belongs(entity, id)`: a shard this node no longer
+        serves, whose next owner may write. A busy one is forgotten after its turn (its
+        journal refuses the write). Returns how many were dropped now."""
+        gone = [key for key, actor in self._actors.items() if belongs(*key) and not actor.running]
+        for key in gone:
+            del self._actors[key]
+        for key, actor in self._actors.items():
+            if belongs(*key):
+                actor.loaded = False
+        self._passivations += len(gone)
+        return len(gone)
+
+    def busy_where(self, belongs: Callable[[str, str], bool]) -> bool:
+        """Whether an actor for which `belongs(entity, id)` is in a turn or has mail."""
+        return any(a.running for key, a in self._actors.items() if belongs(*key))
+
+    async def quiesce(self, belongs: Callable[[str, str], bool]) -> None:
+        """Until no actor for which `belongs(entity, id)` is in a turn (a shard handed over
+        waits for the answers on their way). New mail must be stopped first."""
+        while self.busy_where(belongs):
+            if self._drained is None:
+                self._drained = anyio.Event()
+            await self._drained.wait()
+
     def _evict(self, count: int) -> None:
         victims: list[tuple[str, str]] = []
         for key, actor in self._actors.items():  # least recently used first
@@ -270,8 +300,12 @@ class ActorRuntime:
     async def _run_actor(self, actor: Actor) -> None:
         mailbox = actor.mailbox
         assert mailbox is not None  # made ready by _enqueue, which creates it
+        journal = self._journal
         try:
             while mailbox:
+                if journal is not None and not journal.admits(actor.entity.name, actor.entity_id):
+                    await self._refuse_all(actor)
+                    return
                 if not actor.loaded and not await self._activate(actor):
                     return
                 if mailbox[0].command is None:
@@ -288,6 +322,9 @@ class ActorRuntime:
                 actor.mailbox = None
             actor.last_used = self._clock()
             self._busy -= 1
+            if self._drained is not None:  # only while someone waits: not on the hot path
+                self._drained.set()
+                self._drained = None
         if actor.loaded and self._observers:
             self._tell_observers(actor)
 
@@ -298,10 +335,23 @@ class ActorRuntime:
             except Exception:
                 log.exception("a turn observer failed on %s/%s", actor.entity.name, actor.entity_id)
 
+    async def _refuse_all(self, actor: Actor) -> None:
+        """Answer everything queued for an actor of a shard this node does not serve."""
+        entity = actor.entity
+        error = error_answer(
+            Unavailable(f"{entity.name}/{actor.entity_id}: its shard is not served here now; retry")
+        )
+        while actor.mailbox:
+            await answer(actor.mailbox.popleft(), error)
+        actor.loaded = False
+        self._actors.pop((entity.name, actor.entity_id), None)
+
     async def _activate(self, actor: Actor) -> bool:
         """Rebuild state from snapshot + events. On failure, answer everything queued."""
         entity = actor.entity
         try:
+            if self._journal is not None:
+                await self._journal.settled()
             state, version = entity.initial, 0
             snapshot = await self._store.load_snapshot(entity.name, actor.entity_id)
             if snapshot is not None and snapshot.schema == entity.state_schema:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -43,6 +43,11 @@ if TYPE_CHECKING:
     from kaya.actors.runtime import ActorRuntime
 
 log = logging.getLogger("kaya.sagas")
+
+AskFn = Callable[..., Awaitable[bytes]]
+"""How a step reaches its target: `ask(entity, id, command, *, command_id, deadline,
+traceparent) -> reply body`. In-process by default; in a cluster, over NATS to whichever
+node owns the target's shard. Raises KayaError when it cannot tell (retried)."""
 
 StepObserver = Callable[[str, str, str, str | None], AbstractContextManager[str | None]]
 """Wraps one saga step (saga, id, step, traceparent) and yields the traceparent its
@@ -119,9 +124,20 @@ class SagaDriver:
         *,
         backoff: Backoff | None = None,
         observe_step: StepObserver | None = None,
+        ask: AskFn | None = None,
+        admits: Callable[[str, str], bool] | None = None,
+        resume_on_start: bool = True,
     ) -> None:
-        """`backoff` spaces the retries of a step (and of reporting its outcome)."""
+        """`backoff` spaces the retries of a step (and of reporting its outcome).
+
+        In a cluster, `ask` carries steps to other nodes, `admits(saga, id)` says whether
+        this node still serves a saga (a step of a saga whose shard moved away is left to
+        the new owner, which resumes it), and sagas resume per shard as shards arrive
+        (`resume`) instead of all at start."""
         self._observe_step = observe_step
+        self._ask = ask
+        self._admits = admits
+        self._resume_on_start = resume_on_start
         self._runtime = runtime
         self._store = store
         self._registry = registry
@@ -138,27 +154,38 @@ class SagaDriver:
             self._tg = tg
             unobserve = self._runtime.observe_turns(self._after_turns)
             try:
-                resumed = 0
-                for entity in self._registry:
-                    if isinstance(entity, Saga):
-                        for saga_id in await unfinished(
-                            self._store, entity.name, entity.terminal_events
-                        ):
-                            self._wake(entity, saga_id)
-                            resumed += 1
-                if resumed:
-                    log.info("resuming %d unfinished sagas", resumed)
+                if self._resume_on_start:
+                    await self.resume()
                 task_status.started()
                 await anyio.sleep_forever()
             finally:
                 unobserve()
                 self._tg = None
 
+    async def resume(self, belongs: Callable[[str, str], bool] | None = None) -> int:
+        """Wake every unfinished saga (for which `belongs(saga, id)`, if given)."""
+        resumed = 0
+        for entity in self._registry:
+            if isinstance(entity, Saga):
+                for saga_id in await unfinished(self._store, entity.name, entity.terminal_events):
+                    if belongs is None or belongs(entity.name, saga_id):
+                        self._wake(entity, saga_id)
+                        resumed += 1
+        if resumed:
+            log.info("resuming %d unfinished sagas", resumed)
+        return resumed
+
+    def _serves(self, saga: Saga, saga_id: str) -> bool:
+        return self._admits is None or self._admits(saga.name, saga_id)
+
     def _wake(self, saga: Saga, saga_id: str) -> None:
         """Activate the saga: when its (empty) turn ends, `_after_turns` looks at its state."""
 
         async def ignore(_: Answer) -> None:
             return None
+
+        if not self._serves(saga, saga_id):
+            return
 
         with contextlib.suppress(KayaError):  # a full mailbox: busy, it will look anyway
             self._runtime.query(saga, saga_id, ignore)
@@ -199,11 +226,14 @@ class SagaDriver:
                         self._store, saga.name, saga_id, step.name, time.time() + step.timeout
                     )
                 target = self._registry.get(step.entity)
+                ask = self._ask or self._runtime.ask
                 attempt = 0
                 while True:
                     done = None
+                    if not self._serves(saga, saga_id):
+                        return  # the saga's shard moved: its new owner resumes it
                     try:
-                        reply = await self._runtime.ask(
+                        reply = await ask(
                             target,
                             step.entity_id,
                             step.command,
@@ -238,7 +268,7 @@ class SagaDriver:
         self, saga: Saga, saga_id: str, done: StepDone, command_id: str, trace: str | None
     ) -> None:
         attempt = 0
-        while True:
+        while self._serves(saga, saga_id):
             try:
                 reply = decode_reply(
                     await self._runtime.ask(

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -40,6 +40,32 @@ from kaya.store import Append, EventStore, NewEvent, Reply, Snapshot, StoreError
 log = logging.getLogger("kaya.actors")
 
 _encoder = msgspec.json.Encoder()
+
+
+class Journal(Protocol):
+    """Where a turn's events go first in a cluster (replicated durability): the shared log.
+
+    `record` stores the events of one stream following `version`, or raises Unavailable
+    (nothing may be assumed stored); `hashes` are the request hashes of the commands the
+    events come from, by command id, so any node can remember their replies. The local
+    store then gets only the replies and snapshots: it follows the log by itself.
+    """
+
+    async def record(
+        self,
+        entity: str,
+        entity_id: str,
+        version: int,
+        events: Sequence[NewEvent],
+        hashes: Mapping[str, bytes],
+    ) -> None: ...
+
+    async def settled(self) -> None:
+        """Until the local store holds every event this node wrote: before an activation."""
+
+    def admits(self, entity: str, entity_id: str) -> bool:
+        """Whether this node serves the entity's shard now."""
+
 
 _Answer = tuple[Message, Answer, bool]
 """(message, reply, whether the reply holds only if the turn's append commits)"""
@@ -71,8 +97,11 @@ class _Decided:
 class Turns:
     """Runs actors' turns against one store; counts the commands and the handler crashes."""
 
-    def __init__(self, store: EventStore, *, snapshot_every: int) -> None:
+    def __init__(
+        self, store: EventStore, *, snapshot_every: int, journal: Journal | None = None
+    ) -> None:
         self._store = store
+        self._journal = journal
         self._snapshot_every = snapshot_every
         self.commands = 0
         self.crashes = 0
@@ -178,11 +207,22 @@ class Turns:
                 state=_encoder.encode(decided.state),
                 schema=entity.state_schema,
             )
+        events = decided.events
+        if self._journal is not None and events:
+            hashes = {r.command_id: r.request_hash for r in decided.remembered}
+            try:
+                await self._journal.record(
+                    entity.name, actor.entity_id, actor.version, events, hashes
+                )
+            except Unavailable as exc:
+                actor.loaded = False  # the log decides what happened: rebuild from it
+                return _failed(decided.answers, error_answer(exc))
+            events = []  # in the log: the follower brings them into the store
         append = Append(
             entity=entity.name,
             entity_id=actor.entity_id,
             expected_version=actor.version,
-            events=decided.events,
+            events=events,
             replies=decided.remembered,
             snapshot=snapshot,
         )
@@ -192,6 +232,13 @@ class Turns:
             actor.loaded = False  # someone else wrote: rebuild before the next turn
             return _failed(decided.answers, error_answer(Conflict(f"{exc}; retry")))
         except StoreError as exc:
+            if self._journal is not None and decided.events:
+                # the log holds the events: the command happened; only the local copy of
+                # its replies is missing, and the follower writes those from the log too
+                log.warning("remembering replies of %s/%s failed: %s", entity.name,
+                            actor.entity_id, exc)  # fmt: skip
+                actor.state, actor.version = decided.state, decided.version
+                return decided.answers
             actor.loaded = False
             log.warning("appending to %s/%s failed: %s", entity.name, actor.entity_id, exc)
             failure = error_answer(Unavailable("the store cannot write now; retry later"))

@@ -71,6 +71,8 @@ def check_command_id(command_id: str) -> str:
 EVENTS_STREAM = "KAYA_EVENTS"
 DLQ_STREAM = "KAYA_DLQ"
 EVENT_SUBJECTS = "kaya.evt.>"
+EPOCH_SUBJECTS = "kaya.epoch.>"
+"""Shard epoch markers in KAYA_EVENTS (cluster): what each event write is fenced on."""
 DLQ_SUBJECTS = "kaya.dlq.>"
 VIEW_PREFIX = "kaya.view."
 HEALTH_SUBJECT = "kaya.health"
@@ -151,6 +153,9 @@ def subscribes(filter_subject: str, subject: str) -> bool:
 
 HEADER_COMMAND_ID = "Kaya-Command-Id"
 HEADER_TRACEPARENT = "traceparent"
+HEADER_DEADLINE = "Kaya-Deadline"
+"""On `kaya.step.*` only (node to node): the unix time after which a saga's step must not
+be applied (it is answered `timeout`, remembered like any reply)."""
 HEADER_MSG_ID = "Nats-Msg-Id"
 HEADER_EVENT_TYPE = "Kaya-Event-Type"
 HEADER_SCHEMA_VERSION = "Kaya-Schema-Version"
@@ -268,7 +273,9 @@ def parse_event(
             type=headers[HEADER_EVENT_TYPE],
             schema_version=int(headers[HEADER_SCHEMA_VERSION]),
             entity_version=int(headers[HEADER_ENTITY_VERSION]),
-            position=int(headers[HEADER_POSITION]),
+            # a cluster's events (replicated) have no store position but their stream
+            # sequence, which is where every node's follower stores them
+            position=int(headers.get(HEADER_POSITION) or stream_seq or headers[HEADER_POSITION]),
             event_id=headers.get(HEADER_EVENT_ID) or headers[HEADER_MSG_ID],
             data=data,
             traceparent=headers.get(HEADER_TRACEPARENT),

@@ -26,6 +26,7 @@ handler returned. Success replies get nothing more.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -46,12 +47,14 @@ from kaya.actors import (
     KayaError,
     Overloaded,
     Registry,
+    Unavailable,
     error_from,
     error_reply,
 )
 from kaya.actors.saga import Saga
 from kaya.actors.wire import (
     HEADER_COMMAND_ID,
+    HEADER_DEADLINE,
     HEADER_TRACEPARENT,
     TRACEPARENT,
     VIEW_PREFIX,
@@ -60,8 +63,10 @@ from kaya.actors.wire import (
     decode_json_object,
     error_message,
     header_block,
+    parse_shard,
     parse_subject,
     service_error_headers,
+    shard_of,
 )
 from kaya.app.broker.adapter import HeaderPublisher, queued_messages, reply_subject
 from kaya.app.config import IngressConfig
@@ -141,7 +146,16 @@ class Ingress:
         metrics: CommandMetrics | None = None,
         tracing: Tracing | None = None,
         lag: LoopLag | None = None,
+        owns: Callable[[int], bool] | None = None,
+        per_shard: bool = False,
     ) -> None:
+        """`owns(shard)`: whether this node serves a shard right now (leases); a request
+        for another is refused `unavailable`. `per_shard`: subscribe to each served shard
+        alone (`serve_shard`), as cluster nodes must: with one wildcard subscription the
+        queue group would hand a shard's requests to any node."""
+        self._owns = owns
+        self._per_shard = per_shard
+        self._shard_endpoints: dict[int, list[Any]] = {}
         self._tracing = tracing
         self._lag = lag
         self._views = dict(views or {})
@@ -191,13 +205,15 @@ class Ingress:
         self.errors = {}
         service = _Service(self._nc, config, self.errors)
         await service.start()
-        for name, subject, handler in (
-            ("commands", "kaya.shard.*.cmd.>", self._on_command),
-            ("queries", "kaya.shard.*.qry.>", self._on_query),
+        endpoints: list[tuple[str, str, Any]] = []
+        if not self._per_shard:
+            endpoints += self._endpoints("*", "")
+        endpoints += [
             ("commands-unmapped", "kaya.cmd.>", self._on_command),
             ("queries-unmapped", "kaya.qry.>", self._on_query),
             ("views", "kaya.view.>", self._on_view),
-        ):
+        ]
+        for name, subject, handler in endpoints:
             errors = self.errors[name] = EndpointErrors()
             await service.add_endpoint(
                 name=name, subject=subject, handler=functools.partial(handler, errors)
@@ -209,6 +225,40 @@ class Ingress:
         await self._nc.flush()
         self._service = service
 
+    def _endpoints(self, shard: str, suffix: str) -> list[tuple[str, str, Any]]:
+        return [
+            (f"commands{suffix}", f"kaya.shard.{shard}.cmd.>", self._on_command),
+            (f"queries{suffix}", f"kaya.shard.{shard}.qry.>", self._on_query),
+            (f"steps{suffix}", f"kaya.shard.{shard}.step.>", self._on_step),
+        ]
+
+    async def serve_shard(self, shard: int) -> None:
+        """Subscribe to one shard's subjects (per_shard nodes); once the server has the
+        subscriptions, requests for the shard reach this node."""
+        service = self._service
+        if not self._per_shard or service is None or shard in self._shard_endpoints:
+            return
+        added = []
+        for name, subject, handler in self._endpoints(str(shard), f"-{shard}"):
+            errors = self.errors[name] = EndpointErrors()
+            await service.add_endpoint(
+                name=name, subject=subject, handler=functools.partial(handler, errors)
+            )
+            added.append(service._endpoints[-1])  # nats.micro has no public removal
+        self._shard_endpoints[shard] = added
+        await self._nc.flush()
+        await self._nc.flush()  # see start(): the second PING follows the SUBs
+
+    async def drop_shard(self, shard: int) -> None:
+        """Stop taking the shard's requests (they go to its next owner, or get no
+        responders until there is one); those in flight are still answered."""
+        service = self._service
+        for endpoint in self._shard_endpoints.pop(shard, []):
+            with contextlib.suppress(nats.errors.Error, AssertionError):
+                await endpoint._stop()
+            if service is not None and endpoint in service._endpoints:
+                service._endpoints.remove(endpoint)
+
     async def stop(self, timeout: float = 30.0) -> None:
         """Stop taking requests, then wait (bounded) for those in flight to be answered."""
         if self._service is not None:
@@ -217,6 +267,7 @@ class Ingress:
             except nats.errors.Error as exc:  # disconnected: the server dropped our subs anyway
                 log.warning("stopping the service endpoints: %r", exc)
             self._service = None
+            self._shard_endpoints.clear()
         with anyio.move_on_after(timeout):
             await self._idle.wait()
         if self._inflight:
@@ -224,7 +275,14 @@ class Ingress:
 
     # ---- handlers --------------------------------------------------------------------
 
-    async def _on_command(self, errors: EndpointErrors, request: Request) -> None:
+    async def _on_step(self, errors: EndpointErrors, request: Request) -> None:
+        """A saga's step from another node: a command that may carry a step's reserved
+        command id and its deadline (`Kaya-Deadline`, unix seconds)."""
+        await self._on_command(errors, request, step=True)
+
+    async def _on_command(
+        self, errors: EndpointErrors, request: Request, *, step: bool = False
+    ) -> None:
         reply_to = reply_subject(request)
         lag, max_lag = self._lag, self._config.max_loop_lag
         if lag is not None and max_lag and lag.behind(max_lag):
@@ -241,7 +299,9 @@ class Ingress:
         trace: str | None = None  # the traceparent a reply carries back
         try:
             self._admit(request)
-            entity_name, entity_id = parse_subject(request.subject, "cmd", self._shards)
+            kind = "step" if step else "cmd"
+            entity_name, entity_id = parse_subject(request.subject, kind, self._shards)
+            self._check_owned(request.subject, entity_name, entity_id)
             entity = self._registry.get(entity_name)
             data = request.data
             if len(data) > self._config.max_body:
@@ -251,9 +311,12 @@ class Ingress:
             command = entity.decode_command(data)
             headers = request.headers or {}
             command_id = headers.get(HEADER_COMMAND_ID)
+            deadline = None
+            if step:
+                deadline = _deadline(headers.get(HEADER_DEADLINE))
             if command_id is not None:
                 check_command_id(command_id)
-                if command_id.startswith(self._reserved_ids):
+                if not step and command_id.startswith(self._reserved_ids):
                     raise BadRequest(
                         f"{HEADER_COMMAND_ID} {command_id!r}: ids starting with"
                         f" {' or '.join(self._reserved_ids)} are reserved for saga steps"
@@ -277,6 +340,7 @@ class Ingress:
                 self._replier(reply_to, entity.name, type(command).__name__, errors, span, trace),
                 command_id=command_id,
                 traceparent=traceparent,
+                deadline=deadline,
             )
         except Exception as exc:
             error = self._as_error(exc, "command", request)
@@ -292,6 +356,7 @@ class Ingress:
         try:
             self._admit(request)
             entity_name, entity_id = parse_subject(request.subject, "qry", self._shards)
+            self._check_owned(request.subject, entity_name, entity_id)
             entity = self._registry.get(entity_name)
             self._runtime.query(
                 entity, entity_id, self._replier(reply_to, entity.name, "query", errors)
@@ -331,6 +396,18 @@ class Ingress:
             return
         if reply_to:
             await self._nc.publish(reply_to, body)
+
+    def _check_owned(self, subject: str, entity: str, entity_id: str) -> None:
+        """Refuse (`unavailable`) a request for a shard this node does not serve now: a
+        lease that lapsed, a shard being handed over, an unmapped subject of another's."""
+        owns = self._owns
+        if owns is None:
+            return
+        shard = parse_shard(subject)
+        if shard is None:
+            shard = shard_of(self._shards, entity, entity_id)
+        if not owns(shard):
+            raise Unavailable(f"shard {shard} is not served by this node right now; retry")
 
     def _admit(self, request: Request) -> None:
         """Refuse early, before any decoding, while the node is behind.
@@ -422,6 +499,15 @@ class Ingress:
         await self._publisher.publish(
             reply_to, body, reply="", header_block=header_block(headers), headers=lambda: headers
         )
+
+
+def _deadline(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise BadRequest(f"{HEADER_DEADLINE} {value!r} is not a unix time in seconds") from None
 
 
 def _behind() -> dict[str, str]:

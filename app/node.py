@@ -14,6 +14,7 @@ ServerError, and `kaya run` exits with it.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -36,6 +37,11 @@ from kaya.app.broker.adapter import connect
 from kaya.app.broker.embedded import EmbeddedServer, ServerSettings, run_embedded_server
 from kaya.app.broker.streams import ensure_streams
 from kaya.app.broker.watchdog import watch_jetstream
+from kaya.app.cluster.follower import Follower
+from kaya.app.cluster.host import ShardHost
+from kaya.app.cluster.journal import Journal
+from kaya.app.cluster.leases import LeaseKeeper, LeaseSettings, ensure_bucket
+from kaya.app.cluster.steps import remote_ask
 from kaya.app.config import Config
 from kaya.app.events.consumers import Context
 from kaya.app.events.relay import Relay
@@ -63,6 +69,15 @@ apply itself (a fresh process, a fresh connection, possibly elsewhere)."""
 STREAMS_RETRY = Backoff(initial=0.2, cap=5.0)
 STREAMS_ATTEMPTS = 8
 """Attempts to re-create the streams after a reconnect: JetStream may still be starting."""
+
+
+CATCH_UP_GRACE = 60.0
+"""Seconds a starting node may take to catch up the shards it took in its first round."""
+
+
+class ClusterError(RuntimeError):
+    """The node cannot take its place among the others (say, a second node with local
+    durability): said at start-up, in one line, instead of serving half the shards."""
 
 
 class NatsLink:
@@ -98,8 +113,11 @@ class Node:
     ingress: Ingress
     app: App
     server: EmbeddedServer | None
-    relay: Relay
+    relay: Relay | Follower
+    """Local durability: the outbox relay. Replicated: the follower (nothing to relay)."""
     consumers: dict[str, ConsumerRunner]
+    keeper: LeaseKeeper | None = None
+    host: ShardHost | None = None
     metrics_url: str | None = None
     link: NatsLink = field(default_factory=NatsLink)
 
@@ -123,6 +141,9 @@ class Node:
             problems.append("ingress not serving")
         if self.store.closing:
             problems.append("store closing")
+        keeper = self.keeper
+        if keeper is not None and keeper.conflict:
+            problems.append(keeper.conflict)
         store = self.store.statistics()
         if (  # commands get `unavailable` meanwhile
             store.write_failing_since is not None
@@ -230,6 +251,44 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
                 max_batch_events=config.store.max_batch_events,
             )
         )
+        reconnected = anyio.Event()
+        link = NatsLink()
+
+        def on_reconnect() -> None:
+            link.reconnected()
+            reconnected.set()
+
+        servers = [u.strip() for u in url.split(",") if u.strip()]
+        nc = await connect(
+            servers,
+            name=config.node.name,
+            on_reconnect=on_reconnect,
+            on_disconnect=link.disconnected,
+            timeout=config.nats.startup_timeout,
+        )
+        stack.push_async_callback(_close, nc)  # runs after the tasks below are cancelled
+        await ensure_streams(nc.jetstream(), config.events)
+        await register_schemas(nc.jetstream(), registry, replicas=config.events.replicas)
+        cluster = config.cluster
+        replicated = cluster.durability == "replicated"
+        await ensure_bucket(nc, cluster.lease_ttl, config.events.replicas)
+        keeper = LeaseKeeper(
+            LeaseSettings(
+                node=config.node.name,
+                shards=config.shards.count,
+                ttl=cluster.lease_ttl,
+                renew_every=cluster.renew_every,
+                max_moves=cluster.max_moves,
+                exclusive=not replicated,
+                fenced=replicated,
+            ),
+            servers,
+        )
+        journal = (
+            Journal(nc, keeper, shards=config.shards.count, ack_timeout=config.events.ack_timeout)
+            if replicated
+            else None
+        )
         runtime = ActorRuntime(
             store,
             RuntimeSettings(
@@ -239,24 +298,8 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
                 snapshot_every=config.store.snapshot_every,
                 max_turn=config.actors.max_turn,
             ),
+            journal=journal,
         )
-        reconnected = anyio.Event()
-        link = NatsLink()
-
-        def on_reconnect() -> None:
-            link.reconnected()
-            reconnected.set()
-
-        nc = await connect(
-            url,
-            name=config.node.name,
-            on_reconnect=on_reconnect,
-            on_disconnect=link.disconnected,
-            timeout=config.nats.startup_timeout,
-        )
-        stack.push_async_callback(_close, nc)  # runs after the tasks below are cancelled
-        await ensure_streams(nc.jetstream(), config.events)
-        await register_schemas(nc.jetstream(), registry, replicas=config.events.replicas)
         tracing = None
         if config.tracing.otlp_endpoint:
             from kaya.app.observability.tracing import Tracing  # imported only when tracing is on
@@ -271,17 +314,32 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
         stack.callback(tg.cancel_scope.cancel)
         await tg.start(runtime.run)
         observe = tracing.saga_step if tracing is not None else None
-        await tg.start(SagaDriver(runtime, store, registry, observe_step=observe).run)
+        sagas = SagaDriver(
+            runtime,
+            store,
+            registry,
+            observe_step=observe,
+            ask=remote_ask(nc) if replicated else None,
+            admits=journal.admits if journal is not None else None,
+            resume_on_start=not replicated,
+        )
+        await tg.start(sagas.run)
         tg.start_soon(_expire_replies, store, config.store.reply_retention)
         lag = LoopLag()
         await tg.start(lag.run)
-        relay = Relay(
-            nc,
-            store,
-            batch=config.events.relay_batch,
-            ack_timeout=config.events.ack_timeout,
-            rewind=config.events.relay_rewind,
-        )
+        relay: Relay | Follower
+        if journal is not None:
+            relay = follower = Follower(nc, store)
+            journal.follow(lambda: follower.applied, follower.wait_for)
+        else:
+            follower = None
+            relay = Relay(
+                nc,
+                store,
+                batch=config.events.relay_batch,
+                ack_timeout=config.events.ack_timeout,
+                rewind=config.events.relay_rewind,
+            )
         await tg.start(relay.run)
         if server is not None:
             tg.start_soon(
@@ -327,6 +385,11 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             )
             await tg.start(runner.run)
             runners[consumer.name] = runner
+        serving: set[int] = set()
+
+        def owns(shard: int) -> bool:
+            return shard in serving and keeper.owned(shard) is not None
+
         ingress = Ingress(
             nc,
             runtime,
@@ -337,16 +400,50 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             views={name: functools.partial(view, context) for name, view in app.views.items()},
             tracing=tracing,
             lag=lag,
+            owns=owns,
+            per_shard=replicated,
         )
+        host = ShardHost(
+            keeper,
+            ingress,
+            runtime,
+            sagas,
+            shards=config.shards.count,
+            journal=journal,
+            follower=follower,
+            resume_sagas=replicated,
+        )
+        host.serving = serving
         node = Node(
-            config, url, nc, store, runtime, ingress, app, server, relay, runners, link=link
+            config,
+            url,
+            nc,
+            store,
+            runtime,
+            ingress,
+            app,
+            server,
+            relay,
+            runners,
+            keeper=keeper,
+            host=host,
+            link=link,
         )
         await _serve_health(node, tg)
         try:
             await ingress.start()
+            await tg.start(host.run)
+            keeper.notify = host.notify_from(asyncio.get_running_loop().call_soon_threadsafe)
+            await anyio.to_thread.run_sync(keeper.start, config.nats.startup_timeout)
+            stack.push_async_callback(_stop_keeper, keeper)
+            if keeper.conflict:
+                raise ClusterError(keeper.conflict)
+            with anyio.fail_after(config.nats.startup_timeout + CATCH_UP_GRACE):
+                await host.first_round_served(keeper.first_taken)
             yield node
         finally:
             with anyio.CancelScope(shield=True):
+                await host.drain_all()
                 await ingress.stop()
                 if nc.is_connected:  # without a broker there is nothing to wait for
                     with anyio.move_on_after(10):
@@ -384,6 +481,12 @@ async def _serve_health(node: Node, tg: TaskGroup) -> None:
     except OSError as exc:
         raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
     node.metrics_url = f"http://{host}:{bound}/metrics"
+
+
+async def _stop_keeper(keeper: LeaseKeeper) -> None:
+    """After the node stopped serving: delete its leases (the others take them at once)."""
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(keeper.stop)
 
 
 async def _close(nc: NATS) -> None:

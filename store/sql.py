@@ -36,7 +36,7 @@ _INSERT_EVENT = (
     " data, recorded_at, command_id, traceparent)"
 )
 _INSERT_REPLY = (
-    "INSERT INTO replies (entity, entity_id, command_id, request_hash, body, recorded_at)"
+    "INSERT OR IGNORE INTO replies (entity, entity_id, command_id, request_hash, body, recorded_at)"
 )
 _UPSERT_SNAPSHOT = "INSERT INTO snapshots (entity, entity_id, version, state_schema, state)"
 _UPSERT_SNAPSHOT_TAIL = (

@@ -420,7 +420,7 @@ async def test_a_poison_event_is_dead_lettered_and_replayed_once_fixed(
 async def test_streams_are_created_with_the_configured_settings(node: Node, nc: NATS) -> None:
     js = nc.jetstream()
     events = await js.stream_info(EVENTS_STREAM)
-    assert events.config.subjects == ["kaya.evt.>"]
+    assert events.config.subjects == ["kaya.evt.>", "kaya.epoch.>"]
     assert events.config.storage == "file"
     assert events.config.duplicate_window == 300.0
     dlq = await js.stream_info(DLQ_STREAM)

@@ -1,6 +1,7 @@
 """The JetStream streams of the contract, created or updated on every start.
 
 KAYA_EVENTS  kaya.evt.<entity>.<id>   every committed event, deduplicated by Nats-Msg-Id
+             kaya.epoch.<shard>       a cluster's shard epoch markers (app/cluster/leases.py)
 KAYA_DLQ     kaya.dlq.<consumer>      events a consumer gave up on, with why
 """
 
@@ -10,7 +11,13 @@ from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from kaya.actors.wire import DLQ_STREAM, DLQ_SUBJECTS, EVENT_SUBJECTS, EVENTS_STREAM
+from kaya.actors.wire import (
+    DLQ_STREAM,
+    DLQ_SUBJECTS,
+    EPOCH_SUBJECTS,
+    EVENT_SUBJECTS,
+    EVENTS_STREAM,
+)
 from kaya.app.config import EventsConfig
 
 
@@ -19,7 +26,7 @@ def stream_configs(config: EventsConfig) -> list[StreamConfig]:
         StreamConfig(
             name=EVENTS_STREAM,
             description="Kaya: every committed event, per entity in version order",
-            subjects=[EVENT_SUBJECTS],
+            subjects=[EVENT_SUBJECTS, EPOCH_SUBJECTS],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             num_replicas=config.replicas,

@@ -48,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -211,7 +211,19 @@ class ConsumerRunner:
         *,
         registry: Registry | None = None,
         tracing: Tracing | None = None,
+        durable: str | None = None,
+        shared: bool = False,
+        before_batch: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
+        """In a cluster (replicated durability): `durable` names the JetStream consumer
+        (a projection's is per node: `<name>-<node>`); `shared` marks a consumer that
+        runs on one node at a time and moves with its lease, so a new holder starts after
+        what the previous one acknowledged, not from its own older checkpoint; and
+        `before_batch(seq)` waits until the local store holds the events up to `seq`
+        (positions are stream sequences there, checked against the store)."""
+        self._durable = durable or consumer.name
+        self._shared = shared
+        self._before_batch = before_batch
         self._tracing = tracing
         self._nc = nc
         self._registry = registry
@@ -334,16 +346,23 @@ class ConsumerRunner:
         itself: a server-side filter on a stream with one subject per entity costs
         nats-server about four times the CPU of the delivery (bench.consumers).
         """
+        if self._shared:
+            with contextlib.suppress(NotFoundError):
+                held = await self._js.consumer_info(EVENTS_STREAM, self._durable)
+                floor = held.ack_floor.stream_seq if held.ack_floor else 0
+                if floor and floor > self._seq:  # the previous holder got that far
+                    self._seq = floor
+                    self._checkpoint = max(self._checkpoint, floor)
         start = self._seq + 1
         with contextlib.suppress(NotFoundError):
             info = await self._js.stream_info(EVENTS_STREAM)
             if info.state.last_seq < self._seq:  # the stream was reset: positions still guard
                 start = 1
         with contextlib.suppress(NotFoundError):
-            await self._js.delete_consumer(EVENTS_STREAM, self.consumer.name)
+            await self._js.delete_consumer(EVENTS_STREAM, self._durable)
         batch = self._config.fetch_batch
         config = ConsumerConfig(
-            durable_name=self.consumer.name,
+            durable_name=self._durable,
             description=f"Kaya consumer {self.consumer.name}",
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=start,
@@ -353,7 +372,7 @@ class ConsumerRunner:
             filter_subject=EVENT_SUBJECTS,
         )
         await self._js.add_consumer(EVENTS_STREAM, config)
-        pull = LeanPull(self._nc, EVENTS_STREAM, self.consumer.name, batch=batch)
+        pull = LeanPull(self._nc, EVENTS_STREAM, self._durable, batch=batch)
         await pull.start()
         return pull
 
@@ -373,6 +392,8 @@ class ConsumerRunner:
             except MalformedEvent as exc:
                 envelope = exc
             batch.append((msg, stream_seq, envelope))
+        if self._before_batch is not None and batch:
+            await self._before_batch(max(seq for _, seq, _ in batch))
         checkpoint = self._checkpoint
         # one read of the store for every position past the checkpoint: the judge of them
         newer = {e.position for _, _, e in batch if isinstance(e, Delivered)}

@@ -1,0 +1,196 @@
+"""Nodes sharing shards through one NATS: one owner per shard, writes fenced, no split brain.
+
+Real processes: a nats-server and `kaya run` nodes, stopped by PID; every wait is on an
+observable state with a deadline.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from kaya import Client
+from kaya.actors.errors import Unavailable
+from kaya.actors.wire import EVENTS_STREAM, shard_of
+from kaya.app.broker.streams import ensure_streams
+from kaya.app.cluster.journal import Journal
+from kaya.app.cluster.leases import BUCKET, ensure_bucket, epoch_subject, read_table
+from kaya.app.config import EventsConfig
+from kaya.store import NewEvent
+from tests.servers import (
+    VENV_BIN,
+    KayaProcess,
+    NatsServer,
+    start_kaya,
+    start_nats_server,
+    stop_pid,
+    wait_for_line,
+)
+
+pytestmark = pytest.mark.anyio
+
+REPLICATED = '[cluster]\ndurability = "replicated"\nlease_ttl = 3.0\nrenew_every = 0.5\n'
+
+
+def node_config(path: Path, name: str, server: NatsServer, extra: str = REPLICATED) -> Path:
+    data = path / name
+    data.mkdir(parents=True, exist_ok=True)
+    config = data / "config.toml"
+    config.write_text(
+        f'[node]\nname = "{name}"\ndata_dir = "{data}"\napp = "examples.bank:app"\n'
+        f'[nats]\nurl = "{server.url}"\n[metrics]\naddress = ""\n[log]\nlevel = "info"\n{extra}'
+    )
+    return config
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = start_nats_server(tmp_path / "nats")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def stored_versions(data_dir: Path, entity_id: str) -> list[int]:
+    db = sqlite3.connect(data_dir / "kaya.db")
+    try:
+        rows = db.execute(
+            "SELECT version FROM events WHERE entity = 'account' AND entity_id = ?"
+            " ORDER BY version",
+            (entity_id,),
+        ).fetchall()
+    finally:
+        db.close()
+    return [int(r[0]) for r in rows]
+
+
+async def owners(url: str) -> dict[int, str]:
+    nc = await nats.connect(url)
+    try:
+        kv = await nc.jetstream().key_value(BUCKET)
+        table = await read_table(kv)
+    finally:
+        await nc.close()
+    return {n: node for n, (node, _, _) in table.owners.items()}
+
+
+async def until_owners(url: str, want: object, timeout: float = 30.0) -> dict[int, str]:
+    deadline = time.monotonic() + timeout
+    seen: dict[int, str] = {}
+    while time.monotonic() < deadline:
+        seen = await owners(url)
+        if callable(want) and want(seen):
+            return seen
+        await _pause()
+    raise AssertionError(f"shard owners never matched: {seen}")
+
+
+async def _pause() -> None:
+    import anyio
+
+    await anyio.sleep(0.2)  # polling an external state (the bucket), bounded by the deadline
+
+
+async def test_two_nodes_split_the_shards_and_agree_on_every_entity(
+    tmp_path: Path, server: NatsServer
+) -> None:
+    """The split-brain report: 1 Open + 10 Deposits to m-1 through two nodes on one server."""
+    first = start_kaya(node_config(tmp_path, "n1", server))
+    second: KayaProcess | None = None
+    try:
+        second = start_kaya(node_config(tmp_path, "n2", server))
+        split = await until_owners(
+            server.url,
+            lambda o: len(o) == 16 and sorted(o.values()).count("n1") == 8,
+        )
+        assert set(split.values()) == {"n1", "n2"}
+        async with Client.connect(server.url, timeout=5.0, attempts=20) as client:
+            await client.send("account", "m-1", {"type": "Open", "owner": "m", "currency": "EUR"})
+            for i in range(10):
+                await client.send("account", "m-1", {"type": "Deposit", "amount": 10 + i})
+            state = await client.get("account", "m-1")
+        assert state.version == 11
+        assert state.state["balance"] == sum(10 + i for i in range(10))
+        # both nodes' stores follow the log: the same 11 events on either side
+        for node in ("n1", "n2"):
+            deadline = time.monotonic() + 10
+            while stored_versions(tmp_path / node, "m-1") != list(range(1, 12)):
+                assert time.monotonic() < deadline, stored_versions(tmp_path / node, "m-1")
+                await _pause()
+    finally:
+        if second is not None:
+            stop_pid(second.proc)
+        stop_pid(first.proc)
+
+
+def test_a_second_local_node_is_refused_with_a_clear_message(
+    tmp_path: Path, server: NatsServer
+) -> None:
+    first = start_kaya(node_config(tmp_path, "n1", server, extra=""))
+    try:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "kaya"), "run", "--config",
+             str(node_config(tmp_path, "n2", server, extra=""))],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            line = wait_for_line(proc, "stderr", b"replicated", 30)
+            proc.wait(timeout=30)
+        finally:
+            stop_pid(proc)
+        assert proc.returncode != 0
+        assert "held by n1" in line
+        assert 'durability = "replicated"' in line
+    finally:
+        stop_pid(first.proc)
+
+
+async def test_a_write_under_an_old_epoch_is_refused_by_jetstream(
+    tmp_path: Path, server: NatsServer
+) -> None:
+    """Fencing by storage: whatever a node believes, the stream refuses its stale epoch."""
+    nc = await nats.connect(server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, EventsConfig())
+        await ensure_bucket(nc, 5.0, 1)
+        shard = shard_of(16, "account", "fenced-1")
+        old = (await js.publish(epoch_subject(shard), b"{}", stream=EVENTS_STREAM)).seq
+
+        class Keeper:
+            epoch = old
+            gave_up: list[int] = []
+
+            def owned(self, n: int) -> int | None:
+                return self.epoch if n == shard else None
+
+            def give_up(self, n: int) -> None:
+                self.gave_up.append(n)
+
+        keeper = Keeper()
+        journal = Journal(nc, keeper, shards=16, ack_timeout=5.0)  # type: ignore[arg-type]
+        event = NewEvent(event_id="e-1", type="Opened", schema_version=1, data=b'{"type":"Opened"}')
+        await journal.record("account", "fenced-1", 0, [event], {})
+        # another node takes the shard: a new epoch marker
+        await js.publish(epoch_subject(shard), b"{}", stream=EVENTS_STREAM)
+        late = NewEvent(event_id="e-2", type="Deposited", schema_version=1, data=b"{}")
+        with pytest.raises(Unavailable):
+            await journal.record("account", "fenced-1", 1, [late], {})
+        assert keeper.gave_up == [shard]
+        assert journal.refused == 1
+        assert not journal.admits("account", "fenced-1")
+        info = await js.stream_info(EVENTS_STREAM, subjects_filter="kaya.evt.account.fenced-1")
+        assert sum((info.state.subjects or {}).values()) == 1  # only the write under its epoch
+        msg = await js.get_last_msg(EVENTS_STREAM, "kaya.evt.account.fenced-1")
+        assert msg.headers is not None
+        assert msg.headers["Nats-Msg-Id"] == "e-1"
+    finally:
+        await nc.close()
