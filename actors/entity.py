@@ -84,6 +84,9 @@ class Entity(Generic[S, C, E]):
     name: ClassVar[str]
     state_type: ClassVar[type[msgspec.Struct]]
     command_types: ClassVar[tuple[type[Command], ...]]
+    internal_types: ClassVar[tuple[type[Command], ...]] = ()
+    """Commands only sagas send (a transfer's debit): never accepted from clients, and
+    in a cluster carried node to node on `kaya.step.*`, so they must be listed here."""
     event_types: ClassVar[tuple[type[Event], ...]]
     state_schema: ClassVar[int] = 1
     upcasters: ClassVar[Mapping[tuple[str, int], Upcaster]] = {}
@@ -100,6 +103,8 @@ class Entity(Generic[S, C, E]):
         }
         self._state_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(self.state_type)
         self.command_names = frozenset(t.__name__ for t in self.command_types)
+        steps: Any = Union[(*self.command_types, *self.internal_types)]
+        self._step_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(steps)
 
     @property
     def initial(self) -> S:
@@ -135,6 +140,15 @@ class Entity(Generic[S, C, E]):
             raise BadRequest(
                 f"invalid {type(command).__name__}: integer out of range (64 bits) - at `{path}`"
             )
+        return command
+
+    def decode_step(self, data: bytes) -> C:
+        """A command from another node's saga: a client's command or an internal one."""
+        try:
+            command: C = self._step_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            known = ", ".join(t.__name__ for t in (*self.command_types, *self.internal_types))
+            raise BadRequest(f"{self.name}: not a step command ({known}): {exc}") from None
         return command
 
     def _explain(self, data: bytes, exc: msgspec.DecodeError) -> Exception:

@@ -144,8 +144,8 @@ class Client:
         requests made meanwhile are retried as above.
         """
         _check_settings(timeout, attempts)
-        if isinstance(servers, str):
-            urls = [servers]
+        if isinstance(servers, str):  # one URL, or a cluster's as "nats://a:4222,nats://b:4222"
+            urls = [u.strip() for u in servers.split(",") if u.strip()]
         else:
             urls = list(servers)
             if not urls:

@@ -308,7 +308,7 @@ class Ingress:
                 raise BadRequest(
                     f"body of {len(data)} bytes exceeds the limit of {self._config.max_body}"
                 )
-            command = entity.decode_command(data)
+            command = entity.decode_step(data) if step else entity.decode_command(data)
             headers = request.headers or {}
             command_id = headers.get(HEADER_COMMAND_ID)
             deadline = None

@@ -18,12 +18,14 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import nats.errors
+import nats.js.errors
 from anyio.abc import TaskGroup
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -33,7 +35,7 @@ from kaya.actors.retry import Backoff
 from kaya.actors.saga import SagaDriver
 from kaya.actors.wire import HEALTH_SUBJECT
 from kaya.app.application import App
-from kaya.app.broker.adapter import connect
+from kaya.app.broker.adapter import connect, server_urls
 from kaya.app.broker.embedded import EmbeddedServer, ServerSettings, run_embedded_server
 from kaya.app.broker.streams import ensure_streams
 from kaya.app.broker.watchdog import watch_jetstream
@@ -43,7 +45,7 @@ from kaya.app.cluster.journal import Journal
 from kaya.app.cluster.leases import LeaseKeeper, LeaseSettings, ensure_bucket
 from kaya.app.cluster.steps import remote_ask
 from kaya.app.config import Config
-from kaya.app.events.consumers import Context
+from kaya.app.events.consumers import Context, Projection
 from kaya.app.events.relay import Relay
 from kaya.app.events.runner import ConsumerRunner
 from kaya.app.ingress import Ingress
@@ -258,7 +260,7 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             link.reconnected()
             reconnected.set()
 
-        servers = [u.strip() for u in url.split(",") if u.strip()]
+        servers = server_urls(url)
         nc = await connect(
             servers,
             name=config.node.name,
@@ -267,11 +269,27 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             timeout=config.nats.startup_timeout,
         )
         stack.push_async_callback(_close, nc)  # runs after the tasks below are cancelled
-        await ensure_streams(nc.jetstream(), config.events)
-        await register_schemas(nc.jetstream(), registry, replicas=config.events.replicas)
+        await _with_retries(
+            "creating the streams", lambda: ensure_streams(nc.jetstream(), config.events)
+        )
+        await _with_retries(
+            "registering the schemas",
+            lambda: register_schemas(nc.jetstream(), registry, replicas=config.events.replicas),
+        )
         cluster = config.cluster
         replicated = cluster.durability == "replicated"
-        await ensure_bucket(nc, cluster.lease_ttl, config.events.replicas)
+
+        async def lease_bucket() -> None:
+            await ensure_bucket(nc, cluster.lease_ttl, config.events.replicas)
+
+        await _with_retries("creating the lease bucket", lease_bucket)
+        singletons = tuple(
+            c.name
+            for c in app.consumers
+            if replicated
+            and not isinstance(c, Projection)
+            and c.name not in config.consumers.disabled
+        )
         keeper = LeaseKeeper(
             LeaseSettings(
                 node=config.node.name,
@@ -281,6 +299,7 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
                 max_moves=cluster.max_moves,
                 exclusive=not replicated,
                 fenced=replicated,
+                singletons=singletons,
             ),
             servers,
         )
@@ -380,10 +399,24 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             if consumer.name in config.consumers.disabled:
                 continue
             consumer.bind(context)
+            shared = replicated and not isinstance(consumer, Projection)
             runner = ConsumerRunner(
-                nc, store, consumer, config.consumers, registry=registry, tracing=tracing
+                nc,
+                store,
+                consumer,
+                config.consumers,
+                registry=registry,
+                tracing=tracing,
+                # a cluster: read models per node (each store has every event), reactions
+                # once per cluster (they act on the world: a notification, an email)
+                durable=f"{consumer.name}-{config.node.name}"
+                if replicated and not shared
+                else None,
+                shared=shared,
+                before_batch=follower.wait_for if follower is not None else None,
             )
-            await tg.start(runner.run)
+            if not shared:
+                await tg.start(runner.run)
             runners[consumer.name] = runner
         serving: set[int] = set()
 
@@ -414,6 +447,9 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             resume_sagas=replicated,
         )
         host.serving = serving
+        for name, runner in runners.items():
+            if name in singletons:
+                host.once_per_cluster(name, runner.run)
         node = Node(
             config,
             url,
@@ -481,6 +517,21 @@ async def _serve_health(node: Node, tg: TaskGroup) -> None:
     except OSError as exc:
         raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
     node.metrics_url = f"http://{host}:{bound}/metrics"
+
+
+async def _with_retries(what: str, step: Callable[[], Awaitable[object]]) -> None:
+    """A start-up step against JetStream, tried STREAMS_ATTEMPTS times: nodes of a new
+    cluster starting together make the same stream changes at once, and all but one
+    can time out while the first is applied (seen with 3 nodes, nats-server 2.15)."""
+    for attempt in range(1, STREAMS_ATTEMPTS + 1):
+        try:
+            await step()
+            return
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+            if attempt == STREAMS_ATTEMPTS:
+                raise
+            log.warning("%s: %r, attempt %d", what, exc, attempt)
+            await STREAMS_RETRY.sleep(attempt)
 
 
 async def _stop_keeper(keeper: LeaseKeeper) -> None:

@@ -9,10 +9,14 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
+import anyio
+import msgspec
 import nats
+import orjson
 import pytest
 
 from kaya import Client
@@ -32,8 +36,10 @@ from tests.servers import (
     stop_pid,
     wait_for_line,
 )
+from tests.test_schemas import until
 
 pytestmark = pytest.mark.anyio
+T = TypeVar("T")
 
 REPLICATED = '[cluster]\ndurability = "replicated"\nlease_ttl = 3.0\nrenew_every = 0.5\n'
 
@@ -93,9 +99,19 @@ async def until_owners(url: str, want: object, timeout: float = 30.0) -> dict[in
 
 
 async def _pause() -> None:
-    import anyio
-
     await anyio.sleep(0.2)  # polling an external state (the bucket), bounded by the deadline
+
+
+async def eventually(
+    read: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float
+) -> T:
+    """Read an outside state until `done` says so (bounded): what nothing signals."""
+    with anyio.fail_after(timeout):
+        while True:
+            value = await read()
+            if done(value):
+                return value
+            await _pause()
 
 
 async def test_two_nodes_split_the_shards_and_agree_on_every_entity(
@@ -194,3 +210,56 @@ async def test_a_write_under_an_old_epoch_is_refused_by_jetstream(
         assert msg.headers["Nats-Msg-Id"] == "e-1"
     finally:
         await nc.close()
+
+
+async def test_a_transfer_between_accounts_on_two_nodes_completes(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """The saga's steps cross nodes over kaya.step; money is conserved."""
+    from contextlib import AsyncExitStack
+
+    from examples.bank import make_app
+    from kaya.app.config import ClusterConfig
+    from kaya.app.node import open_node
+    from tests.conftest import node_config as in_process_config
+
+    cluster = ClusterConfig(durability="replicated", lease_ttl=3.0, renew_every=0.5)
+    async with AsyncExitStack() as stack:
+        nodes = []
+        for name in ("a", "b"):
+            config = in_process_config(nats_server, tmp_path / name, cluster=cluster)
+            config = msgspec.structs.replace(
+                config,
+                node=msgspec.structs.replace(config.node, name=name),
+                ingress=msgspec.structs.replace(config.ingress, queue_group="kaya"),
+            )
+            nodes.append(await stack.enter_async_context(open_node(config, make_app())))
+        await until(
+            lambda: (
+                sum(len(n.host.serving) for n in nodes) == 16 and all(n.host.serving for n in nodes)
+            ),
+            timeout=30,
+        )
+        # accounts on shards of different nodes
+        a_shards, b_shards = nodes[0].host.serving, nodes[1].host.serving
+        source = next(f"s{i}" for i in range(100) if shard_of(16, "account", f"s{i}") in a_shards)
+        target = next(f"t{i}" for i in range(100) if shard_of(16, "account", f"t{i}") in b_shards)
+        async with Client.connect(nats_server.url, attempts=20) as client:
+            for account in (source, target):
+                await client.send(
+                    "account", account, {"type": "Open", "owner": "o", "currency": "EUR"}
+                )
+            await client.send("account", source, {"type": "Deposit", "amount": 100})
+            await client.send(
+                "transfer",
+                "x-1",
+                {"type": "Start", "source": source, "target": target, "amount": 30},
+            )
+            done = await eventually(
+                lambda: client.get("transfer", "x-1"),
+                lambda reply: reply.state["status"] != "pending",
+                timeout=20,
+            )
+            assert done.state["status"] == "completed", orjson.dumps(done.state)
+            assert (await client.get("account", source)).state["balance"] == 70
+            assert (await client.get("account", target)).state["balance"] == 30

@@ -39,6 +39,15 @@ class NatsUnreachable(Exception):
     """No server answered the first connection in time; the message names them."""
 
 
+def server_urls(url: str) -> list[str]:
+    """The servers of `nats.url`, which may list a cluster's as "nats://a:4222,nats://b:4222".
+
+    nats-py takes one URL or a list, not a comma list; given the whole list it can start
+    on any server and fail over to the others.
+    """
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 async def connect(
     servers: str | list[str],
     *,
@@ -49,6 +58,8 @@ async def connect(
 ) -> NATS:
     """A connection that reconnects forever and logs its disconnections.
 
+    `servers` is one URL, a comma list of them (`nats.url`), or a list.
+
     The first connection must succeed within `timeout` (NatsUnreachable otherwise):
     nats-py's "reconnect forever" also applies to it, and a node that waits forever for
     a server that was never there looks alive while it serves nothing.
@@ -56,6 +67,8 @@ async def connect(
     `on_disconnect` and `on_reconnect` let the node time an outage (liveness) and
     restore what a restarted server may have lost (streams, the relay's rewind).
     """
+    if isinstance(servers, str):
+        servers = server_urls(servers)
     nc = NATS()
 
     async def on_error(exc: Exception) -> None:
@@ -85,7 +98,7 @@ async def connect(
     if scope.cancelled_caught:
         with anyio.CancelScope(shield=True):
             await nc.close()
-        where = servers if isinstance(servers, str) else ", ".join(servers)
+        where = ", ".join(servers)
         raise NatsUnreachable(f"cannot connect to NATS at {where} within {timeout:g} s")
     return nc
 

@@ -8,7 +8,9 @@
     kaya dlq list|show|replay|purge
     kaya replay PROJECTION
     kaya tail [SUBJECT]
-    kaya server-config
+    kaya server-config [--cluster-name NAME --cluster-port N --routes URL,...]
+    kaya dev-cluster [--servers S] [--nodes N] [--base-port P] [--data-dir DIR]
+    kaya shards [move N --to NODE]
     kaya schema check|export|publish
     kaya catalog [--format markdown|asyncapi]
 
@@ -25,7 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
-from kaya.app.cli import entities, events, node, observe, schemas
+from kaya.app.cli import cluster, entities, events, node, observe, schemas, shards
 from kaya.app.cli.common import CliError, Parser, kaya_version
 from kaya.app.config import ConfigError
 
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     events.register(sub)  # streams, dlq, replay, tail
     observe.register(sub)  # slo, status
     node.register_server_config(sub)  # server-config
+    cluster.register(sub)  # dev-cluster
+    shards.register(sub)  # shards, shards move
     schemas.register(sub)  # schema, catalog
     return parser
 

@@ -186,6 +186,8 @@ async def connect(url: str) -> Any:
     import nats
     import nats.errors
 
+    from kaya.app.broker.adapter import server_urls
+
     errors: list[Exception] = []
 
     async def remember(exc: Exception) -> None:
@@ -194,7 +196,7 @@ async def connect(url: str) -> Any:
     with anyio.move_on_after(3):
         try:
             return await nats.connect(
-                url, connect_timeout=2, allow_reconnect=False, error_cb=remember
+                server_urls(url), connect_timeout=2, allow_reconnect=False, error_cb=remember
             )
         except (nats.errors.Error, OSError, ValueError) as exc:  # refused, bad URL, TLS
             errors.append(exc)

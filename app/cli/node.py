@@ -5,7 +5,8 @@
 `kaya run` is the process a deployment starts: it tunes the interpreter for a busy
 node (the reasons are beside each setting), prints one `ready` line once the node
 serves, and stops cleanly on SIGINT or SIGTERM. `kaya server-config` prints the
-nats-server config that node would embed, for running that server separately.
+nats-server config that node would embed, for running that server separately, and
+with the cluster flags the config of each server of a JetStream cluster.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import sys
 import anyio
 
 from kaya.app.cli import common
+
+DEFAULT_CLUSTER_PORT = 6222
+"""nats-server's own default for routes."""
 
 GC_THRESHOLDS = (50_000, 20, 20)
 """Allocations before a young collection, and young/middle collections before the next
@@ -44,8 +48,37 @@ def register(sub: common.Subcommands) -> None:
 
 def register_server_config(sub: common.Subcommands) -> None:
     """`kaya server-config`, apart from `run` so `kaya --help` keeps its place after status."""
-    server = sub.add_parser("server-config", help="print the nats-server config a node uses")
+    server = sub.add_parser(
+        "server-config",
+        help="print the nats-server config a node uses",
+        description="Print the nats-server config a node embeds: JetStream, the shard"
+        " mappings and, with --cluster-name, the cluster block. For a cluster, print one per"
+        " server, each with its own --server-name and --cluster-port, --routes naming the"
+        " others, and the same --cluster-name and [shards] count.",
+    )
     common.common(server, node=True)
+    server.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="the server's name, unique in a cluster (JetStream tells its peers apart by it);"
+        " default: node.name",
+    )
+    server.add_argument(
+        "--cluster-name",
+        metavar="NAME",
+        help="add a cluster block: the servers sharing this name form one JetStream cluster",
+    )
+    server.add_argument(
+        "--cluster-port",
+        type=common.positive_int,
+        metavar="N",
+        help=f"port this server listens on for its peers' routes (default {DEFAULT_CLUSTER_PORT})",
+    )
+    server.add_argument(
+        "--routes",
+        metavar="URL[,URL...]",
+        help="the other servers' routes, comma-separated, each HOST:PORT (or a full route URL)",
+    )
     server.set_defaults(handler=_server_config)
 
 
@@ -110,8 +143,33 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 async def _server_config(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from kaya.app.broker.embedded import server_config
     from kaya.app.node import embedded_settings
 
-    print(server_config(embedded_settings(common.config(args))), end="")
+    settings = embedded_settings(common.config(args))
+    if args.server_name:
+        settings = replace(settings, name=args.server_name)
+    if args.cluster_name:
+        settings = replace(
+            settings,
+            cluster_name=args.cluster_name,
+            cluster_port=args.cluster_port or DEFAULT_CLUSTER_PORT,
+            routes=route_urls(args.routes or ""),
+        )
+    elif args.cluster_port or args.routes:
+        raise common.CliError(
+            "--cluster-port and --routes need --cluster-name (the cluster the routes join)"
+        )
+    print(server_config(settings), end="")
     return 0
+
+
+def route_urls(routes: str) -> tuple[str, ...]:
+    """`--routes` as the server wants them: a bare HOST:PORT is read as a route URL."""
+    return tuple(
+        route if "://" in route else f"nats-route://{route}"
+        for route in (part.strip() for part in routes.split(","))
+        if route
+    )

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from kaya.actors import ActorRuntime
 from kaya.actors.saga import SagaDriver
@@ -69,6 +69,9 @@ class ShardHost:
             max_buffer_size=4 * shards + 16  # at most a few events per shard are ever queued
         )
         self.serving: set[int] = set()
+        self._singletons: dict[str, Callable[..., Awaitable[None]]] = {}
+        self._running: dict[str, anyio.CancelScope] = {}
+        self._tg: TaskGroup | None = None
         self.handovers = 0
         self.catch_up_seconds: list[float] = []
 
@@ -87,19 +90,44 @@ class ShardHost:
     def _belongs(self, shard: int) -> Callable[[str, str], bool]:
         return lambda entity, entity_id: shard_of(self._shards, entity, entity_id) == shard
 
+    def once_per_cluster(self, name: str, run: Callable[..., Awaitable[None]]) -> None:
+        """Run `run` (a consumer runner's) only while this node holds the consumer's lease."""
+        self._singletons[name] = run
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        async with self._send, self._events:
-            async for event in self._events:
-                try:
-                    await self._handle(event)
-                except Exception:
-                    log.exception("shard %d: handling %s failed", event.shard, event.kind)
-                    self._keeper.give_up(event.shard)
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            async with self._send, self._events:
+                async for event in self._events:
+                    try:
+                        await self._handle(event)
+                    except Exception:
+                        log.exception("shard %d: handling %s failed", event.shard, event.kind)
+                        if event.shard >= 0:
+                            self._keeper.give_up(event.shard)
+            tg.cancel_scope.cancel()
+
+    async def _singleton(self, name: str, run: Callable[..., Awaitable[None]]) -> None:
+        with anyio.CancelScope() as scope:
+            self._running[name] = scope
+            try:
+                await run()
+            finally:
+                if self._running.get(name) is scope:
+                    del self._running[name]
 
     async def _handle(self, event: ShardEvent) -> None:
         n = event.shard
-        if event.kind == "acquired":
+        if event.kind == "run":
+            run = self._singletons.get(event.name)
+            if run is not None and event.name not in self._running and self._tg is not None:
+                self._tg.start_soon(self._singleton, event.name, run)
+        elif event.kind == "stop":
+            scope = self._running.pop(event.name, None)
+            if scope is not None:
+                scope.cancel()
+        elif event.kind == "acquired":
             await self._acquired(n, event.epoch)
         elif event.kind == "drain":
             await self._drop(n)

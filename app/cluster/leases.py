@@ -80,10 +80,12 @@ async def ensure_bucket(nc: NATS, ttl: float, replicas: int) -> KeyValue:
 class ShardEvent:
     """What the keeper tells the main loop about one shard."""
 
-    kind: Literal["acquired", "drain", "lost"]
+    kind: Literal["acquired", "drain", "lost", "run", "stop"]
     shard: int
     epoch: int = 0
     to: str = ""
+    name: str = ""
+    """`run`/`stop`: the consumer that runs once per cluster, on the holder of its lease."""
 
 
 @dataclass
@@ -105,6 +107,9 @@ class LeaseSettings:
     """Local durability: this node takes every shard and hands none over."""
     fenced: bool
     """Replicated durability: publish an epoch marker on each acquisition."""
+    singletons: tuple[str, ...] = ()
+    """Consumers that run on one node of the cluster at a time: a lease `consumer.<name>`
+    each, taken by whichever node finds it free."""
 
 
 @dataclass
@@ -115,6 +120,7 @@ class Table:
     revisions: dict[int, int] = field(default_factory=dict)
     nodes: set[str] = field(default_factory=set)
     moves: dict[int, str] = field(default_factory=dict)
+    singletons: dict[str, str] = field(default_factory=dict)  # consumer -> node
 
 
 async def read_table(kv: KeyValue) -> Table:
@@ -142,6 +148,8 @@ async def read_table(kv: KeyValue) -> Table:
                     table.nodes.add(name)
                 elif kind == "move":
                     table.moves[int(name)] = str(value["to"])
+                elif kind == "consumer":
+                    table.singletons[name] = str(value["node"])
             except (ValueError, KeyError, TypeError):
                 log.warning("KAYA_SHARDS: ignoring malformed %s", entry.key)
     finally:
@@ -171,6 +179,8 @@ class LeaseKeeper:
         (`loop.call_soon_threadsafe`) and return. Set before `start`."""
         self._options = connect_options or {}
         self.leases: dict[int, Lease] = {}
+        self.singles: dict[str, Lease] = {}
+        """The consumer leases held here (see LeaseSettings.singletons)."""
         """Read from the main loop (a dict read is atomic); written only on this thread."""
         self.table = Table()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -335,6 +345,7 @@ class LeaseKeeper:
                     f"shards are held by {', '.join(sorted(others))}: a second node needs"
                     ' cluster.durability = "replicated" on every node'
                 )
+        await self._singletons(kv, table)
         for n, to in decided.hand_over.items():
             lease = self.leases.get(n)
             if lease is not None and lease.state != "draining":
@@ -343,6 +354,41 @@ class LeaseKeeper:
                 log.info("shard %d: handing over to %s", n, to)
                 self.notify(ShardEvent("drain", n, lease.epoch, to))
         self.rounds += 1
+
+    async def _singletons(self, kv: KeyValue, table: Table) -> None:
+        """Renew the consumer leases held, take the free ones (first come, first served)."""
+        me = self.settings.node
+        for name, lease in list(self.singles.items()):
+            sent = time.monotonic()
+            try:
+                lease.revision = await kv.update(
+                    f"consumer.{name}", orjson.dumps({"node": me}), last=lease.revision
+                )
+                lease.valid_until = sent + self.settings.ttl - MARGIN
+            except nats.js.errors.KeyWrongLastSequenceError:
+                lease.valid_until = 0.0
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("consumer %s: renewal failed: %r", name, exc)
+            if time.monotonic() >= lease.valid_until:
+                del self.singles[name]
+                log.warning("consumer %s: lease lost; it stops here", name)
+                self.notify(ShardEvent("stop", -1, name=name))
+        for name in self.settings.singletons:
+            holder = table.singletons.get(name)
+            if name in self.singles or (holder is not None and holder != me):
+                continue
+            sent = time.monotonic()
+            value = orjson.dumps({"node": me})
+            try:
+                if holder is None:
+                    revision = await kv.create(f"consumer.{name}", value)
+                else:  # an earlier run of this node: take it over
+                    revision = await kv.put(f"consumer.{name}", value)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+            self.singles[name] = Lease(revision, 0, sent + self.settings.ttl - MARGIN)
+            log.info("consumer %s: runs on this node", name)
+            self.notify(ShardEvent("run", -1, name=name))
 
     async def _renew(self, kv: KeyValue) -> None:
         me = self.settings.node
@@ -420,5 +466,8 @@ class LeaseKeeper:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for n in list(self.leases):
             await self._delete(kv, n)
+        for name, lease in list(self.singles.items()):
+            with contextlib.suppress(Exception):
+                await kv.delete(f"consumer.{name}", last=lease.revision)
         with contextlib.suppress(Exception):
             await kv.delete(f"node.{self.settings.node}")

@@ -220,6 +220,7 @@ class Account(Entity[AccountState, AccountCommand, AccountEvent]):
     name = "account"
     state_type = AccountState
     command_types = (Open, Deposit, Withdraw, Close)  # the transfer steps never come by wire
+    internal_types = (Debit, Credit, Refund, Settle)  # ... but from a saga on another node
     event_types = (
         Opened,
         Deposited,
