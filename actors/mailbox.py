@@ -54,6 +54,7 @@ class Actor:
         "entity_id",
         "last_used",
         "loaded",
+        "log_seq",
         "mailbox",
         "running",
         "state",
@@ -67,6 +68,7 @@ class Actor:
         self.state: Any = None
         self.version = 0
         self.loaded = False
+        self.log_seq = -1  # cluster: stream sequence of its last event; -1 unknown
         self.running = False
         # None while idle: an empty deque is ~760 bytes, over half of an idle actor,
         # and most actors are idle most of the time (1M active ones: 1.3 GB -> 0.6 GB)

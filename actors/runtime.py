@@ -376,6 +376,7 @@ class ActorRuntime:
             self._actors.pop((entity.name, actor.entity_id), None)
             return False
         actor.state, actor.version, actor.loaded = state, version, True
+        actor.log_seq = -1  # read from the store at its first write
         self._activations += 1
         return True
 

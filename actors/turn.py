@@ -58,7 +58,11 @@ class Journal(Protocol):
         version: int,
         events: Sequence[NewEvent],
         hashes: Mapping[str, bytes],
-    ) -> None: ...
+        last_seq: int,
+    ) -> int:
+        """... `last_seq` is the stream sequence of the entity's last event (0: none): the
+        log refuses the write if the entity has anything newer. Returns the new one."""
+        ...
 
     async def settled(self) -> None:
         """Until the local store holds every event this node wrote: before an activation."""
@@ -211,12 +215,16 @@ class Turns:
         if self._journal is not None and events:
             hashes = {r.command_id: r.request_hash for r in decided.remembered}
             try:
-                await self._journal.record(
-                    entity.name, actor.entity_id, actor.version, events, hashes
+                if actor.log_seq < 0:
+                    actor.log_seq = await self._store.stream_position(entity.name, actor.entity_id)
+                actor.log_seq = await self._journal.record(
+                    entity.name, actor.entity_id, actor.version, events, hashes, actor.log_seq
                 )
-            except Unavailable as exc:
+            except (Unavailable, StoreError) as exc:
                 actor.loaded = False  # the log decides what happened: rebuild from it
-                return _failed(decided.answers, error_answer(exc))
+                actor.log_seq = -1
+                reason = exc if isinstance(exc, Unavailable) else Unavailable(str(exc))
+                return _failed(decided.answers, error_answer(reason))
             events = []  # in the log: the follower brings them into the store
         append = Append(
             entity=entity.name,

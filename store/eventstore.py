@@ -286,6 +286,16 @@ class EventStore:
         rows = await self._fetch("SELECT COALESCE(MAX(position), 0) FROM events", ())
         return int(rows[0][0])
 
+    async def stream_position(self, entity: str, entity_id: str) -> int:
+        """The position of the stream's last event (0: none): in a cluster, its stream
+        sequence in KAYA_EVENTS, what the next write of the stream is checked against."""
+        rows = await self._fetch(
+            "SELECT position FROM events WHERE entity = ? AND entity_id = ?"
+            " ORDER BY version DESC LIMIT 1",
+            (entity, entity_id),
+        )
+        return int(rows[0][0]) if rows else 0
+
     async def _fetch(self, sql: str, params: Sequence[object]) -> list[sqlite3.Row]:
         try:
             return list(await self._reader.execute_fetchall(sql, params))

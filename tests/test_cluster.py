@@ -24,7 +24,7 @@ from kaya.actors.errors import Unavailable
 from kaya.actors.wire import EVENTS_STREAM, shard_of
 from kaya.app.broker.streams import ensure_streams
 from kaya.app.cluster.journal import Journal
-from kaya.app.cluster.leases import BUCKET, ensure_bucket, epoch_subject, read_table
+from kaya.app.cluster.leases import BUCKET, read_table
 from kaya.app.config import EventsConfig
 from kaya.store import NewEvent
 from tests.servers import (
@@ -169,20 +169,19 @@ def test_a_second_local_node_is_refused_with_a_clear_message(
         stop_pid(first.proc)
 
 
-async def test_a_write_under_an_old_epoch_is_refused_by_jetstream(
+async def test_a_write_from_a_stale_view_is_refused_by_jetstream(
     tmp_path: Path, server: NatsServer
 ) -> None:
-    """Fencing by storage: whatever a node believes, the stream refuses its stale epoch."""
+    """Fencing by storage: whatever a node believes, the log refuses a write made on a
+    view of the entity that another node's write has overtaken."""
     nc = await nats.connect(server.url)
     try:
         js = nc.jetstream()
         await ensure_streams(js, EventsConfig())
-        await ensure_bucket(nc, 5.0, 1)
         shard = shard_of(16, "account", "fenced-1")
-        old = (await js.publish(epoch_subject(shard), b"{}", stream=EVENTS_STREAM)).seq
 
         class Keeper:
-            epoch = old
+            epoch: int | None = 7
             gave_up: list[int] = []
 
             def owned(self, n: int) -> int | None:
@@ -193,21 +192,32 @@ async def test_a_write_under_an_old_epoch_is_refused_by_jetstream(
 
         keeper = Keeper()
         journal = Journal(nc, keeper, shards=16, ack_timeout=5.0)  # type: ignore[arg-type]
-        event = NewEvent(event_id="e-1", type="Opened", schema_version=1, data=b'{"type":"Opened"}')
-        await journal.record("account", "fenced-1", 0, [event], {})
-        # another node takes the shard: a new epoch marker
-        await js.publish(epoch_subject(shard), b"{}", stream=EVENTS_STREAM)
+        event = NewEvent(event_id="e-1", type="Opened", schema_version=1, data=b"{}")
+        first = await journal.record("account", "fenced-1", 0, [event], {}, 0)
+        # the shard's next owner writes the entity (this node was paused meanwhile)
+        await js.publish(
+            "kaya.evt.account.fenced-1",
+            b"{}",
+            headers={"Nats-Msg-Id": "other-2", "Nats-Expected-Last-Subject-Sequence": str(first)},
+        )
         late = NewEvent(event_id="e-2", type="Deposited", schema_version=1, data=b"{}")
         with pytest.raises(Unavailable):
-            await journal.record("account", "fenced-1", 1, [late], {})
+            await journal.record("account", "fenced-1", 1, [late], {}, first)
         assert keeper.gave_up == [shard]
         assert journal.refused == 1
         assert not journal.admits("account", "fenced-1")
         info = await js.stream_info(EVENTS_STREAM, subjects_filter="kaya.evt.account.fenced-1")
-        assert sum((info.state.subjects or {}).values()) == 1  # only the write under its epoch
+        assert sum((info.state.subjects or {}).values()) == 2  # e-1 and the other owner's
         msg = await js.get_last_msg(EVENTS_STREAM, "kaya.evt.account.fenced-1")
         assert msg.headers is not None
-        assert msg.headers["Nats-Msg-Id"] == "e-1"
+        assert msg.headers["Nats-Msg-Id"] == "other-2"
+        # a lease that lapsed refuses before anything is sent
+        keeper.epoch = None
+        journal.acquired(shard)
+        with pytest.raises(Unavailable):
+            await journal.record("account", "fenced-1", 2, [late], {}, first + 1)
+        info = await js.stream_info(EVENTS_STREAM, subjects_filter="kaya.evt.account.fenced-1")
+        assert sum((info.state.subjects or {}).values()) == 2
     finally:
         await nc.close()
 

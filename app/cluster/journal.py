@@ -1,19 +1,28 @@
 """Replicated durability: a command's events go into KAYA_EVENTS before it is answered.
 
-    turn decided -> publish each event, fenced by the shard's epoch -> acks (R3) -> answer
+    turn decided -> publish each event, checked against the entity's last one -> ack (R3)
+                 -> answer
 
-Every event is published with `Nats-Expected-Last-Subject-Sequence: <epoch>` and
-`Nats-Expected-Last-Subject-Sequence-Subject: kaya.epoch.<shard>`: JetStream stores it
-only while the shard's last epoch marker is the one this node published when it took
-the shard. A node that lost its lease (paused, cut off, slow to notice) has every later
-write refused (10071), whatever it believes; it then lets go of the shard, and its
-callers get `unavailable` and retry against the new owner.
+Every event is published with `Nats-Expected-Last-Subject-Sequence: <seq>`, the stream
+sequence of the entity's previous event (0 for its first): JetStream stores it only if
+nothing else was written to that entity since. Whoever acts on a stale view (a node
+that lost its lease while paused, cut off, or slow to notice) has its write refused,
+lets the shard go, and its callers get `unavailable` and retry with the new owner. The
+lease is checked too, right before each turn's first publish: a node that wakes after
+its lease lapsed refuses on its own, before it even asks.
+
+Why per entity and not one epoch subject per shard (`...-Subject: kaya.epoch.<n>`, which
+stopped every write of an old owner at once): on a clustered stream JetStream refuses
+(10164) a second write checked against a subject while the first is still in flight,
+so a shard's writes would go one at a time, one replication round trip each. Per entity
+they are one at a time anyway (one turn at a time per actor), and the shards' entities
+write in parallel. The epoch marker still serves the catch-up: a new owner serves once
+its store has passed it (follower.py).
 
 An outcome this node cannot know (no ack in time, the connection lost mid-publish) may
 have stored the events or not. The actor's state would then be a guess, so the shard is
 let go as well: whoever takes it next catches up from the log, which has the answer.
-The events of a turn are published together and awaited together (one round trip),
-each with its event id as `Nats-Msg-Id`, so a retried publish is stored once.
+Each event carries its event id as `Nats-Msg-Id`, so a retried publish is stored once.
 
 Headers are the contract's, plus `Kaya-Request-Hash` on events of a command with a
 `Kaya-Command-Id`: with it every node's follower can remember the command's reply, so a
@@ -46,13 +55,15 @@ from kaya.actors.wire import (
     event_subject,
     shard_of,
 )
-from kaya.app.cluster.leases import LeaseKeeper, epoch_subject
+from kaya.app.cluster.leases import LeaseKeeper
 from kaya.store import NewEvent
 
 log = logging.getLogger("kaya.cluster")
 
 HEADER_REQUEST_HASH = "Kaya-Request-Hash"
-WRONG_LAST_SEQUENCE = 10071
+WRONG_LAST_SEQUENCE = (10071, 10164)
+"""JetStream's "wrong last sequence": 10071 with the sequence it has, 10164 without (a
+clustered stream refusing a check while another on the same subject is in flight)."""
 
 
 class _Refused(Exception):
@@ -168,59 +179,62 @@ class Journal:
         version: int,
         events: Sequence[NewEvent],
         hashes: Mapping[str, bytes],
-    ) -> None:
-        """Store `events` (following `version`) in the log, or raise Unavailable."""
+        last_seq: int,
+    ) -> int:
+        """Store `events` (following `version`, whose event is at stream sequence
+        `last_seq`) in the log, or raise Unavailable; the last event's sequence."""
         shard = self.shard(entity, entity_id)
-        epoch = self._keeper.owned(shard)
+        epoch = self._keeper.owned(shard)  # checked now: a paused node wakes to None
         if epoch is None or shard in self._given_up:
             raise Unavailable(f"shard {shard} is not served by this node now; retry")
         subject = event_subject(entity, entity_id)
-        fence = {
-            "Nats-Expected-Last-Subject-Sequence": str(epoch),
-            "Nats-Expected-Last-Subject-Sequence-Subject": epoch_subject(shard),
-        }
-        futures = []
-        try:
-            for event in events:
-                version += 1
-                headers = {
-                    "Nats-Expected-Stream": EVENTS_STREAM,
-                    HEADER_MSG_ID: event.event_id,
-                    HEADER_EVENT_TYPE: event.type,
-                    HEADER_SCHEMA_VERSION: str(event.schema_version),
-                    HEADER_ENTITY_VERSION: str(version),
-                    **fence,
-                }
-                if event.traceparent:
-                    headers[HEADER_TRACEPARENT] = event.traceparent
-                if event.command_id:
-                    headers[HEADER_COMMAND_ID] = event.command_id
-                    digest = hashes.get(event.command_id)
-                    if digest:
-                        headers[HEADER_REQUEST_HASH] = digest.hex()
-                futures.append(await self._publisher.publish(subject, event.data, headers))
-            done = await asyncio.wait_for(
-                asyncio.gather(*futures, return_exceptions=True), self._ack_timeout
-            )
-        except (TimeoutError, nats.errors.Error) as exc:
-            self._publisher.forget(futures)
-            self._unsure(shard, exc)
-        for outcome in done:
-            if isinstance(outcome, _Refused):
-                if outcome.code == WRONG_LAST_SEQUENCE:
-                    self.refused += 1
-                    log.warning("shard %d: write refused, epoch %d is over", shard, epoch)
-                    self._given_up.add(shard)
-                    self._keeper.give_up(shard)
-                    raise Unavailable(f"shard {shard} moved to another node; retry")
-                self._unsure(shard, outcome)
-            if isinstance(outcome, BaseException):
-                self._unsure(shard, outcome)
-            self.last_seq = max(self.last_seq, outcome)
+        for event in events:  # one at a time: each is checked against the one before
+            version += 1
+            headers = {
+                "Nats-Expected-Stream": EVENTS_STREAM,
+                "Nats-Expected-Last-Subject-Sequence": str(last_seq),
+                HEADER_MSG_ID: event.event_id,
+                HEADER_EVENT_TYPE: event.type,
+                HEADER_SCHEMA_VERSION: str(event.schema_version),
+                HEADER_ENTITY_VERSION: str(version),
+            }
+            if event.traceparent:
+                headers[HEADER_TRACEPARENT] = event.traceparent
+            if event.command_id:
+                headers[HEADER_COMMAND_ID] = event.command_id
+                digest = hashes.get(event.command_id)
+                if digest:
+                    headers[HEADER_REQUEST_HASH] = digest.hex()
+            future = None
+            try:
+                future = await self._publisher.publish(subject, event.data, headers)
+                last_seq = await asyncio.wait_for(future, self._ack_timeout)
+            except _Refused as refused:
+                if refused.code not in WRONG_LAST_SEQUENCE:
+                    self._unsure(shard, epoch, refused)
+                self.refused += 1
+                log.warning(
+                    "shard %d: write to %s/%s refused (%s): another owner wrote it",
+                    shard, entity, entity_id, refused,
+                )  # fmt: skip
+                self._let_go(shard, epoch)
+                raise Unavailable(f"shard {shard} moved to another node; retry") from None
+            except (TimeoutError, nats.errors.Error, msgspec.DecodeError) as exc:
+                if future is not None:
+                    self._publisher.forget([future])
+                self._unsure(shard, epoch, exc)
+            self.last_seq = max(self.last_seq, last_seq)
+        return last_seq
 
-    def _unsure(self, shard: int, exc: BaseException) -> NoReturn:
+    def _let_go(self, shard: int, epoch: int) -> None:
+        """Give the shard up, unless it was already given up and taken again since (a
+        late answer about an older epoch says nothing about the current one)."""
+        if self._keeper.owned(shard) == epoch:
+            self._given_up.add(shard)
+            self._keeper.give_up(shard)
+
+    def _unsure(self, shard: int, epoch: int, exc: BaseException) -> NoReturn:
         self.unsure += 1
         log.warning("shard %d: write outcome unknown (%r); letting the shard go", shard, exc)
-        self._given_up.add(shard)
-        self._keeper.give_up(shard)
+        self._let_go(shard, epoch)
         raise Unavailable(f"shard {shard}: the log did not confirm the write; retry")

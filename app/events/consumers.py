@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
 from kaya.actors.wire import EVENT_SUBJECTS, Delivered
+from kaya.store import StoredEvent
 
 UnknownEventPolicy = Literal["dead_letter", "skip", "stop"]
 
@@ -47,6 +48,10 @@ class Reader(Protocol):
     async def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]: ...
 
     async def checkpoint(self, name: str) -> int: ...
+
+    async def read_stream(
+        self, entity: str, entity_id: str, after_version: int = 0
+    ) -> list[StoredEvent]: ...
 
 
 async def _no_publish(subject: str, data: bytes, headers: Mapping[str, str] | None) -> None:
@@ -73,6 +78,15 @@ class Context:
     async def checkpoint(self, consumer: str) -> int:
         """The store position a consumer has applied up to (0 before its first event)."""
         return await self.store.checkpoint(f"consumer:{consumer}")
+
+    async def stream(
+        self, entity: str, entity_id: str, after_version: int = 0
+    ) -> list[StoredEvent]:
+        """An entity's events in the node's store, oldest first. The store holds every
+        event a consumer is delivered (in a cluster too: the node's store follows the
+        log), so a reaction can look up what it needs here instead of keeping its own
+        copy, and so run on whichever node holds it."""
+        return await self.store.read_stream(entity, entity_id, after_version)
 
 
 View = Callable[[Context, dict[str, Any]], Awaitable[dict[str, Any]]]

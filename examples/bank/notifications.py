@@ -9,7 +9,9 @@ to a transfer's `Failed` event by telling the source account's owner.
 An external effect, so at least once: each message carries the event id as
 `Kaya-Dedup-Key` (and `Nats-Msg-Id`, so a stream that stores them drops repeats),
 which is how a reader sees each event once. The owner of an account is learned
-from its `Opened` event and kept in the consumer's own table.
+from its `Opened` event and kept in the consumer's own table; an account opened before
+this node ran the consumer (in a cluster it runs on one node at a time, and moves) is
+looked up in the node's store, which holds every event.
 """
 
 from __future__ import annotations
@@ -108,9 +110,13 @@ class Notifications(Consumer):
             rows = await self.context.query(
                 "SELECT source FROM notify_transfers WHERE id = ?", (event.entity_id,)
             )
-            if not rows:
-                raise UnknownOwner(f"no Started seen for transfer {event.entity_id}")
-            source = str(rows[0][0])
+            if rows:
+                source = str(rows[0][0])
+            else:  # Started before this node ran the consumer: the store has it
+                started = await self.context.stream("transfer", event.entity_id)
+                if not started or started[0].type != "Started":
+                    raise UnknownOwner(f"no Started seen for transfer {event.entity_id}")
+                source = str(orjson.loads(started[0].data)["source"])
         try:
             owner = await self._owner_of(source)
         except UnknownOwner:
@@ -140,8 +146,12 @@ class Notifications(Consumer):
             rows = await self.context.query(
                 "SELECT owner FROM notify_owners WHERE id = ?", (account,)
             )
-            if not rows:
-                raise UnknownOwner(f"no Opened seen for account {account}")
-            owner = str(rows[0][0])
+            if rows:
+                owner = str(rows[0][0])
+            else:  # opened before this node ran the consumer (a cluster moves it): the store
+                opened = await self.context.stream("account", account)
+                if not opened or opened[0].type != "Opened":
+                    raise UnknownOwner(f"no Opened seen for account {account}")
+                owner = str(orjson.loads(opened[0].data)["owner"])
             self._remember(account, owner)
         return owner
