@@ -183,7 +183,7 @@ async def test_a_paused_owner_has_no_write_accepted_after_it_lost_its_lease(
             try:
                 # requests reach the paused node's socket and wait there
                 async with anyio.create_task_group() as tg:
-                    for i in range(5):
+                    for _ in range(5):
                         tg.start_soon(
                             client.send, "account", ACCOUNTS[0], {"type": "Deposit", "amount": 1}
                         )
