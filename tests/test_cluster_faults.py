@@ -223,3 +223,67 @@ async def stream_versions(url: str, account: str) -> list[int]:
     finally:
         await nc.close()
     return versions
+
+
+async def stop_node(cluster: DevCluster, name: str) -> None:
+    """SIGTERM a node and wait (in a thread: the load goes on) until it has exited."""
+    pid = cluster.nodes[name][1]
+    os.kill(pid, signal.SIGTERM)
+    restarted = next((p for p in cluster.restarted if p.pid == pid), None)
+    if restarted is not None:
+        await anyio.to_thread.run_sync(restarted.wait, 60)
+    else:
+        await anyio.to_thread.run_sync(cluster.wait_for_output, f"node {name} exited", 60)
+
+
+async def test_a_rolling_restart_under_load_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    with start_dev_cluster(tmp_path, servers=3, nodes=3, extra_config=FAST) as cluster:
+        async with Client.connect(cluster.urls, attempts=60, timeout=3.0) as client:
+            await open_accounts(client)
+            await balanced(cluster)
+            ledger = Ledger()
+            stop = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                for worker in range(6):
+                    tg.start_soon(load, client, ledger, stop, worker)
+                for name in list(cluster.nodes):
+                    before = ledger.acked
+                    await stop_node(cluster, name)  # hands its shards over first
+                    table = await owners(cluster.urls[0])
+                    assert name not in table.values(), table  # nothing left for the TTL
+                    await anyio.to_thread.run_sync(cluster.restart_node, name)
+                    await balanced(cluster)
+                    await eventually(tick, lambda _, b=before: ledger.acked > b + 20, 60)
+                stop.set()
+            await settle(client, ledger)
+            await check_money(client, ledger)
+
+
+async def test_kill_9_of_the_events_stream_leader_loses_nothing_acknowledged(
+    tmp_path: Path,
+) -> None:
+    import nats
+
+    with start_dev_cluster(tmp_path, servers=3, nodes=3, extra_config=FAST) as cluster:
+        async with Client.connect(cluster.urls, attempts=60, timeout=3.0) as client:
+            await open_accounts(client)
+            await balanced(cluster)
+            nc = await nats.connect(cluster.urls)
+            try:
+                info = await nc.jetstream().stream_info("KAYA_EVENTS")
+            finally:
+                await nc.close()
+            assert info.cluster is not None
+            leader = str(info.cluster.leader)
+            ledger = Ledger()
+            stop = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                for worker in range(6):
+                    tg.start_soon(load, client, ledger, stop, worker)
+                await eventually(tick, lambda _: ledger.acked >= 50, 30)
+                before = ledger.acked
+                os.kill(cluster.servers[leader][1], signal.SIGKILL)
+                await eventually(tick, lambda _: ledger.acked >= before + 150, 90)
+                stop.set()
+            await settle(client, ledger)
+            await check_money(client, ledger)
