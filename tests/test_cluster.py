@@ -56,6 +56,12 @@ def node_config(path: Path, name: str, server: NatsServer, extra: str = REPLICAT
 
 
 @pytest.fixture
+def anyio_backend() -> str:
+    """The nodes here are processes (they run uvloop); the test's own loop only waits."""
+    return "asyncio"
+
+
+@pytest.fixture
 def server(tmp_path: Path) -> Iterator[NatsServer]:
     server = start_nats_server(tmp_path / "nats")
     try:
@@ -273,3 +279,35 @@ async def test_a_transfer_between_accounts_on_two_nodes_completes(
             assert done.state["status"] == "completed", orjson.dumps(done.state)
             assert (await client.get("account", source)).state["balance"] == 70
             assert (await client.get("account", target)).state["balance"] == 30
+
+
+async def test_kaya_shards_lists_owners_and_moves_one(tmp_path: Path, server: NatsServer) -> None:
+    first = start_kaya(node_config(tmp_path, "n1", server))
+    second: KayaProcess | None = None
+    try:
+        second = start_kaya(node_config(tmp_path, "n2", server))
+        split = await until_owners(
+            server.url, lambda o: len(o) == 16 and sorted(o.values()).count("n1") == 8
+        )
+        listed = await kaya("shards", "--url", server.url, "--json")
+        table = orjson.loads(listed.stdout)
+        assert {row["shard"]: row["owner"] for row in table["shards"]} == split
+        assert table["nodes"] == ["n1", "n2"]
+        shard = next(n for n, node in split.items() if node == "n1")
+        moved = await kaya("shards", "move", str(shard), "--to", "n2", "--url", server.url)
+        assert moved.returncode == 0, moved.stderr
+        assert f"shard {shard} moved to n2" in moved.stdout.decode()
+        refused = await kaya("shards", "move", "99", "--to", "n2", "--url", server.url)
+        assert refused.returncode == 1
+        assert b"not one of 0..15" in refused.stderr
+        nobody = await kaya("shards", "move", "1", "--to", "zz", "--url", server.url)
+        assert nobody.returncode == 1
+        assert b"'zz' is not alive (live nodes: n1, n2)" in nobody.stderr
+    finally:
+        if second is not None:
+            stop_pid(second.proc)
+        stop_pid(first.proc)
+
+
+async def kaya(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    return await anyio.run_process([str(VENV_BIN / "kaya"), *argv], check=False)
