@@ -25,7 +25,6 @@ from pathlib import Path
 
 import anyio
 import nats.errors
-import nats.js.errors
 from anyio.abc import TaskGroup
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -527,7 +526,7 @@ async def _with_retries(what: str, step: Callable[[], Awaitable[object]]) -> Non
         try:
             await step()
             return
-        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+        except nats.errors.TimeoutError as exc:  # not 503: that is "no JetStream here"
             if attempt == STREAMS_ATTEMPTS:
                 raise
             log.warning("%s: %r, attempt %d", what, exc, attempt)
