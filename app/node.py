@@ -52,7 +52,11 @@ from kaya.app.observability.health import healthz, node_status, readyz, status_j
 from kaya.app.observability.http import serve_http
 from kaya.app.observability.lag import LoopLag
 from kaya.app.observability.metrics import CONTENT_TYPE, Metrics
-from kaya.app.observability.statistics import BrokerStatistics, NodeStatistics
+from kaya.app.observability.statistics import (
+    BrokerStatistics,
+    ClusterStatistics,
+    NodeStatistics,
+)
 from kaya.app.schemas.registry import register_schemas
 from kaya.store import EventStore, StoreError, open_event_store
 
@@ -119,6 +123,7 @@ class Node:
     consumers: dict[str, ConsumerRunner]
     keeper: LeaseKeeper | None = None
     host: ShardHost | None = None
+    journal: Journal | None = None
     metrics_url: str | None = None
     link: NatsLink = field(default_factory=NatsLink)
 
@@ -197,6 +202,17 @@ class Node:
             live=not liveness,
             liveness=liveness,
             broker=self._broker(),
+            cluster=self._cluster(),
+        )
+
+    def _cluster(self) -> ClusterStatistics:
+        host, journal = self.host, self.journal
+        return ClusterStatistics(
+            durability=self.config.cluster.durability,
+            serving=tuple(sorted(host.serving)) if host is not None else (),
+            handovers=host.handovers if host is not None else 0,
+            refused=journal.refused if journal is not None else 0,
+            unsure=journal.unsure if journal is not None else 0,
         )
 
 
@@ -462,6 +478,7 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             runners,
             keeper=keeper,
             host=host,
+            journal=journal,
             link=link,
         )
         await _serve_health(node, tg)

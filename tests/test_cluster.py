@@ -258,6 +258,10 @@ async def test_a_transfer_between_accounts_on_two_nodes_completes(
         )
         # accounts on shards of different nodes
         a_shards, b_shards = nodes[0].host.serving, nodes[1].host.serving
+        for running in nodes:  # what health, status and metrics show
+            seen = (await running.statistics()).cluster
+            assert seen.durability == "replicated"
+            assert set(seen.serving) == running.host.serving
         source = next(f"s{i}" for i in range(100) if shard_of(16, "account", f"s{i}") in a_shards)
         target = next(f"t{i}" for i in range(100) if shard_of(16, "account", f"t{i}") in b_shards)
         async with Client.connect(nats_server.url, attempts=20) as client:

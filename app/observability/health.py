@@ -106,6 +106,13 @@ def node_status(stats: NodeStatistics) -> dict[str, Any]:
             "restarts": broker.server_restarts,
         },
         "shards": stats.shards,
+        "cluster": {
+            "durability": stats.cluster.durability,
+            "serving": list(stats.cluster.serving),
+            "handovers": stats.cluster.handovers,
+            "writes_refused": stats.cluster.refused,
+            "writes_unsure": stats.cluster.unsure,
+        },
         "commands": {"total": sum(outcomes.values()), "by_outcome": outcomes},
         "latency_seconds": latency,
         "actors": {

@@ -181,6 +181,23 @@ class NodeCollector(Collector):
             value=stats.loop_lag,
         )
         runtime = stats.runtime
+        cluster = stats.cluster
+        yield GaugeMetricFamily(
+            "kaya_shards_served", "Shards this node serves now", value=len(cluster.serving)
+        )
+        yield CounterMetricFamily(
+            "kaya_shard_handovers", "Shards this node handed over", value=cluster.handovers
+        )
+        yield CounterMetricFamily(
+            "kaya_log_writes_refused",
+            "Writes the shared log refused (another node wrote the entity: a lost lease)",
+            value=cluster.refused,
+        )
+        yield CounterMetricFamily(
+            "kaya_log_writes_unsure",
+            "Writes to the shared log with no answer in time (each let its shard go)",
+            value=cluster.unsure,
+        )
         yield GaugeMetricFamily("kaya_actors_active", "Actors in memory", value=runtime.active)
         yield GaugeMetricFamily(
             "kaya_actors_busy", "Actors with a turn running", value=runtime.busy

@@ -64,6 +64,19 @@ class BrokerStatistics:
 
 
 @dataclass(frozen=True)
+class ClusterStatistics:
+    """This node's part of the shards (leases) and its writes to the shared log."""
+
+    durability: str = "local"
+    serving: tuple[int, ...] = ()
+    handovers: int = 0
+    refused: int = 0
+    """Writes the log refused: another node had written the entity (a lost lease)."""
+    unsure: int = 0
+    """Writes whose outcome was unknown (no ack in time): each let its shard go."""
+
+
+@dataclass(frozen=True)
 class NodeStatistics:
     name: str
     url: str
@@ -82,6 +95,7 @@ class NodeStatistics:
     liveness: tuple[str, ...] = ()
     """Why the node cannot serve and will not recover on its own (liveness); empty when live."""
     broker: BrokerStatistics = field(default_factory=BrokerStatistics)
+    cluster: ClusterStatistics = field(default_factory=lambda: ClusterStatistics())
 
     @property
     def last_position(self) -> int:

@@ -34,13 +34,24 @@ def _health(part: dict[str, Any]) -> str:
     )
 
 
+def _served(current: dict[str, Any]) -> str:
+    cluster = current.get("cluster")
+    if not cluster:
+        return ""
+    serving = cluster["serving"]
+    return (
+        f" ({cluster['durability']}; serving {len(serving)}: {','.join(map(str, serving))};"
+        f" handed over {cluster['handovers']}, writes refused {cluster['writes_refused']})"
+    )
+
+
 def render_status(current: dict[str, Any], previous: dict[str, Any] | None, dlq: int | None) -> str:
     ready = "ready" if current["ready"] else "NOT READY: " + "; ".join(current["problems"])
     if not current.get("live", True):
         ready = "NOT LIVE: " + "; ".join(current.get("liveness", [])) + " / " + ready
     lines = [
         f"kaya node {current['node']} (pid {current['pid']}) on {current['nats']}: {ready}",
-        f"uptime {current['uptime']:.0f}s  shards {current['shards']}",
+        f"uptime {current['uptime']:.0f}s  shards {current['shards']}{_served(current)}",
     ]
     broker = current.get("broker")
     if broker:
