@@ -215,8 +215,10 @@ class Turns:
         if self._journal is not None and events:
             hashes = {r.command_id: r.request_hash for r in decided.remembered}
             try:
-                if actor.log_seq < 0:
-                    actor.log_seq = await self._store.stream_position(entity.name, actor.entity_id)
+                if actor.log_seq < 0:  # the position of the version it was built from
+                    actor.log_seq = await self._store.position_of(
+                        entity.name, actor.entity_id, actor.version
+                    )
                 actor.log_seq = await self._journal.record(
                     entity.name, actor.entity_id, actor.version, events, hashes, actor.log_seq
                 )

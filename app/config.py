@@ -120,13 +120,13 @@ class ShardsConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    """How nodes share the shards: leases in the KAYA_SHARDS bucket, writes fenced by epoch."""
+    """How nodes share the shards: leases in the KAYA_SHARDS bucket, writes fenced by the log."""
 
     durability: Literal["local", "replicated"] = "local"
     """`local`: one node; a command is answered after its SQLite commit, the relay copies
     events to JetStream. `replicated`: any number of nodes; a command is answered once
-    KAYA_EVENTS (at events.replicas) holds its events, fenced by the shard's epoch, and
-    every node's SQLite follows the stream."""
+    KAYA_EVENTS (at events.replicas) holds its events, each checked there against the
+    entity's last one, and every node's SQLite follows the stream."""
     lease_ttl: Annotated[float, msgspec.Meta(ge=1)] = 5.0
     """Seconds a shard's lease lasts without renewal: how soon a dead node's shards move."""
     renew_every: Seconds = 1.0

@@ -226,11 +226,13 @@ class Ingress:
         self._service = service
 
     def _endpoints(self, shard: str, suffix: str) -> list[tuple[str, str, Any]]:
-        return [
+        endpoints = [
             (f"commands{suffix}", f"kaya.shard.{shard}.cmd.>", self._on_command),
             (f"queries{suffix}", f"kaya.shard.{shard}.qry.>", self._on_query),
-            (f"steps{suffix}", f"kaya.shard.{shard}.step.>", self._on_step),
         ]
+        if self._per_shard:  # a single node's sagas call their targets in-process
+            endpoints.append((f"steps{suffix}", f"kaya.shard.{shard}.step.>", self._on_step))
+        return endpoints
 
     async def serve_shard(self, shard: int) -> None:
         """Subscribe to one shard's subjects (per_shard nodes); once the server has the

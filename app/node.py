@@ -32,7 +32,7 @@ from nats.aio.msg import Msg
 from kaya.actors import ActorRuntime, RuntimeSettings
 from kaya.actors.retry import Backoff
 from kaya.actors.saga import SagaDriver
-from kaya.actors.wire import HEALTH_SUBJECT
+from kaya.actors.wire import EVENTS_STREAM, HEALTH_SUBJECT
 from kaya.app.application import App
 from kaya.app.broker.adapter import connect, server_urls
 from kaya.app.broker.embedded import EmbeddedServer, ServerSettings, run_embedded_server
@@ -375,6 +375,8 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
                 rewind=config.events.relay_rewind,
             )
         await tg.start(relay.run)
+        if follower is not None:  # take no shard before the store holds the log as it is now
+            await _catch_up(nc, follower)
         if server is not None:
             tg.start_soon(
                 watch_jetstream,
@@ -533,6 +535,21 @@ async def _serve_health(node: Node, tg: TaskGroup) -> None:
     except OSError as exc:
         raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
     node.metrics_url = f"http://{host}:{bound}/metrics"
+
+
+async def _catch_up(nc: NATS, follower: Follower) -> None:
+    """A node joining a cluster copies the log into its store before it takes shards: a
+    shard taken first would go unserved for as long as the copy takes."""
+    info = await nc.jetstream().stream_info(EVENTS_STREAM)
+    target = info.state.last_seq
+    if follower.applied >= target:
+        return
+    log.info("catching up the store to the log: %d -> %d", follower.applied, target)
+    with anyio.move_on_after(CATCH_UP_GRACE):
+        await follower.wait_for(target)
+    if follower.applied < target:
+        log.warning("store still behind the log (%d < %d): taking shards anyway",
+                    follower.applied, target)  # fmt: skip
 
 
 async def _with_retries(what: str, step: Callable[[], Awaitable[object]]) -> None:

@@ -286,13 +286,18 @@ class EventStore:
         rows = await self._fetch("SELECT COALESCE(MAX(position), 0) FROM events", ())
         return int(rows[0][0])
 
-    async def stream_position(self, entity: str, entity_id: str) -> int:
-        """The position of the stream's last event (0: none): in a cluster, its stream
-        sequence in KAYA_EVENTS, what the next write of the stream is checked against."""
+    async def position_of(self, entity: str, entity_id: str, version: int) -> int:
+        """The position of the stream's event `version` (0 for version 0, or if absent).
+
+        In a cluster: its sequence in KAYA_EVENTS, which the next write is checked
+        against. It must be the version an actor was built from, never simply the
+        latest the store holds: a later event imported meanwhile (an old owner's late
+        write) would otherwise let the actor write its own next version beside it."""
+        if version == 0:
+            return 0
         rows = await self._fetch(
-            "SELECT position FROM events WHERE entity = ? AND entity_id = ?"
-            " ORDER BY version DESC LIMIT 1",
-            (entity, entity_id),
+            "SELECT position FROM events WHERE entity = ? AND entity_id = ? AND version = ?",
+            (entity, entity_id, version),
         )
         return int(rows[0][0]) if rows else 0
 

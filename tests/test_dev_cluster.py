@@ -17,6 +17,7 @@ from pathlib import Path
 
 import anyio
 import nats
+import nats.js.errors
 import pytest
 
 from kaya.app.broker.adapter import connect, server_urls
@@ -76,7 +77,13 @@ async def test_the_servers_form_one_jetstream_cluster(cluster: DevCluster) -> No
         js = nc.jetstream(timeout=10)
         name = f"R3_{uuid.uuid4().hex[:8]}"  # a stream per run: the cluster is the module's
         await js.add_stream(name=name, subjects=[f"{name}.>"], num_replicas=3)
-        ack = await js.publish(f"{name}.x", b"hello")
+        with anyio.fail_after(15):
+            while True:  # a new R3 stream answers once its leader is elected
+                try:
+                    ack = await js.publish(f"{name}.x", b"hello", headers={"Nats-Msg-Id": "1"})
+                    break
+                except nats.js.errors.NoStreamResponseError:
+                    await anyio.sleep(0.05)
         assert ack.seq == 1
         with anyio.fail_after(15):
             while True:  # the followers' state is reported once they caught up

@@ -209,7 +209,7 @@ def _reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def _innermost(exc: BaseException) -> BaseException:
+def innermost(exc: BaseException) -> BaseException:
     """The one exception inside (nested) single-exception groups (raised in task groups)."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
@@ -226,7 +226,7 @@ def nats_failure(exc: BaseException, url: str, stream: str = "") -> CliError | N
 
     from kaya.app.broker.adapter import NatsUnreachable
 
-    exc = _innermost(exc)
+    exc = innermost(exc)
     if isinstance(exc, NatsUnreachable):
         return CliError(str(exc))
     if isinstance(exc, nats.js.errors.ServiceUnavailableError) or (

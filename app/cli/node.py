@@ -19,6 +19,7 @@ import sys
 import anyio
 
 from kaya.app.cli import common
+from kaya.app.cli.common import CliError
 
 DEFAULT_CLUSTER_PORT = 6222
 """nats-server's own default for routes."""
@@ -134,6 +135,11 @@ async def _run(args: argparse.Namespace) -> int:
                     )
                     await stop.wait()
             except Exception as exc:  # NATS or JetStream refusing at start-up: one line
+                from kaya.app.node import ClusterError
+
+                inner = common.innermost(exc)
+                if isinstance(inner, ClusterError):
+                    raise CliError(str(inner)) from None
                 failure = common.nats_failure(exc, server)
                 if failure is None:
                     raise

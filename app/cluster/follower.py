@@ -8,8 +8,9 @@ follower brings every event of every shard into the node's store, at the positio
 its stream sequence, so positions mean the same on every node and a consumer's
 checkpoint can be checked against any node's store. Partition recovery is then a
 catch-up: a node that takes a shard waits until the follower has passed the shard's
-new epoch marker, and everything the previous owners wrote is behind that marker
-(anything later would have been refused by the fence).
+new epoch marker: everything the previous owners wrote is before that marker, and an
+old owner's late write after it is refused unless it follows the entity's last event
+(journal.py), in which case the follower simply stores it in order.
 
 Each node keeps the whole log, not only its shards: a shard can move to any node at
 any time and be served after a short catch-up, and views read complete data on every

@@ -6,11 +6,12 @@
       drain(n):           unsubscribe -> wait for its actors' turns -> forget them ->
                           delete the lease (the next owner need not wait for the TTL)
       lost(n):            unsubscribe -> forget its actors (their queued commands get
-                          `unavailable`, their writes are refused by the fence anyway)
+                          `unavailable`; a write the lease check missed is refused by
+                          the log if another owner wrote the entity since)
 
 Events are handled one at a time, in order, so a shard's own events never overtake
 each other. While a shard moves, a command for it finds no subscriber (no responders)
-or an owner that is not ready (`unavailable`): never an answer from a stale state.
+or an owner that is not ready (`unavailable`): never a write made on a stale state.
 """
 
 from __future__ import annotations

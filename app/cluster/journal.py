@@ -189,6 +189,9 @@ class Journal:
             raise Unavailable(f"shard {shard} is not served by this node now; retry")
         subject = event_subject(entity, entity_id)
         for event in events:  # one at a time: each is checked against the one before
+            if self._keeper.owned(shard) != epoch:  # lapsed while the last one was on its way
+                self._let_go(shard, epoch)
+                raise Unavailable(f"shard {shard} is not served by this node now; retry")
             version += 1
             headers = {
                 "Nats-Expected-Stream": EVENTS_STREAM,

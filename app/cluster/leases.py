@@ -16,9 +16,11 @@ server counts the TTL from when it stored the renewal, later than that, so this 
 stops serving a shard before any other node may take it. What the node does with a
 shard (catch up, serve, drain) happens on the main loop, told by `ShardEvent`s.
 
-Each new owner publishes an epoch marker, `kaya.epoch.<n>`, into KAYA_EVENTS; its
-stream sequence is the epoch, and every event the owner writes for the shard is
-fenced on it (see journal.py): JetStream itself refuses a write from an older owner.
+Each new owner (replicated durability) publishes an epoch marker, `kaya.epoch.<n>`, into
+KAYA_EVENTS; its stream sequence is the epoch. Everything earlier owners wrote is before
+it in the stream, so a new owner serves once its store has passed it (follower.py).
+Writes themselves are fenced per entity (journal.py): JetStream refuses one made on a
+view another owner's write has overtaken, whatever the writer believes of its lease.
 """
 
 from __future__ import annotations
@@ -411,6 +413,11 @@ class LeaseKeeper:
         for n, lease in list(self.leases.items()):
             if now >= lease.valid_until:
                 self._lose(n, "not renewed within its TTL")
+        for name, lease in list(self.singles.items()):
+            if now >= lease.valid_until:
+                del self.singles[name]
+                log.warning("consumer %s: lease not renewed within its TTL; it stops here", name)
+                self.notify(ShardEvent("stop", -1, name=name))
 
     def _lose(self, shard: int, why: str) -> None:
         lease = self.leases.pop(shard, None)
