@@ -48,5 +48,12 @@ bench-quick: $(BENCH_STAMP)
 chaos: $(STAMP)
 	$(BIN)/python -m bench.chaos
 
+# The bank on a 3-server, 3-node `kaya dev-cluster` under faults (kill -9 of a node,
+# SIGSTOP of a shard owner, kill -9 of the KAYA_EVENTS leader, a rolling restart), checked
+# after each run (bench/chaos_cluster.py); about 4 min; not part of `make test`.
+.PHONY: chaos-cluster
+chaos-cluster: $(STAMP)
+	$(BIN)/python -m bench.chaos_cluster
+
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

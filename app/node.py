@@ -25,6 +25,7 @@ from pathlib import Path
 
 import anyio
 import nats.errors
+import nats.js.errors
 from anyio.abc import TaskGroup
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -376,7 +377,7 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             )
         await tg.start(relay.run)
         if follower is not None:  # take no shard before the store holds the log as it is now
-            await _catch_up(nc, follower)
+            await _with_retries("reading the log's end", lambda: _catch_up(nc, follower))
         if server is not None:
             tg.start_soon(
                 watch_jetstream,
@@ -560,7 +561,9 @@ async def _with_retries(what: str, step: Callable[[], Awaitable[object]]) -> Non
         try:
             await step()
             return
-        except nats.errors.TimeoutError as exc:  # not 503: that is "no JetStream here"
+        except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as exc:
+            # not 503 (that is "no JetStream here"): a new stream whose leader is not
+            # elected yet, or a change another node makes at the same moment
             if attempt == STREAMS_ATTEMPTS:
                 raise
             log.warning("%s: %r, attempt %d", what, exc, attempt)
