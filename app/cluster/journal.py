@@ -44,6 +44,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from kaya.actors.errors import Unavailable
+from kaya.actors.retry import Backoff
 from kaya.actors.wire import (
     EVENTS_STREAM,
     HEADER_COMMAND_ID,
@@ -61,9 +62,14 @@ from kaya.store import NewEvent
 log = logging.getLogger("kaya.cluster")
 
 HEADER_REQUEST_HASH = "Kaya-Request-Hash"
-WRONG_LAST_SEQUENCE = (10071, 10164)
-"""JetStream's "wrong last sequence": 10071 with the sequence it has, 10164 without (a
-clustered stream refusing a check while another on the same subject is in flight)."""
+WRONG_LAST_SEQUENCE = 10071
+"""JetStream's "wrong last sequence: N": the entity has a newer event than the writer saw."""
+IN_FLIGHT = 10164
+"""JetStream's "wrong last sequence" without a number: on a clustered stream, another
+write checked against the subject is still being applied (the previous one, just acked).
+Not a refusal: sent again, the same message (same Nats-Msg-Id) is checked once it is."""
+IN_FLIGHT_RETRIES = Backoff(initial=0.002, cap=0.05)
+IN_FLIGHT_ATTEMPTS = 20
 
 
 class _Refused(Exception):
@@ -148,6 +154,7 @@ class Journal:
         it rebuilds an actor from it (the follower stores the events, not the turn)."""
         self.refused = 0
         self.unsure = 0
+        self.in_flight_retries = 0
         self._given_up: set[int] = set()
         self._applied: Callable[[], int] | None = None
         self._wait_applied: Callable[[int], Awaitable[None]] | None = None
@@ -210,10 +217,18 @@ class Journal:
                     headers[HEADER_REQUEST_HASH] = digest.hex()
             future = None
             try:
-                future = await self._publisher.publish(subject, event.data, headers)
-                last_seq = await asyncio.wait_for(future, self._ack_timeout)
+                for attempt in range(1, IN_FLIGHT_ATTEMPTS + 1):
+                    future = await self._publisher.publish(subject, event.data, headers)
+                    try:
+                        last_seq = await asyncio.wait_for(future, self._ack_timeout)
+                        break
+                    except _Refused as refused:
+                        if refused.code != IN_FLIGHT or attempt == IN_FLIGHT_ATTEMPTS:
+                            raise
+                        self.in_flight_retries += 1
+                        await IN_FLIGHT_RETRIES.sleep(attempt)
             except _Refused as refused:
-                if refused.code not in WRONG_LAST_SEQUENCE:
+                if refused.code != WRONG_LAST_SEQUENCE:
                     self._unsure(shard, epoch, refused)
                 self.refused += 1
                 log.warning(

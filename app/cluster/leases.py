@@ -48,6 +48,8 @@ from kaya.app.cluster.plan import View, plan
 log = logging.getLogger("kaya.cluster")
 
 BUCKET = "KAYA_SHARDS"
+WATCHER_IDLE = 2.0
+"""Seconds after which the server drops a table read's watcher consumer."""
 MARGIN = 0.5
 """Seconds a lease is given up before its TTL would let another node take it."""
 
@@ -128,7 +130,9 @@ class Table:
 async def read_table(kv: KeyValue) -> Table:
     """Every live key, read once through a watcher that stops after the current values."""
     table = Table()
-    watcher = await kv.watchall(ignore_deletes=True)
+    # a watcher is a consumer on the bucket's stream: let the server drop it soon after
+    # (stopping it does not delete it, and a round a second would pile them up)
+    watcher = await kv.watchall(ignore_deletes=True, inactive_threshold=WATCHER_IDLE)
     try:
         while True:
             entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
@@ -258,6 +262,10 @@ class LeaseKeeper:
         lease = self.leases.get(shard)
         if lease is not None:
             lease.state = state
+            if self._kv is not None:  # at once: `kaya shards move` waits for it
+                task = asyncio.ensure_future(self._renew_one(self._kv, shard, lease))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     def _queue_release(self, shard: int) -> None:
         if self._kv is not None:
@@ -393,20 +401,25 @@ class LeaseKeeper:
             self.notify(ShardEvent("run", -1, name=name))
 
     async def _renew(self, kv: KeyValue) -> None:
-        me = self.settings.node
         for n, lease in list(self.leases.items()):
-            sent = time.monotonic()
-            value = orjson.dumps({"node": me, "epoch": lease.epoch, "state": lease.state})
-            try:
-                lease.revision = await kv.update(f"shard.{n}", value, last=lease.revision)
-            except nats.js.errors.KeyWrongLastSequenceError:
-                self._lose(n, "someone else holds it now")
-                continue
-            except (nats.errors.Error, TimeoutError) as exc:
-                log.warning("shard %d: renewal failed: %r", n, exc)
-                continue
-            lease.valid_until = sent + self.settings.ttl - MARGIN
+            await self._renew_one(kv, n, lease)
         self._expire_lapsed()
+
+    async def _renew_one(self, kv: KeyValue, n: int, lease: Lease) -> None:
+        if self.leases.get(n) is not lease:
+            return  # released or lost meanwhile
+        sent = time.monotonic()
+        me = self.settings.node
+        value = orjson.dumps({"node": me, "epoch": lease.epoch, "state": lease.state})
+        try:
+            lease.revision = await kv.update(f"shard.{n}", value, last=lease.revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            self._lose(n, "someone else holds it now")
+            return
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("shard %d: renewal failed: %r", n, exc)
+            return
+        lease.valid_until = sent + self.settings.ttl - MARGIN
 
     def _expire_lapsed(self) -> None:
         now = time.monotonic()
@@ -436,8 +449,10 @@ class LeaseKeeper:
                 revision = await kv.create(f"shard.{shard}", value)
             else:
                 revision = await kv.update(f"shard.{shard}", value, last=stale)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False  # someone was quicker: fine
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+            # someone was quicker, or the old lease expired while `create` looked at it:
+            # either way not ours this round
+            return False
         lease = Lease(revision=revision, epoch=0, valid_until=sent + self.settings.ttl - MARGIN)
         if self.settings.fenced:
             ack = await nc.jetstream().publish(
