@@ -43,6 +43,12 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench.suite --quick
 
+# A 3-server `kaya dev-cluster` beside one local node: throughput and CPU per command for
+# 1-3 nodes, kill -9 failover, shard handoff (bench/cluster.py); about 2 min.
+.PHONY: bench-cluster
+bench-cluster: $(BENCH_STAMP)
+	$(BIN)/python -m bench.cluster
+
 # The bank under faults on one node (kill -9, SIGSTOP, a full disk), judged by an
 # independent checker (bench/chaos.py); bounded, about 6 min; not part of `make test`.
 chaos: $(STAMP)
