@@ -390,3 +390,56 @@ async def stream_versions(url: str, account: str) -> list[int]:
     from tests.test_cluster_faults import stream_versions as read
 
     return await read(url, account)
+
+
+async def test_a_retry_after_a_failover_gets_the_first_reply(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """The new owner remembers the old owner's replies (rebuilt from the log): the same
+    command id gets the first answer, a different body under it `conflict`."""
+    from contextlib import AsyncExitStack
+
+    from examples.bank import make_app
+    from kaya.actors.errors import Conflict
+    from kaya.app.config import ClusterConfig
+    from kaya.app.node import open_node
+    from tests.conftest import node_config as in_process_config
+
+    cluster = ClusterConfig(durability="replicated", lease_ttl=3.0, renew_every=0.5)
+    configs = []
+    for name in ("a", "b"):
+        config = in_process_config(nats_server, tmp_path / name, cluster=cluster)
+        configs.append(
+            msgspec.structs.replace(
+                config,
+                node=msgspec.structs.replace(config.node, name=name),
+                ingress=msgspec.structs.replace(config.ingress, queue_group="kaya"),
+            )
+        )
+    async with AsyncExitStack() as outer, Client.connect(nats_server.url, attempts=30) as client:
+        b = await outer.enter_async_context(open_node(configs[1], make_app()))
+        async with open_node(configs[0], make_app()) as a:
+            await until(
+                lambda: bool(a.host.serving) and len(a.host.serving) + len(b.host.serving) == 16,
+                timeout=30,
+            )
+            account = next(
+                f"r{i}" for i in range(200) if shard_of(16, "account", f"r{i}") in a.host.serving
+            )
+            await client.send("account", account, {"type": "Open", "owner": "o", "currency": "EUR"})
+            first = await client.send(
+                "account", account, {"type": "Deposit", "amount": 9}, command_id="dep-1"
+            )
+        # a stopped: its shards are b's now, b never saw the command come in
+        await until(lambda: len(b.host.serving) == 16, timeout=30)
+        again = await client.send(
+            "account", account, {"type": "Deposit", "amount": 9}, command_id="dep-1"
+        )
+        assert again == first
+        with pytest.raises(Conflict):
+            await client.send(
+                "account", account, {"type": "Deposit", "amount": 1}, command_id="dep-1"
+            )
+        state = await client.get("account", account)
+    assert state.version == 2
+    assert state.state["balance"] == 9

@@ -48,7 +48,7 @@ from kaya.actors.wire import (
     HEADER_TRACEPARENT,
     command_done,
 )
-from kaya.app.cluster.journal import HEADER_REQUEST_HASH
+from kaya.app.cluster.journal import HEADER_COMMAND_START, HEADER_REQUEST_HASH
 from kaya.app.events.failing import Failing, PartHealth
 from kaya.app.events.relay import RelayStatistics
 from kaya.store import EventStore, StoreError
@@ -165,7 +165,8 @@ class Follower:
 
     async def _apply(self, msgs: list[Msg]) -> None:
         rows: list[tuple[Any, ...]] = []
-        commands: dict[tuple[str, str, str], bytes] = {}
+        # (entity, id, command id) -> request hash, first version, the events seen here
+        commands: dict[tuple[str, str, str], tuple[bytes, int, list[tuple[int, bytes]]]] = {}
         last = self.applied
         for msg in msgs:
             meta = msg.metadata
@@ -202,7 +203,11 @@ class Follower:
             cid, digest = headers.get(HEADER_COMMAND_ID), headers.get(HEADER_REQUEST_HASH)
             if cid and digest:
                 with contextlib.suppress(ValueError):
-                    commands[(tokens[2], tokens[3], cid)] = bytes.fromhex(digest)
+                    key = (tokens[2], tokens[3], cid)
+                    version = int(row[4])
+                    start = int(headers.get(HEADER_COMMAND_START) or version)
+                    seen = commands.setdefault(key, (bytes.fromhex(digest), start, []))
+                    seen[2].append((version, msg.data))
         if last == self.applied:
             return
         skipped = 0
@@ -216,12 +221,17 @@ class Follower:
                         "follower: %s/%s version %d at %d not stored: %s",
                         row[2], row[3], row[4], row[0], exc,
                     )  # fmt: skip
-            for (entity, entity_id, cid), request_hash in commands.items():
-                found = await tx.fetchall(
-                    "SELECT version, data FROM events WHERE entity = ? AND entity_id = ?"
-                    " AND command_id = ? ORDER BY version",
-                    (entity, entity_id, cid),
-                )
+            for (entity, entity_id, cid), (request_hash, start, here) in commands.items():
+                found = here
+                if here[0][0] > start:  # the command's first events came in an earlier batch
+                    found = [
+                        (int(v), bytes(d))
+                        for v, d in await tx.fetchall(
+                            "SELECT version, data FROM events WHERE entity = ? AND entity_id = ?"
+                            " AND version BETWEEN ? AND ? ORDER BY version",
+                            (entity, entity_id, start, here[-1][0]),
+                        )
+                    ]
                 if not found:
                     continue
                 body = command_done(

@@ -62,6 +62,9 @@ from kaya.store import NewEvent
 log = logging.getLogger("kaya.cluster")
 
 HEADER_REQUEST_HASH = "Kaya-Request-Hash"
+HEADER_COMMAND_START = "Kaya-Command-Start"
+"""The entity version of the first event of the same command: a follower rebuilds the
+command's reply from that range without searching the entity's history."""
 WRONG_LAST_SEQUENCE = 10071
 """JetStream's "wrong last sequence: N": the entity has a newer event than the writer saw."""
 IN_FLIGHT = 10164
@@ -195,6 +198,7 @@ class Journal:
         if epoch is None or shard in self._given_up:
             raise Unavailable(f"shard {shard} is not served by this node now; retry")
         subject = event_subject(entity, entity_id)
+        starts: dict[str, int] = {}  # command id -> version of its first event
         for event in events:  # one at a time: each is checked against the one before
             if self._keeper.owned(shard) != epoch:  # lapsed while the last one was on its way
                 self._let_go(shard, epoch)
@@ -215,6 +219,8 @@ class Journal:
                 digest = hashes.get(event.command_id)
                 if digest:
                     headers[HEADER_REQUEST_HASH] = digest.hex()
+                    start = starts.setdefault(event.command_id, version)
+                    headers[HEADER_COMMAND_START] = str(start)
             future = None
             try:
                 for attempt in range(1, IN_FLIGHT_ATTEMPTS + 1):
