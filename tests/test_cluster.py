@@ -6,6 +6,7 @@ observable state with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import subprocess
 import time
@@ -443,3 +444,54 @@ async def test_a_retry_after_a_failover_gets_the_first_reply(
         state = await client.get("account", account)
     assert state.version == 2
     assert state.state["balance"] == 9
+
+
+async def test_a_commands_events_reach_the_log_all_or_none(
+    tmp_path: Path, server: NatsServer
+) -> None:
+    """A lease that lapses in the middle of a two-event command must not leave the first
+    event in the log without the second (a saga would be stuck half-way for good)."""
+    nc = await nats.connect(server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, EventsConfig())
+        shard = shard_of(16, "transfer", "half-1")
+
+        class Lapsing:
+            """Holds the lease for the first `good` checks, then no more."""
+
+            def __init__(self, good: int) -> None:
+                self.good = good
+
+            def owned(self, n: int) -> int | None:
+                self.good -= 1
+                return 7 if self.good >= 0 else None
+
+            def give_up(self, n: int) -> None:
+                pass
+
+        def two(prefix: str) -> list[NewEvent]:
+            return [
+                NewEvent(event_id=f"{prefix}-{i}", type=t, schema_version=1, data=b"{}",
+                         command_id=f"{prefix}-cmd")
+                for i, t in enumerate(("Refunded", "Failed"))
+            ]  # fmt: skip
+
+        for checks in range(1, 5):  # the lease lapses after 1, 2, 3, 4 checks
+            lapsing = Journal(nc, Lapsing(checks), shards=16, ack_timeout=5.0)  # type: ignore[arg-type]
+            with contextlib.suppress(Unavailable):
+                await lapsing.record("transfer", f"half-{checks}", 0, two(f"a{checks}"), {}, 0)
+            subject = f"kaya.evt.transfer.half-{checks}"
+            info = await js.stream_info(EVENTS_STREAM, subjects_filter=subject)
+            assert sum((info.state.subjects or {}).values()) in (0, 2), checks  # never one
+        held = Journal(nc, Lapsing(100), shards=16, ack_timeout=5.0)  # type: ignore[arg-type]
+        last = await held.record("transfer", "whole-1", 0, two("b"), {"b-cmd": b"h"}, 0)
+        info = await js.stream_info(EVENTS_STREAM, subjects_filter="kaya.evt.transfer.whole-1")
+        assert sum((info.state.subjects or {}).values()) == 2
+        msg = await js.get_last_msg(EVENTS_STREAM, "kaya.evt.transfer.whole-1")
+        assert msg.seq == last
+        assert msg.headers is not None
+        assert msg.headers["Nats-Msg-Id"] == "b-1"
+        assert shard >= 0
+    finally:
+        await nc.close()

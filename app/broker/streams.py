@@ -32,6 +32,8 @@ def stream_configs(config: EventsConfig) -> list[StreamConfig]:
             num_replicas=config.replicas,
             max_age=config.max_age,
             max_bytes=config.max_bytes,
+            # a cluster writes a turn's events as one atomic batch (nats-server 2.12+)
+            allow_atomic=True,
             duplicate_window=config.duplicate_window,
         ),
         StreamConfig(

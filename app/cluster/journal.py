@@ -1,11 +1,14 @@
 """Replicated durability: a command's events go into KAYA_EVENTS before it is answered.
 
-    turn decided -> publish each event, checked against the entity's last one -> ack (R3)
-                 -> answer
+    turn decided -> its events as one atomic batch, checked against the entity's last
+                    event in the log -> ack (R3) -> answer
 
-Every event is published with `Nats-Expected-Last-Subject-Sequence: <seq>`, the stream
-sequence of the entity's previous event (0 for its first): JetStream stores it only if
-nothing else was written to that entity since. Whoever acts on a stale view (a node
+A turn's events go in one JetStream atomic batch (all stored or none: a command whose
+first event landed and whose second did not would leave the entity half-way, a saga
+stuck), its first message with `Nats-Expected-Last-Subject-Sequence: <seq>`, the stream
+sequence of the entity's previous event (0 for its first): JetStream stores the batch
+only if nothing else was written to that entity since. A single event goes as a plain
+publish with the same check. Whoever acts on a stale view (a node
 that lost its lease while paused, cut off, or slow to notice) has its write refused,
 lets the shard go, and its callers get `unavailable` and retry with the new owner. The
 lease is checked too, right before each turn's first publish: a node that wakes after
@@ -46,7 +49,6 @@ from nats.aio.msg import Msg
 from kaya.actors.errors import Unavailable
 from kaya.actors.retry import Backoff
 from kaya.actors.wire import (
-    EVENTS_STREAM,
     HEADER_COMMAND_ID,
     HEADER_ENTITY_VERSION,
     HEADER_EVENT_TYPE,
@@ -73,6 +75,9 @@ write checked against the subject is still being applied (the previous one, just
 Not a refusal: sent again, the same message (same Nats-Msg-Id) is checked once it is."""
 IN_FLIGHT_RETRIES = Backoff(initial=0.002, cap=0.05)
 IN_FLIGHT_ATTEMPTS = 20
+MAX_BATCH = 1000
+"""Most messages in one atomic batch (JetStream's limit): a turn with more events is
+written in several, split between commands."""
 
 
 class _Refused(Exception):
@@ -148,6 +153,7 @@ class Journal:
     """Writes a node's events into KAYA_EVENTS under its shards' epochs."""
 
     def __init__(self, nc: NATS, keeper: LeaseKeeper, *, shards: int, ack_timeout: float) -> None:
+        self._nc = nc
         self._publisher = _Publisher(nc)
         self._keeper = keeper
         self._shards = shards
@@ -199,14 +205,11 @@ class Journal:
             raise Unavailable(f"shard {shard} is not served by this node now; retry")
         subject = event_subject(entity, entity_id)
         starts: dict[str, int] = {}  # command id -> version of its first event
-        for event in events:  # one at a time: each is checked against the one before
-            if self._keeper.owned(shard) != epoch:  # lapsed while the last one was on its way
-                self._let_go(shard, epoch)
-                raise Unavailable(f"shard {shard} is not served by this node now; retry")
+        batches: list[list[tuple[bytes, dict[str, str]]]] = [[]]
+        previous = None
+        for event in events:
             version += 1
             headers = {
-                "Nats-Expected-Stream": EVENTS_STREAM,
-                "Nats-Expected-Last-Subject-Sequence": str(last_seq),
                 HEADER_MSG_ID: event.event_id,
                 HEADER_EVENT_TYPE: event.type,
                 HEADER_SCHEMA_VERSION: str(event.schema_version),
@@ -221,34 +224,74 @@ class Journal:
                     headers[HEADER_REQUEST_HASH] = digest.hex()
                     start = starts.setdefault(event.command_id, version)
                     headers[HEADER_COMMAND_START] = str(start)
-            future = None
-            try:
-                for attempt in range(1, IN_FLIGHT_ATTEMPTS + 1):
-                    future = await self._publisher.publish(subject, event.data, headers)
-                    try:
-                        last_seq = await asyncio.wait_for(future, self._ack_timeout)
-                        break
-                    except _Refused as refused:
-                        if refused.code != IN_FLIGHT or attempt == IN_FLIGHT_ATTEMPTS:
-                            raise
-                        self.in_flight_retries += 1
-                        await IN_FLIGHT_RETRIES.sleep(attempt)
-            except _Refused as refused:
-                if refused.code != WRONG_LAST_SEQUENCE:
-                    self._unsure(shard, epoch, refused)
-                self.refused += 1
-                log.warning(
-                    "shard %d: write to %s/%s refused (%s): another owner wrote it",
-                    shard, entity, entity_id, refused,
-                )  # fmt: skip
+            # a command's events never straddle two batches: each command is all or nothing
+            if len(batches[-1]) >= MAX_BATCH and (
+                event.command_id is None or event.command_id != previous
+            ):
+                batches.append([])
+            batches[-1].append((event.data, headers))
+            previous = event.command_id
+        for batch in batches:
+            if self._keeper.owned(shard) != epoch:  # lapsed while the last one was on its way
                 self._let_go(shard, epoch)
-                raise Unavailable(f"shard {shard} moved to another node; retry") from None
-            except (TimeoutError, nats.errors.Error, msgspec.DecodeError) as exc:
-                if future is not None:
-                    self._publisher.forget([future])
-                self._unsure(shard, epoch, exc)
+                raise Unavailable(f"shard {shard} is not served by this node now; retry")
+            last_seq = await self._write(subject, batch, last_seq, shard, epoch)
             self.last_seq = max(self.last_seq, last_seq)
         return last_seq
+
+    async def _write(
+        self,
+        subject: str,
+        batch: list[tuple[bytes, dict[str, str]]],
+        last_seq: int,
+        shard: int,
+        epoch: int,
+    ) -> int:
+        """One message, or an atomic batch of them (JetStream stores all or none), checked
+        against `last_seq`; the sequence of its last message."""
+        batch[0][1]["Nats-Expected-Last-Subject-Sequence"] = str(last_seq)
+        future = None
+        try:
+            for attempt in range(1, IN_FLIGHT_ATTEMPTS + 1):
+                future = await self._send(subject, batch, attempt)
+                try:
+                    return await asyncio.wait_for(future, self._ack_timeout)
+                except _Refused as refused:
+                    if refused.code != IN_FLIGHT or attempt == IN_FLIGHT_ATTEMPTS:
+                        raise
+                    self.in_flight_retries += 1
+                    await IN_FLIGHT_RETRIES.sleep(attempt)
+        except _Refused as refused:
+            if refused.code != WRONG_LAST_SEQUENCE:
+                self._unsure(shard, epoch, refused)
+            self.refused += 1
+            log.warning(
+                "shard %d: write to %s refused (%s): another owner wrote it",
+                shard, subject, refused,
+            )  # fmt: skip
+            self._let_go(shard, epoch)
+            raise Unavailable(f"shard {shard} moved to another node; retry") from None
+        except (TimeoutError, nats.errors.Error, msgspec.DecodeError) as exc:
+            if future is not None:
+                self._publisher.forget([future])
+            self._unsure(shard, epoch, exc)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _send(
+        self, subject: str, batch: list[tuple[bytes, dict[str, str]]], attempt: int
+    ) -> asyncio.Future[int]:
+        if len(batch) == 1:
+            data, headers = batch[0]
+            return await self._publisher.publish(subject, data, headers)
+        batch_id = f"{batch[0][1][HEADER_MSG_ID]}-{attempt}"
+        for number, (data, headers) in enumerate(batch, 1):
+            headers["Nats-Batch-Id"] = batch_id
+            headers["Nats-Batch-Sequence"] = str(number)
+            if number < len(batch):
+                await self._nc.publish(subject, data, headers=headers)
+        last_data, last_headers = batch[-1]
+        last_headers["Nats-Batch-Commit"] = "1"
+        return await self._publisher.publish(subject, last_data, last_headers)
 
     def _let_go(self, shard: int, epoch: int) -> None:
         """Give the shard up, unless it was already given up and taken again since (a
