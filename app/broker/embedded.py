@@ -276,19 +276,24 @@ class EmbeddedServer:
 
     async def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, wait, then SIGKILL: the server is gone when this returns."""
-        process = self.process
-        if process is None:
+        if self.process is None:
             return 0
+        return await stop_process(self.process, timeout)
+
+
+async def stop_process(process: asyncio.subprocess.Process, timeout: float) -> int:
+    """SIGTERM, wait up to `timeout`, then SIGKILL: the child is gone when this returns
+    (its exit code; -9 if it had to be killed and reported none)."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        with anyio.move_on_after(timeout):
+            await process.wait()
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-            with anyio.move_on_after(timeout):
-                await process.wait()
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
-        return process.returncode if process.returncode is not None else -9
+                process.kill()
+            await process.wait()
+    return process.returncode if process.returncode is not None else -9
 
 
 @contextlib.asynccontextmanager

@@ -355,18 +355,11 @@ class Child:
 
     async def stop(self, timeout: float) -> None:
         """SIGTERM, wait, then SIGKILL: the child is gone when this returns."""
+        from kaya.app.broker.embedded import stop_process
+
         self.stopping = True
-        process = self.process
-        if process is None or process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        with anyio.move_on_after(timeout):
-            await process.wait()
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
+        if self.process is not None:
+            await stop_process(self.process, timeout)
 
 
 class Cluster:
