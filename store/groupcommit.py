@@ -192,6 +192,12 @@ class GroupCommit:
         conn = writer.conn
         waiters, self._epoch = self._epoch, []
         errors: Errors | None = None
+        if not batch and not conn.in_transaction:
+            # SQLite rolled the open transaction back when one of its statements failed (a
+            # full disk) and took these waiters' work with it: they fail and retry. Not a
+            # new write failure, so readiness is not told of one (the disk may be fine now).
+            self._fail(waiters, "commit failed: rolled back by an earlier failure")
+            return
         try:
             if batch:
                 if not conn.in_transaction:
