@@ -17,8 +17,10 @@ reply in time, no node serving the subject. A command is retried with the same
 from __future__ import annotations
 
 import logging
+import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
@@ -26,6 +28,7 @@ import anyio
 import msgspec
 import nats
 import nats.errors
+import orjson
 from nats.aio.client import Client as NATS
 
 from kaya.actors.entity import Command
@@ -44,6 +47,7 @@ from kaya.actors.wire import (
     query_subject,
     view_subject,
 )
+from kaya.app.security.tls import Credentials, tls_refusal
 
 __all__ = ["Client", "Reply", "StateReply"]
 
@@ -133,12 +137,16 @@ class Client:
         timeout: float = 5.0,
         attempts: int = 5,
         backoff: Backoff | None = None,
+        tls: ssl.SSLContext | str | None = None,
     ) -> _Connecting:
         """Connect to NATS (one URL or several of one cluster); use with `async with`, or await.
 
             async with Client.connect(url) as client: ...      # closed at the end
             client = await Client.connect(url)                  # then `await client.aclose()`
 
+        With security on, `tls` is the client's `ssl.SSLContext`, or the path of its NATS
+        context file (`<data_dir>/security/contexts/kaya-client.json`: its certificate, key
+        and CA are used; its url too when `servers` is left at the default).
         Connecting gives up after `timeout` seconds with `Unavailable`. Once connected, the
         connection is re-established after any loss for as long as the client is open;
         requests made meanwhile are retried as above.
@@ -151,8 +159,21 @@ class Client:
             if not urls:
                 raise ValueError("connect needs at least one server URL")
 
+        context = None
+        if isinstance(tls, str):
+            loaded = orjson.loads(Path(tls).read_bytes())
+            context = Credentials(
+                Path(loaded["cert"]) if loaded.get("cert") else None,
+                Path(loaded["key"]) if loaded.get("key") else None,
+                Path(loaded["ca"]),
+            ).ssl_context()
+            if servers == "nats://127.0.0.1:4222" and loaded.get("url"):
+                urls = [u.strip() for u in str(loaded["url"]).split(",") if u.strip()]
+        else:
+            context = tls
+
         async def open_client() -> Client:
-            nc = await _connect_nats(urls, name=name, timeout=timeout)
+            nc = await _connect_nats(urls, name=name, timeout=timeout, tls=context)
             client = cls(nc, timeout=timeout, attempts=attempts, backoff=backoff)
             client._owns_connection = True
             return client
@@ -317,7 +338,9 @@ class _Connecting:
                 await client.aclose()
 
 
-async def _connect_nats(urls: list[str], *, name: str, timeout: float) -> NATS:
+async def _connect_nats(
+    urls: list[str], *, name: str, timeout: float, tls: ssl.SSLContext | None = None
+) -> NATS:
     """A connection that reconnects forever once made; the first one within `timeout`."""
     errors: list[BaseException] = []
     connected = False
@@ -346,6 +369,7 @@ async def _connect_nats(urls: list[str], *, name: str, timeout: float) -> NATS:
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                tls=tls,
             )
             connected = True
     except (OSError, nats.errors.Error) as exc:
@@ -355,7 +379,8 @@ async def _connect_nats(urls: list[str], *, name: str, timeout: float) -> NATS:
             with anyio.CancelScope(shield=True):
                 await nc.close()
     if not connected:
-        reason = f": {errors[-1]}" if errors else ""
+        refused = next((r for r in map(tls_refusal, errors) if r is not None), None)
+        reason = f": {refused or errors[-1]}" if refused or errors else ""
         raise Unavailable(f"cannot connect to NATS at {', '.join(urls)} in {timeout}s{reason}")
     return nc
 

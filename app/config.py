@@ -136,6 +136,16 @@ class ClusterConfig(_Section):
     not move every shard at the same moment)."""
 
 
+class SecurityConfig(_Section):
+    """Zero trust (see README "Security"): with it on, every NATS connection is TLS with a
+    client certificate from the node's CA, and the certificate says the caller's role."""
+
+    enabled: bool = False
+    """`kaya run --secure` turns it on too."""
+    dir: str = ""
+    """Where the CA, certificates and NATS CLI contexts live; empty: <data_dir>/security."""
+
+
 class MetricsConfig(_Section):
     address: str = ""
     """HOST:PORT of the HTTP endpoint (/metrics, /healthz, /readyz); empty: none.
@@ -180,6 +190,7 @@ class Config(_Section):
     consumers: ConsumersConfig = ConsumersConfig()
     shards: ShardsConfig = ShardsConfig()
     cluster: ClusterConfig = ClusterConfig()
+    security: SecurityConfig = SecurityConfig()
     metrics: MetricsConfig = MetricsConfig()
     slo: SloConfig = SloConfig()
     tracing: TracingConfig = TracingConfig()
@@ -197,6 +208,10 @@ class Config(_Section):
     @property
     def store_path(self) -> Path:
         return self.data_path / self.store.path
+
+    @property
+    def security_dir(self) -> Path:
+        return Path(self.security.dir) if self.security.dir else self.data_path / "security"
 
 
 _ANY_HOST = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
@@ -344,9 +359,12 @@ def with_overrides(
     monitor_port: int | None = None,
     metrics_address: str | None = None,
     app: str | None = None,
+    secure: bool | None = None,
 ) -> Config:
     """Apply command-line flags, which win over the file (None: not given)."""
-    node, nats, metrics = config.node, config.nats, config.metrics
+    node, nats, metrics, security = config.node, config.nats, config.metrics, config.security
+    if secure:
+        security = msgspec.structs.replace(security, enabled=True)
     if data_dir is not None:
         node = msgspec.structs.replace(node, data_dir=data_dir)
     if app is not None:
@@ -359,7 +377,9 @@ def with_overrides(
         metrics = msgspec.structs.replace(metrics, address=metrics_address)
     # the flags go through the same checks as the file: a bad port is one line, not a crash
     try:
-        changed = msgspec.structs.replace(config, node=node, nats=nats, metrics=metrics)
+        changed = msgspec.structs.replace(
+            config, node=node, nats=nats, metrics=metrics, security=security
+        )
         return msgspec.convert(msgspec.to_builtins(changed), Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"command line: {_explain(str(exc))}") from None

@@ -36,7 +36,12 @@ from kaya.actors.saga import SagaDriver
 from kaya.actors.wire import EVENTS_STREAM, HEALTH_SUBJECT
 from kaya.app.application import App
 from kaya.app.broker.adapter import connect, server_urls
-from kaya.app.broker.embedded import EmbeddedServer, ServerSettings, run_embedded_server
+from kaya.app.broker.embedded import (
+    EmbeddedServer,
+    ServerSettings,
+    TlsFiles,
+    run_embedded_server,
+)
 from kaya.app.broker.streams import ensure_streams
 from kaya.app.broker.watchdog import watch_jetstream
 from kaya.app.cluster.follower import Follower
@@ -59,6 +64,8 @@ from kaya.app.observability.statistics import (
     NodeStatistics,
 )
 from kaya.app.schemas.registry import register_schemas
+from kaya.app.security.pki import Pki, ensure_pki, write_contexts
+from kaya.app.security.tls import tls_url
 from kaya.store import EventStore, StoreError, open_event_store
 
 log = logging.getLogger("kaya.node")
@@ -218,7 +225,12 @@ class Node:
 
 
 def embedded_settings(config: Config) -> ServerSettings:
+    tls = None
+    if config.security.enabled:
+        pki = Pki(config.security_dir)
+        tls = TlsFiles(cert=pki.server_cert, key=pki.server_key, ca=pki.ca)
     return ServerSettings(
+        tls=tls,
         host=config.nats.host,
         port=config.nats.port,
         monitor_port=config.nats.monitor_port,
@@ -252,6 +264,13 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
     """
     registry = app.registry
     async with AsyncExitStack() as stack:
+        tls = None
+        pki = None
+        if config.security.enabled:  # made on first start, kept after (see app/security/pki.py)
+            pki = await anyio.to_thread.run_sync(
+                functools.partial(ensure_pki, config.security_dir, hosts=[config.nats.host])
+            )
+            tls = pki.role("node").ssl_context()
         server: EmbeddedServer | None = None
         if config.nats.url:
             url = config.nats.url
@@ -283,7 +302,10 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             on_reconnect=on_reconnect,
             on_disconnect=link.disconnected,
             timeout=config.nats.startup_timeout,
+            tls=tls,
         )
+        if pki is not None:
+            write_contexts(pki, tls_url(url))
         stack.push_async_callback(_close, nc)  # runs after the tasks below are cancelled
         await _with_retries(
             "creating the streams", lambda: ensure_streams(nc.jetstream(), config.events)
@@ -318,6 +340,7 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
                 singletons=singletons,
             ),
             servers,
+            connect_options={"tls": tls} if tls is not None else None,
         )
         journal = (
             Journal(nc, keeper, shards=config.shards.count, ack_timeout=config.events.ack_timeout)

@@ -17,6 +17,7 @@ nats-py's own `publish` writes) passed on.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -55,6 +56,7 @@ async def connect(
     on_reconnect: Callable[[], None] | None = None,
     on_disconnect: Callable[[], None] | None = None,
     timeout: float = 10.0,
+    tls: ssl.SSLContext | None = None,
 ) -> NATS:
     """A connection that reconnects forever and logs its disconnections.
 
@@ -94,6 +96,7 @@ async def connect(
             error_cb=on_error,
             disconnected_cb=on_disconnected,
             reconnected_cb=on_reconnected,
+            tls=tls,
         )
     if scope.cancelled_caught:
         with anyio.CancelScope(shield=True):

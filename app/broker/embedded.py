@@ -40,6 +40,13 @@ class ServerError(Exception):
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 4222
@@ -56,6 +63,8 @@ class ServerSettings:
     """Where this server listens for its peers' routes (only with `cluster_name`)."""
     routes: tuple[str, ...] = ()
     """The peers' route URLs, e.g. nats-route://127.0.0.1:6223 (only with `cluster_name`)."""
+    tls: TlsFiles | None = None
+    """Security on: clients must present a certificate signed by `ca` (mTLS)."""
 
     @property
     def url(self) -> str:
@@ -99,6 +108,17 @@ def server_config(settings: ServerSettings) -> str:
             "  routes [",
             *(f'    "{route}"' for route in settings.routes),
             "  ]",
+            "}",
+        ]
+    if settings.tls is not None:
+        tls = settings.tls
+        lines += [
+            "tls {",
+            f'  cert_file: "{tls.cert.resolve()}"',
+            f'  key_file: "{tls.key.resolve()}"',
+            f'  ca_file: "{tls.ca.resolve()}"',
+            "  verify: true",
+            "  timeout: 2",
             "}",
         ]
     return "\n".join(lines) + "\n"

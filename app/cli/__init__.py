@@ -22,6 +22,7 @@ usage, config or connection problem. A traceback means a bug in Kaya.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # asyncio's SSL transport warns on stderr when a server closes a refused handshake; the
+    # refusal itself is said in one `error:` line
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
     handler: Callable[[argparse.Namespace], Awaitable[int]] = args.handler
     try:
         return anyio.run(handler, args, backend="asyncio", backend_options={"use_uvloop": True})

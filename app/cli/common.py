@@ -110,6 +110,12 @@ def remote(p: argparse.ArgumentParser) -> None:
     common(p, node=False)
     p.add_argument("--url", help=f"NATS URL (default: $KAYA_NATS_URL or {DEFAULT_URL})")
     p.add_argument(
+        "--context",
+        metavar="FILE",
+        help="a NATS CLI context file (its url, cert, key, ca), e.g."
+        " data/security/contexts/kaya-client.json when security is on",
+    )
+    p.add_argument(
         "--timeout", type=positive_float, default=5.0, help="seconds to wait for a reply"
     )
 
@@ -126,6 +132,7 @@ def config(args: argparse.Namespace) -> Config:
         monitor_port=getattr(args, "monitor_port", None),
         metrics_address=getattr(args, "metrics_address", None),
         app=getattr(args, "app", None),
+        secure=getattr(args, "secure", None),
     )
 
 
@@ -168,7 +175,44 @@ def check_names(entity: str, entity_id: str, command_id: str | None = None) -> N
         raise CliError(f"{exc.code}: {exc.message}", exit_code=1) from None
 
 
+_TLS: dict[str, Any] = {}
+"""URL -> the credentials (`kaya.app.security.pki.Credentials`) this command connects with."""
+
+
+def _context(path: str) -> dict[str, Any]:
+    try:
+        loaded = orjson.loads(Path(path).read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise CliError(f"cannot read the context file {path}: {exc}") from None
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("url", ""), str):
+        raise CliError(f"{path} is not a NATS context file (a JSON object with a url)")
+    return loaded
+
+
 def url(args: argparse.Namespace) -> str:
+    """The server(s) to talk to, and with `--context` (or a config with security on) the
+    certificate to present: registered here for `connect`."""
+    from kaya.app.security.pki import Pki
+    from kaya.app.security.tls import Credentials
+
+    chosen = _url(args)
+    context = getattr(args, "context", None)
+    if context:
+        ctx = _context(context)
+        chosen = str(args.url or ctx.get("url") or chosen)
+        if ctx.get("ca"):
+            cert, key = ctx.get("cert"), ctx.get("key")
+            _TLS[chosen] = Credentials(
+                Path(cert) if cert else None, Path(key) if key else None, Path(ctx["ca"])
+            )
+    elif getattr(args, "config", None) and config(args).security.enabled:
+        pki = Pki(config(args).security_dir)  # the operator's own tools: the admin's
+        if pki.has("admin"):
+            _TLS[chosen] = pki.role("admin")
+    return chosen
+
+
+def _url(args: argparse.Namespace) -> str:
     if args.url:
         return str(args.url)
     if os.environ.get("KAYA_NATS_URL"):
@@ -195,16 +239,30 @@ async def connect(url: str) -> Any:
 
     with anyio.move_on_after(3):
         try:
+            credentials = _TLS.get(url)
             return await nats.connect(
-                server_urls(url), connect_timeout=2, allow_reconnect=False, error_cb=remember
+                server_urls(url),
+                connect_timeout=2,
+                allow_reconnect=False,
+                error_cb=remember,
+                tls=credentials.ssl_context() if credentials is not None else None,
             )
         except (nats.errors.Error, OSError, ValueError) as exc:  # refused, bad URL, TLS
             errors.append(exc)
-    reason = _reason(errors[-1]) if errors else "timed out"
+    from kaya.app.security.tls import tls_refusal
+
+    # a refused handshake is followed by "connection lost": the refusal says why
+    refused = next((r for r in map(tls_refusal, errors) if r is not None), None)
+    reason = refused or (_reason(errors[-1]) if errors else "timed out")
     raise CliError(f"cannot connect to NATS at {url}: {reason}")
 
 
 def _reason(exc: BaseException) -> str:
+    from kaya.app.security.tls import tls_refusal
+
+    refusal = tls_refusal(exc)
+    if refusal is not None:
+        return refusal
     text = str(exc).removeprefix("nats: ").strip()
     return text or type(exc).__name__
 

@@ -42,6 +42,12 @@ def register(sub: common.Subcommands) -> None:
         metavar="HOST:PORT",
         help="overrides metrics.address (port 0 picks a free one; empty: off)",
     )
+    run.add_argument(
+        "--secure",
+        action="store_true",
+        default=None,
+        help="security on (overrides security.enabled): TLS with a client certificate per role",
+    )
     run.add_argument("--log-format", choices=["json", "text"], help="overrides log.format")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.set_defaults(handler=_run)

@@ -1,0 +1,182 @@
+"""Security on: TLS with a client certificate per role, made on first start; each refusal
+said in one line. Real processes (`kaya run --secure`, the `kaya` CLI), stopped by PID."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from kaya.app.broker.embedded import ServerSettings, TlsFiles, server_config
+from kaya.app.security.pki import (
+    ROLES,
+    _write_cert,
+    _write_key,
+    ensure_pki,
+    issue,
+    new_ca,
+)
+from kaya.app.security.tls import tls_url
+from tests.servers import VENV_BIN, KayaProcess, free_port, start_kaya, stop_pid, write_config
+
+
+@pytest.fixture(scope="module")
+def secure_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KayaProcess, Path]]:
+    root = tmp_path_factory.mktemp("secure")
+    config = write_config(root / "kaya.toml", root / "data", port=free_port())
+    node = start_kaya(
+        config, argv=[str(VENV_BIN / "kaya"), "run", "--config", str(config), "--secure"]
+    )
+    try:
+        yield node, root / "data" / "security"
+    finally:
+        stop_pid(node.proc)
+
+
+def kaya(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(VENV_BIN / "kaya"), *argv], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def context(security: Path, role: str) -> str:
+    return str(security / "contexts" / f"kaya-{role}.json")
+
+
+def test_first_start_makes_the_pki_and_a_context_per_role(
+    secure_node: tuple[KayaProcess, Path],
+) -> None:
+    node, security = secure_node
+    for role in ROLES:
+        ctx = orjson.loads(Path(context(security, role)).read_bytes())
+        assert ctx["url"] == tls_url(node.url)
+        cert = x509.load_pem_x509_certificate(Path(ctx["cert"]).read_bytes())
+        assert cert.subject.rfc4514_string() == f"CN=kaya-{role}"
+        assert Path(ctx["key"]).stat().st_mode & 0o077 == 0  # keys readable by the owner only
+        assert Path(ctx["ca"]) == security / "ca.pem"
+    assert (security / "ca.key").stat().st_mode & 0o077 == 0
+
+
+def test_a_client_with_its_context_is_served(secure_node: tuple[KayaProcess, Path]) -> None:
+    _, security = secure_node
+    opened = kaya("send", "account", "sec-1", '{"type":"Open","owner":"o","currency":"EUR"}',
+                  "--context", context(security, "client"))  # fmt: skip
+    assert opened.returncode == 0, opened.stderr
+    got = kaya("get", "account", "sec-1", "--context", context(security, "client"))
+    assert orjson.loads(got.stdout)["version"] == 1
+
+
+def refused(node: KayaProcess, security: Path, ctx: dict[str, str], tmp: Path) -> str:
+    path = tmp / "ctx.json"
+    path.write_bytes(orjson.dumps(ctx))
+    done = kaya("get", "account", "sec-1", "--context", str(path))
+    assert done.returncode == 2, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines  # one line, no traceback, no asyncio noise
+    return lines[0]
+
+
+def test_plaintext_is_refused_in_one_line(
+    secure_node: tuple[KayaProcess, Path], tmp_path: Path
+) -> None:
+    node, _ = secure_node
+    done = kaya("get", "account", "sec-1", "--url", node.url)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: cannot connect to NATS at {node.url}: the server's certificate is not from a"
+        " CA this client trusts: security is on there; connect with --context"
+        " <data_dir>/security/contexts/kaya-<role>.json"
+    ]
+
+
+def test_no_certificate_is_refused_in_one_line(
+    secure_node: tuple[KayaProcess, Path], tmp_path: Path
+) -> None:
+    node, security = secure_node
+    line = refused(
+        node, security, {"url": tls_url(node.url), "ca": str(security / "ca.pem")}, tmp_path
+    )
+    assert "the server requires a client certificate" in line
+
+
+def _ca(security: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert = x509.load_pem_x509_certificate((security / "ca.pem").read_bytes())
+    key = serialization.load_pem_private_key((security / "ca.key").read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return cert, key
+
+
+def test_a_certificate_from_another_ca_is_refused_in_one_line(
+    secure_node: tuple[KayaProcess, Path], tmp_path: Path
+) -> None:
+    node, security = secure_node
+    other_cert, other_key = new_ca("someone else's CA")
+    cert, key = issue(other_cert, other_key, "kaya-client")
+    _write_cert(tmp_path / "c.pem", cert)
+    _write_key(tmp_path / "c.key", key)
+    ctx = {"url": tls_url(node.url), "cert": str(tmp_path / "c.pem"),
+           "key": str(tmp_path / "c.key"), "ca": str(security / "ca.pem")}  # fmt: skip
+    assert "does not trust this client certificate" in refused(node, security, ctx, tmp_path)
+
+
+def test_an_expired_certificate_is_refused_in_one_line(
+    secure_node: tuple[KayaProcess, Path], tmp_path: Path
+) -> None:
+    node, security = secure_node
+    ca_cert, ca_key = _ca(security)
+    long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
+    cert, key = issue(ca_cert, ca_key, "kaya-client", not_before=long_ago, days=1)
+    _write_cert(tmp_path / "c.pem", cert)
+    _write_key(tmp_path / "c.key", key)
+    ctx = {"url": tls_url(node.url), "cert": str(tmp_path / "c.pem"),
+           "key": str(tmp_path / "c.key"), "ca": str(security / "ca.pem")}  # fmt: skip
+    assert "it has expired" in refused(node, security, ctx, tmp_path)
+
+
+def test_the_pki_is_kept_across_starts(tmp_path: Path) -> None:
+    first = ensure_pki(tmp_path / "s", hosts=["127.0.0.1"])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir() if p.is_file()}
+    ensure_pki(tmp_path / "s", hosts=["127.0.0.1"])
+    after = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir() if p.is_file()}
+    assert before == after
+    assert first.ca.exists()
+
+
+def test_the_server_config_requires_verified_client_certificates(tmp_path: Path) -> None:
+    tls = TlsFiles(cert=tmp_path / "s.pem", key=tmp_path / "s.key", ca=tmp_path / "ca.pem")
+    text = server_config(ServerSettings(store_dir=tmp_path, tls=tls))
+    assert "tls {" in text
+    assert "verify: true" in text
+    assert f'ca_file: "{(tmp_path / "ca.pem").resolve()}"' in text
+    assert "tls {" not in server_config(ServerSettings(store_dir=tmp_path))
+
+
+@pytest.mark.anyio
+async def test_kaya_client_connects_with_a_context_file(
+    secure_node: tuple[KayaProcess, Path],
+) -> None:
+    from kaya import Client
+    from kaya.actors.errors import Unavailable
+
+    _, security = secure_node
+    async with Client.connect(tls=context(security, "client")) as client:
+        state = await client.get("account", "client-1")
+    assert state.version == 0
+    node, _ = secure_node
+    with pytest.raises(Unavailable, match="requires a client certificate"):
+        await Client.connect(
+            tls_url(node.url), tls=str(_ca_only(security)), timeout=2.0, attempts=1
+        )
+
+
+def _ca_only(security: Path) -> Path:
+    path = security.parent.parent / "ca-only.json"
+    path.write_bytes(orjson.dumps({"ca": str(security / "ca.pem")}))
+    return path
