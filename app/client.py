@@ -32,7 +32,15 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from kaya.actors.entity import Command
-from kaya.actors.errors import BadRequest, Internal, KayaError, Timeout, Unavailable, error_for
+from kaya.actors.errors import (
+    BadRequest,
+    Forbidden,
+    Internal,
+    KayaError,
+    Timeout,
+    Unavailable,
+    error_for,
+)
 from kaya.actors.retry import Backoff
 from kaya.actors.wire import (
     HEADER_COMMAND_ID,
@@ -47,7 +55,7 @@ from kaya.actors.wire import (
     query_subject,
     view_subject,
 )
-from kaya.app.security.tls import Credentials, tls_refusal
+from kaya.app.security.tls import Credentials, Violations, tls_refusal
 
 __all__ = ["Client", "Reply", "StateReply"]
 
@@ -127,6 +135,8 @@ class Client:
         self._attempts = attempts
         self._backoff = backoff or Backoff(initial=DEFAULT_BACKOFF_INITIAL, cap=DEFAULT_BACKOFF_CAP)
         self._owns_connection = False
+        self._violations = Violations()
+        """Fed by the error callback of a connection `connect` made (see Violations)."""
 
     @classmethod
     def connect(
@@ -173,8 +183,12 @@ class Client:
             context = tls
 
         async def open_client() -> Client:
-            nc = await _connect_nats(urls, name=name, timeout=timeout, tls=context)
+            violations = Violations()
+            nc = await _connect_nats(
+                urls, name=name, timeout=timeout, tls=context, violations=violations
+            )
             client = cls(nc, timeout=timeout, attempts=attempts, backoff=backoff)
+            client._violations = violations
             client._owns_connection = True
             return client
 
@@ -278,7 +292,11 @@ class Client:
         attempt = 1
         while True:
             try:
-                msg = await self._nc.request(subject, body, timeout=self._timeout, headers=headers)
+                msg = await self._violations.request(
+                    self._nc, subject, body, timeout=self._timeout, headers=headers
+                )
+            except PermissionError as exc:  # the server refused the publish: never retried
+                raise Forbidden(str(exc)) from None
             except nats.errors.NoRespondersError:
                 error: KayaError = Unavailable(f"no Kaya node is serving {subject}")
             except nats.errors.TimeoutError:
@@ -339,7 +357,12 @@ class _Connecting:
 
 
 async def _connect_nats(
-    urls: list[str], *, name: str, timeout: float, tls: ssl.SSLContext | None = None
+    urls: list[str],
+    *,
+    name: str,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
+    violations: Violations | None = None,
 ) -> NATS:
     """A connection that reconnects forever once made; the first one within `timeout`."""
     errors: list[BaseException] = []
@@ -347,6 +370,8 @@ async def _connect_nats(
     nc = NATS()
 
     async def on_error(exc: Exception) -> None:
+        if violations is not None and violations.seen(exc):
+            return  # told to the request it refused
         if connected:
             log.warning("NATS: %s", exc)
         else:  # said once, in the Unavailable raised if no server answers in time

@@ -405,9 +405,12 @@ class Ingress:
         owns = self._owns
         if owns is None:
             return
-        shard = parse_shard(subject)
-        if shard is None:
-            shard = shard_of(self._shards, entity, entity_id)
+        shard = shard_of(self._shards, entity, entity_id)
+        token = parse_shard(subject)
+        if token is not None and token != shard:  # sent to a shard subject by hand
+            raise BadRequest(
+                f"subject {subject!r}: {entity}/{entity_id} is in shard {shard}, not {token}"
+            )
         if not owns(shard):
             raise Unavailable(f"shard {shard} is not served by this node right now; retry")
 

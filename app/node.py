@@ -64,6 +64,7 @@ from kaya.app.observability.statistics import (
     NodeStatistics,
 )
 from kaya.app.schemas.registry import register_schemas
+from kaya.app.security.permissions import authorization_block
 from kaya.app.security.pki import Pki, ensure_pki, write_contexts
 from kaya.app.security.tls import tls_url
 from kaya.store import EventStore, StoreError, open_event_store
@@ -224,13 +225,18 @@ class Node:
         )
 
 
-def embedded_settings(config: Config) -> ServerSettings:
+def embedded_settings(config: Config, entities: tuple[str, ...] = ()) -> ServerSettings:
+    """The embedded server's settings; with security on, `entities` (the app's) are what
+    the node role may publish events for."""
     tls = None
+    authorization: tuple[str, ...] = ()
     if config.security.enabled:
         pki = Pki(config.security_dir)
         tls = TlsFiles(cert=pki.server_cert, key=pki.server_key, ca=pki.ca)
+        authorization = tuple(authorization_block(entities))
     return ServerSettings(
         tls=tls,
+        authorization=authorization,
         host=config.nats.host,
         port=config.nats.port,
         monitor_port=config.nats.monitor_port,
@@ -277,7 +283,8 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
         else:
             server = await stack.enter_async_context(
                 run_embedded_server(
-                    embedded_settings(config), startup_timeout=config.nats.startup_timeout
+                    embedded_settings(config, tuple(e.name for e in registry)),
+                    startup_timeout=config.nats.startup_timeout,
                 )
             )
             url = server.url
@@ -310,10 +317,11 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
         await _with_retries(
             "creating the streams", lambda: ensure_streams(nc.jetstream(), config.events)
         )
-        await _with_retries(
-            "registering the schemas",
-            lambda: register_schemas(nc.jetstream(), registry, replicas=config.events.replicas),
-        )
+        if not config.security.enabled:  # with it on, only admin writes the registry
+            await _with_retries(
+                "registering the schemas",
+                lambda: register_schemas(nc.jetstream(), registry, replicas=config.events.replicas),
+            )
         cluster = config.cluster
         replicated = cluster.durability == "replicated"
 

@@ -180,3 +180,122 @@ def _ca_only(security: Path) -> Path:
     path = security.parent.parent / "ca-only.json"
     path.write_bytes(orjson.dumps({"ca": str(security / "ca.pem")}))
     return path
+
+
+async def connect_as(security: Path, role: str, url: str) -> tuple[object, list[str]]:
+    """A raw nats-py connection with the role's certificate; the violations it is told of."""
+    import nats
+
+    from kaya.app.security.pki import Pki
+
+    refused: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        refused.append(str(exc))
+
+    nc = await nats.connect(
+        tls_url(url), tls=Pki(security).role(role).ssl_context(), error_cb=on_error,
+        allow_reconnect=False,
+    )  # fmt: skip
+    return nc, refused
+
+
+async def until_refused(refused: list[str], subject: str) -> None:
+    from tests.test_schemas import until
+
+    tail = subject.split(".", 1)[1]  # the server names the subject its mapping made
+    await until(lambda: any(subject in text or f".{tail}" in text for text in refused), 5)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # the node under test is a process: one client loop is enough
+
+
+CORE_FORBIDDEN = [  # (role, kind, subject): refused with the server's -ERR
+    ("client", "pub", "kaya.evt.account.forged-1"),  # a forged event
+    ("client", "sub", "kaya.shard.*.cmd.>"),  # a fake node
+    ("reader", "pub", "kaya.cmd.account.a-1"),
+    ("node", "pub", "kaya.evt.nosuchentity.x"),  # not an entity of the app
+]
+JETSTREAM_FORBIDDEN = [  # (role, API subject): JetStream answers nothing, changes nothing
+    ("client", "$JS.API.STREAM.PURGE.KAYA_EVENTS"),
+    ("client", "$JS.API.STREAM.DELETE.KAYA_DLQ"),
+    ("reader", "$JS.API.STREAM.DELETE.KAYA_EVENTS"),
+    ("node", "$JS.API.STREAM.DELETE.KAYA_EVENTS"),
+    ("node", "$JS.API.STREAM.PURGE.KAYA_EVENTS"),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("role", "kind", "subject"), CORE_FORBIDDEN)
+async def test_each_role_is_refused_what_it_may_not_do(
+    secure_node: tuple[KayaProcess, Path], role: str, kind: str, subject: str
+) -> None:
+    node, security = secure_node
+    nc, refused = await connect_as(security, role, node.url)
+    try:
+        if kind == "pub":
+            await nc.publish(subject, b"{}")  # type: ignore[attr-defined]
+        else:
+            await nc.subscribe(subject, queue="kaya")  # type: ignore[attr-defined]
+        await nc.flush()  # type: ignore[attr-defined]
+        await until_refused(refused, subject)
+    finally:
+        await nc.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("role", "subject"), JETSTREAM_FORBIDDEN)
+async def test_only_admin_deletes_or_purges_streams(
+    secure_node: tuple[KayaProcess, Path], role: str, subject: str
+) -> None:
+    import nats.errors
+
+    node, security = secure_node
+    admin, _ = await connect_as(security, "admin", node.url)
+    nc, _ = await connect_as(security, role, node.url)
+    try:
+        stream = subject.rsplit(".", 1)[1]
+        before = await admin.jetstream().stream_info(stream)  # type: ignore[attr-defined]
+        with pytest.raises(nats.errors.TimeoutError):
+            await nc.request(subject, b"", timeout=1.0)  # type: ignore[attr-defined]
+        after = await admin.jetstream().stream_info(stream)  # type: ignore[attr-defined]
+        assert after.state.messages >= before.state.messages  # neither purged nor gone
+    finally:
+        await nc.close()  # type: ignore[attr-defined]
+        await admin.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+async def test_each_role_may_do_what_its_role_allows(
+    secure_node: tuple[KayaProcess, Path],
+) -> None:
+    from kaya import Client
+    from kaya.actors.errors import Forbidden
+
+    node, security = secure_node
+    async with Client.connect(tls=context(security, "client"), attempts=3) as client:
+        await client.send("account", "m-1", {"type": "Open", "owner": "m", "currency": "EUR"})
+        assert (await client.get("account", "m-1")).version == 1  # (the module's only test of it)
+        assert "currencies" in await client.view("analytics")
+    async with Client.connect(tls=context(security, "reader"), attempts=1) as reader:
+        assert (await reader.get("account", "m-1")).version == 1
+        assert "currencies" in await reader.view("analytics")
+        with pytest.raises(Forbidden, match="may not publish"):
+            await reader.send("account", "m-1", {"type": "Deposit", "amount": 1})
+    nc, refused = await connect_as(security, "reader", node.url)
+    try:  # a reader reads the event stream
+        info = await nc.jetstream().stream_info("KAYA_EVENTS")  # type: ignore[attr-defined]
+        assert info.state.messages >= 1
+    finally:
+        await nc.close()  # type: ignore[attr-defined]
+    assert refused == []
+    admin, refused = await connect_as(security, "admin", node.url)
+    try:  # only admin manages streams
+        js = admin.jetstream()  # type: ignore[attr-defined]
+        await js.add_stream(name="SCRATCH", subjects=["scratch.>"])
+        assert await js.delete_stream("SCRATCH") is True
+    finally:
+        await admin.close()  # type: ignore[attr-defined]
+    assert refused == []

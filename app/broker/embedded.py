@@ -65,6 +65,8 @@ class ServerSettings:
     """The peers' route URLs, e.g. nats-route://127.0.0.1:6223 (only with `cluster_name`)."""
     tls: TlsFiles | None = None
     """Security on: clients must present a certificate signed by `ca` (mTLS)."""
+    authorization: tuple[str, ...] = ()
+    """Security on: the `authorization` block (users per role, by certificate subject)."""
 
     @property
     def url(self) -> str:
@@ -117,10 +119,12 @@ def server_config(settings: ServerSettings) -> str:
             f'  cert_file: "{tls.cert.resolve()}"',
             f'  key_file: "{tls.key.resolve()}"',
             f'  ca_file: "{tls.ca.resolve()}"',
-            "  verify: true",
+            # the certificate's subject names the user, whose permissions are the role's
+            "  verify_and_map: true" if settings.authorization else "  verify: true",
             "  timeout: 2",
             "}",
         ]
+    lines += settings.authorization
     return "\n".join(lines) + "\n"
 
 

@@ -30,6 +30,7 @@ import anyio
 import orjson
 
 from kaya.app.config import Config, load_config, with_overrides
+from kaya.app.security.tls import Violations
 
 if TYPE_CHECKING:
     from kaya.app.application import App
@@ -176,6 +177,7 @@ def check_names(entity: str, entity_id: str, command_id: str | None = None) -> N
 
 
 _TLS: dict[str, Any] = {}
+_VIOLATIONS = Violations()
 """URL -> the credentials (`kaya.app.security.pki.Credentials`) this command connects with."""
 
 
@@ -235,7 +237,8 @@ async def connect(url: str) -> Any:
     errors: list[Exception] = []
 
     async def remember(exc: Exception) -> None:
-        errors.append(exc)
+        if not _VIOLATIONS.seen(exc):  # a refused publish is told to its request instead
+            errors.append(exc)
 
     with anyio.move_on_after(3):
         try:
@@ -342,7 +345,9 @@ async def request(
 
     async with session(url) as nc:
         try:
-            msg = await nc.request(subject, body, timeout=timeout, headers=headers)
+            msg = await _VIOLATIONS.request(nc, subject, body, timeout=timeout, headers=headers)
+        except PermissionError as exc:
+            raise CliError(f"forbidden: {exc}", exit_code=1) from None
         except NoRespondersError:
             raise CliError(
                 f"no Kaya node is serving {subject} on {url}: start one with `kaya run`"

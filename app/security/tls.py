@@ -6,9 +6,15 @@ needs its files and the standard library's `ssl`.
 
 from __future__ import annotations
 
+import asyncio
+import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 
 @dataclass(frozen=True)
@@ -68,3 +74,66 @@ def tls_url(url: str) -> str:
         for part in (p.strip() for p in url.split(","))
         if part
     )
+
+
+_VIOLATION = re.compile(r'permissions violation for publish to "?([^"\s]+)"?', re.IGNORECASE)
+
+
+class Violations:
+    """Publishes the server refused on one connection, told to the request that made them.
+
+    A forbidden publish is not an error on the publishing call: nats-server reports it
+    asynchronously (`-ERR 'Permissions Violation for Publish to "<subject>"'`, nats-py's
+    error callback), and a request simply gets no reply. Kaya's clients hand that callback
+    here and race each request against it, so a caller hears `forbidden` in milliseconds
+    instead of a timeout seconds later.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, asyncio.Future[str]] = {}
+
+    def seen(self, exc: BaseException) -> bool:
+        """Feed an error from the connection's error callback; True if it was a violation."""
+        found = _VIOLATION.search(str(exc))
+        if found is None:
+            return False
+        refused = found.group(1)
+        for subject, future in list(self._waiting.items()):
+            if _same(subject, refused) and not future.done():
+                future.set_result(refused)
+        return True
+
+    async def request(
+        self,
+        nc: NATS,
+        subject: str,
+        body: bytes,
+        *,
+        timeout: float,
+        headers: dict[str, str] | None = None,
+    ) -> Msg:
+        """`nc.request`, or PermissionError naming the subject as soon as it is refused."""
+        refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiting[subject] = refused
+        try:
+            reply: asyncio.Future[Msg] = asyncio.ensure_future(
+                nc.request(subject, body, timeout=timeout, headers=headers)
+            )
+            racing: set[asyncio.Future[Any]] = {reply, refused}
+            done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+            if refused in done:
+                reply.cancel()
+                raise PermissionError(f"this role may not publish to {refused.result()}")
+            return reply.result()
+        finally:
+            if self._waiting.get(subject) is refused:
+                del self._waiting[subject]
+
+
+def _same(requested: str, refused: str) -> bool:
+    """Whether a refused subject is the request's, or what the server's mapping made of it
+    (`kaya.cmd.account.a1` is refused as `kaya.shard.3.cmd.account.a1`)."""
+    if requested == refused:
+        return True
+    tail = requested.split(".", 1)[1] if requested.startswith("kaya.") else ""
+    return bool(tail) and refused.startswith("kaya.shard.") and refused.endswith("." + tail)
