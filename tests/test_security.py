@@ -299,3 +299,25 @@ async def test_each_role_may_do_what_its_role_allows(
     finally:
         await admin.close()  # type: ignore[attr-defined]
     assert refused == []
+
+
+def test_security_init_and_server_config_for_an_external_server(tmp_path: Path) -> None:
+    made = kaya("security", "init", "--data-dir", str(tmp_path), "--host", "nats.example")
+    assert made.returncode == 0, made.stderr
+    security = tmp_path / "security"
+    for role in ROLES:
+        assert orjson.loads(Path(context(security, role)).read_bytes())["url"] == (
+            "tls://127.0.0.1:4222"
+        )
+    server = x509.load_pem_x509_certificate((security / "server.pem").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "nats.example" in names.get_values_for_type(x509.DNSName)
+    config = tmp_path / "kaya.toml"
+    config.write_text(f'[node]\ndata_dir = "{tmp_path}"\n[security]\nenabled = true\n')
+    printed = kaya("server-config", "--config", str(config), "--app", "examples.bank:app")
+    assert printed.returncode == 0, printed.stderr
+    text = printed.stdout
+    assert "verify_and_map: true" in text
+    assert f'ca_file: "{security / "ca.pem"}"' in text
+    assert '{ user: "CN=kaya-client", permissions: { publish: { allow: ["kaya.cmd.>"' in text
+    assert '"kaya.evt.account.>", "kaya.evt.transfer.>"' in text  # the app's entities only

@@ -11,6 +11,7 @@
     kaya server-config [--cluster-name NAME --cluster-port N --routes URL,...]
     kaya dev-cluster [--servers S] [--nodes N] [--base-port P] [--data-dir DIR]
     kaya shards [move N --to NODE]
+    kaya security init
     kaya schema check|export|publish
     kaya catalog [--format markdown|asyncapi]
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     events.register(sub)  # streams, dlq, replay, tail
     observe.register(sub)  # slo, status
     node.register_server_config(sub)  # server-config
+    node.register_security(sub)  # security init
     cluster.register(sub)  # dev-cluster
     shards.register(sub)  # shards, shards move
     schemas.register(sub)  # schema, catalog

@@ -53,6 +53,48 @@ def register(sub: common.Subcommands) -> None:
     run.set_defaults(handler=_run)
 
 
+def register_security(sub: common.Subcommands) -> None:
+    """`kaya security init`: the PKI and contexts for a server the node does not embed."""
+    security = sub.add_parser(
+        "security",
+        help="make the CA, certificates and NATS contexts (security on)",
+        description="`kaya security init` makes under security.dir (default"
+        " <data_dir>/security) what a node with an embedded server makes on its first secure"
+        " start: a development CA, the server's certificate, one certificate per role (admin,"
+        " node, client, reader) and a NATS CLI context per role. For your own nats-server:"
+        " then `kaya server-config --app M:A` prints its tls and authorization blocks.",
+    )
+    security.add_argument("action", choices=["init"])
+    common.common(security, node=True)
+    security.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name or address the server is reached by (repeat); always: localhost,"
+        " 127.0.0.1 and nats.host",
+    )
+    security.set_defaults(handler=_security)
+
+
+async def _security(args: argparse.Namespace) -> int:
+    import functools
+
+    from kaya.app.security.pki import ensure_pki, write_contexts
+    from kaya.app.security.tls import tls_url
+
+    config = common.config(args)
+    hosts = [config.nats.host, *args.host]
+    pki = await anyio.to_thread.run_sync(
+        functools.partial(ensure_pki, config.security_dir, hosts=hosts)
+    )
+    url = config.nats.url or f"nats://{config.nats.host}:{config.nats.port}"
+    for path in write_contexts(pki, tls_url(url)):
+        print(f"wrote {path}")
+    print(f"CA, certificates and keys in {pki.dir} (kept if they were there)")
+    return 0
+
+
 def register_server_config(sub: common.Subcommands) -> None:
     """`kaya server-config`, apart from `run` so `kaya --help` keeps its place after status."""
     server = sub.add_parser(
@@ -64,6 +106,7 @@ def register_server_config(sub: common.Subcommands) -> None:
         " others, and the same --cluster-name and [shards] count.",
     )
     common.common(server, node=True)
+    common.with_app(server)
     server.add_argument(
         "--server-name",
         metavar="NAME",
@@ -160,7 +203,11 @@ async def _server_config(args: argparse.Namespace) -> int:
     from kaya.app.broker.embedded import server_config
     from kaya.app.node import embedded_settings
 
-    settings = embedded_settings(common.config(args))
+    config = common.config(args)
+    entities: tuple[str, ...] = ()
+    if config.security.enabled:  # the node role may publish the events of the app's entities
+        entities = tuple(entity.name for entity in common.app(config).registry)
+    settings = embedded_settings(config, entities)
     if args.server_name:
         settings = replace(settings, name=args.server_name)
     if args.cluster_name:
