@@ -170,13 +170,15 @@ class Client:
                 raise ValueError("connect needs at least one server URL")
 
         context = None
+        credentials = None
         if isinstance(tls, str):
             loaded = orjson.loads(Path(tls).read_bytes())
-            context = Credentials(
+            credentials = Credentials(
                 Path(loaded["cert"]) if loaded.get("cert") else None,
                 Path(loaded["key"]) if loaded.get("key") else None,
                 Path(loaded["ca"]),
-            ).ssl_context()
+            )
+            context = credentials.ssl_context()
             if servers == "nats://127.0.0.1:4222" and loaded.get("url"):
                 urls = [u.strip() for u in str(loaded["url"]).split(",") if u.strip()]
         else:
@@ -185,7 +187,12 @@ class Client:
         async def open_client() -> Client:
             violations = Violations()
             nc = await _connect_nats(
-                urls, name=name, timeout=timeout, tls=context, violations=violations
+                urls,
+                name=name,
+                timeout=timeout,
+                tls=context,
+                violations=violations,
+                credentials=credentials,
             )
             client = cls(nc, timeout=timeout, attempts=attempts, backoff=backoff)
             client._violations = violations
@@ -363,6 +370,7 @@ async def _connect_nats(
     timeout: float,
     tls: ssl.SSLContext | None = None,
     violations: Violations | None = None,
+    credentials: Credentials | None = None,
 ) -> NATS:
     """A connection that reconnects forever once made; the first one within `timeout`."""
     errors: list[BaseException] = []
@@ -405,6 +413,8 @@ async def _connect_nats(
                 await nc.close()
     if not connected:
         refused = next((r for r in map(tls_refusal, errors) if r is not None), None)
+        if refused is None and credentials is not None:
+            refused = credentials.problem()
         reason = f": {refused or errors[-1]}" if refused or errors else ""
         raise Unavailable(f"cannot connect to NATS at {', '.join(urls)} in {timeout}s{reason}")
     return nc

@@ -65,7 +65,7 @@ from kaya.app.observability.statistics import (
 )
 from kaya.app.schemas.registry import register_schemas
 from kaya.app.security.permissions import authorization_block
-from kaya.app.security.pki import Pki, ensure_pki, write_contexts
+from kaya.app.security.pki import Pki, ensure_pki, store_key, write_contexts
 from kaya.app.security.tls import tls_url
 from kaya.store import EventStore, StoreError, open_event_store
 
@@ -237,6 +237,7 @@ def embedded_settings(config: Config, entities: tuple[str, ...] = ()) -> ServerS
     return ServerSettings(
         tls=tls,
         authorization=authorization,
+        store_key=store_key(config.security_dir) if config.security.enabled else "",
         host=config.nats.host,
         port=config.nats.port,
         monitor_port=config.nats.monitor_port,

@@ -321,3 +321,36 @@ def test_security_init_and_server_config_for_an_external_server(tmp_path: Path) 
     assert f'ca_file: "{security / "ca.pem"}"' in text
     assert '{ user: "CN=kaya-client", permissions: { publish: { allow: ["kaya.cmd.>"' in text
     assert '"kaya.evt.account.>", "kaya.evt.transfer.>"' in text  # the app's entities only
+
+
+@pytest.mark.anyio
+async def test_jetstream_files_hold_no_plaintext(secure_node: tuple[KayaProcess, Path]) -> None:
+    """A canary owner name reaches KAYA_EVENTS, and no file under the server's store has it."""
+    from kaya import Client
+
+    node, security = secure_node
+    canary = "canary-owner-5d2f8e"
+    async with Client.connect(tls=context(security, "client"), attempts=3) as client:
+        await client.send(
+            "account", "canary-1", {"type": "Open", "owner": canary, "currency": "EUR"}
+        )
+    admin, _ = await connect_as(security, "admin", node.url)
+    try:
+        js = admin.jetstream()  # type: ignore[attr-defined]
+
+        from tests.test_cluster import eventually
+
+        subject = "kaya.evt.account.canary-1"
+        await eventually(  # the relay publishes on its own schedule
+            lambda: js.stream_info("KAYA_EVENTS", subjects_filter=subject),
+            lambda info: bool(info.state.subjects),
+            10,
+        )
+        msg = await js.get_last_msg("KAYA_EVENTS", "kaya.evt.account.canary-1")
+        assert canary.encode() in msg.data  # over the wire, to an allowed reader: readable
+    finally:
+        await admin.close()  # type: ignore[attr-defined]
+    store = security.parent / "nats"
+    files = [p for p in store.rglob("*") if p.is_file() and p.name != "nats-server.conf"]
+    assert files
+    assert [p for p in files if canary.encode() in p.read_bytes()] == []

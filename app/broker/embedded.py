@@ -67,6 +67,8 @@ class ServerSettings:
     """Security on: clients must present a certificate signed by `ca` (mTLS)."""
     authorization: tuple[str, ...] = ()
     """Security on: the `authorization` block (users per role, by certificate subject)."""
+    store_key: str = ""
+    """Security on: JetStream encrypts its files with this key (ChaCha20-Poly1305)."""
 
     @property
     def url(self) -> str:
@@ -94,6 +96,8 @@ def server_config(settings: ServerSettings) -> str:
     if settings.monitor_port:
         lines += [f'http: "{settings.host}:{settings.monitor_port}"']
     sync = "\n  sync_interval: always" if settings.sync_always else ""
+    if settings.store_key:
+        sync += f'\n  cipher: chachapoly\n  key: "{settings.store_key}"'
     lines += [
         "jetstream {",
         f'  store_dir: "{settings.store_dir.resolve()}"{sync}',

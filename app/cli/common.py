@@ -256,6 +256,9 @@ async def connect(url: str) -> Any:
 
     # a refused handshake is followed by "connection lost": the refusal says why
     refused = next((r for r in map(tls_refusal, errors) if r is not None), None)
+    credentials = _TLS.get(url)
+    if refused is None and credentials is not None and errors:
+        refused = credentials.problem()
     reason = refused or (_reason(errors[-1]) if errors else "timed out")
     raise CliError(f"cannot connect to NATS at {url}: {reason}")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,3 +215,19 @@ def write_contexts(pki: Pki, url: str) -> list[Path]:
         path.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
         written.append(path)
     return written
+
+
+def store_key(directory: Path) -> str:
+    """The key the embedded server encrypts JetStream's files with: `$KAYA_JETSTREAM_KEY`
+    if set, else `<dir>/jetstream.key`, made once (0600) like the certificates. Lose it
+    and the stream files are unreadable: the events are in every node's SQLite too."""
+    from_env = os.environ.get("KAYA_JETSTREAM_KEY", "")
+    if from_env:
+        return from_env
+    path = directory / "jetstream.key"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+    return path.read_text().strip()

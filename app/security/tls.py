@@ -1,7 +1,6 @@
 """What a connection presents when security is on, and why a handshake was refused.
 
-Kept apart from pki.py (which makes certificates, with `cryptography`): a client only
-needs its files and the standard library's `ssl`.
+Kept apart from pki.py, which makes certificates: a client only reads its files.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -30,6 +30,29 @@ class Credentials:
         if self.cert is not None and self.key is not None:
             context.load_cert_chain(str(self.cert), str(self.key))
         return context
+
+    def problem(self) -> str | None:
+        """Why the server would refuse these credentials, found by looking at them: with
+        TLS 1.3 the server's alert can arrive after the client thinks the handshake is
+        done, and the connection then just drops ("connection lost")."""
+        import datetime
+
+        from cryptography import x509
+
+        if self.cert is None or self.key is None:
+            return _REFUSALS[0][1]
+        try:
+            cert = x509.load_pem_x509_certificate(self.cert.read_bytes())
+            ca = x509.load_pem_x509_certificate(self.ca.read_bytes())
+        except (OSError, ValueError):
+            return None
+        if cert.not_valid_after_utc < datetime.datetime.now(datetime.UTC):
+            return _REFUSALS[2][1]
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            return _REFUSALS[1][1]
+        return None
 
 
 _REFUSALS = (
