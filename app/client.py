@@ -28,7 +28,6 @@ import anyio
 import msgspec
 import nats
 import nats.errors
-import orjson
 from nats.aio.client import Client as NATS
 
 from kaya.actors.entity import Command
@@ -55,7 +54,7 @@ from kaya.actors.wire import (
     query_subject,
     view_subject,
 )
-from kaya.app.security.tls import Credentials, Violations, tls_refusal
+from kaya.app.security.tls import Credentials, Violations, read_context, tls_refusal
 
 __all__ = ["Client", "Reply", "StateReply"]
 
@@ -172,15 +171,10 @@ class Client:
         context = None
         credentials = None
         if isinstance(tls, str):
-            loaded = orjson.loads(Path(tls).read_bytes())
-            credentials = Credentials(
-                Path(loaded["cert"]) if loaded.get("cert") else None,
-                Path(loaded["key"]) if loaded.get("key") else None,
-                Path(loaded["ca"]),
-            )
-            context = credentials.ssl_context()
-            if servers == "nats://127.0.0.1:4222" and loaded.get("url"):
-                urls = [u.strip() for u in str(loaded["url"]).split(",") if u.strip()]
+            named, credentials = read_context(Path(tls))
+            context = credentials.ssl_context() if credentials is not None else None
+            if servers == "nats://127.0.0.1:4222" and named:
+                urls = [u.strip() for u in named.split(",") if u.strip()]
         else:
             context = tls
 

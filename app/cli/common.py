@@ -181,32 +181,22 @@ _VIOLATIONS = Violations()
 """URL -> the credentials (`kaya.app.security.pki.Credentials`) this command connects with."""
 
 
-def _context(path: str) -> dict[str, Any]:
-    try:
-        loaded = orjson.loads(Path(path).read_bytes())
-    except (OSError, orjson.JSONDecodeError) as exc:
-        raise CliError(f"cannot read the context file {path}: {exc}") from None
-    if not isinstance(loaded, dict) or not isinstance(loaded.get("url", ""), str):
-        raise CliError(f"{path} is not a NATS context file (a JSON object with a url)")
-    return loaded
-
-
 def url(args: argparse.Namespace) -> str:
     """The server(s) to talk to, and with `--context` (or a config with security on) the
     certificate to present: registered here for `connect`."""
     from kaya.app.security.pki import Pki
-    from kaya.app.security.tls import Credentials
+    from kaya.app.security.tls import read_context
 
     chosen = _url(args)
     context = getattr(args, "context", None)
     if context:
-        ctx = _context(context)
-        chosen = str(args.url or ctx.get("url") or chosen)
-        if ctx.get("ca"):
-            cert, key = ctx.get("cert"), ctx.get("key")
-            _TLS[chosen] = Credentials(
-                Path(cert) if cert else None, Path(key) if key else None, Path(ctx["ca"])
-            )
+        try:
+            named, credentials = read_context(Path(context))
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        chosen = str(args.url or named or chosen)
+        if credentials is not None:
+            _TLS[chosen] = credentials
     elif getattr(args, "config", None) and config(args).security.enabled:
         pki = Pki(config(args).security_dir)  # the operator's own tools: the admin's
         if pki.has("admin"):

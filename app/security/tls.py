@@ -6,6 +6,7 @@ Kept apart from pki.py, which makes certificates: a client only reads its files.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import ssl
 from dataclasses import dataclass
@@ -53,6 +54,24 @@ class Credentials:
         except (ValueError, TypeError, InvalidSignature):
             return _REFUSALS[1][1]
         return None
+
+
+def read_context(path: Path) -> tuple[str, Credentials | None]:
+    """A NATS CLI context file's url, and its credentials if it names a CA (cert and key
+    optional). ValueError says what is wrong with the file."""
+    try:
+        loaded = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the context file {path}: {exc}") from None
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("url", ""), str):
+        raise ValueError(f"{path} is not a NATS context file (a JSON object with a url)")
+    url = str(loaded.get("url", ""))
+    if not loaded.get("ca"):
+        return url, None
+    cert, key = loaded.get("cert"), loaded.get("key")
+    return url, Credentials(
+        Path(cert) if cert else None, Path(key) if key else None, Path(loaded["ca"])
+    )
 
 
 _REFUSALS = (
