@@ -21,6 +21,7 @@ from nats.aio.client import Client as NATS
 import kaya
 from examples import counter_app
 from examples.counter_app import Add, Added, Counter, Tally, Totals, totals
+from kaya.actors.wire import shard_of
 from kaya.app.application import AppError, load_app
 from kaya.app.node import open_node
 from tests.conftest import call, node_config
@@ -137,7 +138,12 @@ async def test_a_shard_token_the_mapping_cannot_produce_is_refused(
         assert f"shard {shard!r}" in reply["error"]["message"]
         state = await call(nc, "kaya.qry.counter2.c-1")
         assert state["version"] == 0  # nothing was applied
-        ok = await call(nc, "kaya.shard.15.cmd.counter2.c-1", {"type": "Add", "n": 1})
+        right = shard_of(16, "counter2", "c-1")  # a hand-made shard subject must be the key's
+        wrong = (right + 1) % 16
+        other = await call(nc, f"kaya.shard.{wrong}.cmd.counter2.c-1", {"type": "Add", "n": 1})
+        assert other["error"]["code"] == "bad_request"
+        assert f"is in shard {right}, not {wrong}" in other["error"]["message"]
+        ok = await call(nc, f"kaya.shard.{right}.cmd.counter2.c-1", {"type": "Add", "n": 1})
         assert ok["ok"] is True
 
 
