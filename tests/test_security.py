@@ -354,3 +354,22 @@ async def test_jetstream_files_hold_no_plaintext(secure_node: tuple[KayaProcess,
     files = [p for p in store.rglob("*") if p.is_file() and p.name != "nats-server.conf"]
     assert files
     assert [p for p in files if canary.encode() in p.read_bytes()] == []
+
+
+def test_a_tool_refused_by_its_role_says_forbidden_at_once(
+    secure_node: tuple[KayaProcess, Path],
+) -> None:
+    """nats-server answers a forbidden JetStream call with silence; Kaya's tools know the
+    role's permissions and refuse before sending."""
+    _, security = secure_node
+    purged = kaya("dlq", "purge", "--context", context(security, "client"), "--timeout", "30")
+    assert purged.returncode == 1, purged
+    assert purged.stderr.strip().splitlines() == [
+        "error: forbidden: this role may not publish to $JS.API.STREAM.INFO.KAYA_DLQ"
+    ]
+    for role in ("reader", "admin"):  # a reader looks at the streams and the dead letters
+        listed = kaya("streams", "--context", context(security, role))
+        assert listed.returncode == 0, listed.stderr
+        assert "KAYA_EVENTS" in listed.stdout
+        dead = kaya("dlq", "list", "--context", context(security, role))
+        assert dead.returncode == 0, dead.stderr

@@ -233,13 +233,15 @@ async def connect(url: str) -> Any:
     with anyio.move_on_after(3):
         try:
             credentials = _TLS.get(url)
-            return await nats.connect(
+            nc = _client_for(credentials)
+            await nc.connect(
                 server_urls(url),
                 connect_timeout=2,
                 allow_reconnect=False,
                 error_cb=remember,
                 tls=credentials.ssl_context() if credentials is not None else None,
             )
+            return nc
         except (nats.errors.Error, OSError, ValueError) as exc:  # refused, bad URL, TLS
             errors.append(exc)
     from kaya.app.security.tls import tls_refusal
@@ -251,6 +253,20 @@ async def connect(url: str) -> Any:
         refused = credentials.problem()
     reason = refused or (_reason(errors[-1]) if errors else "timed out")
     raise CliError(f"cannot connect to NATS at {url}: {reason}")
+
+
+def _client_for(credentials: Any) -> Any:
+    """A plain client, or with a role's certificate one that refuses what the role may not
+    publish before sending it (see CheckedClient)."""
+    from nats.aio.client import Client
+
+    from kaya.app.security.permissions import may_publish
+    from kaya.app.security.tls import CheckedClient, role_of
+
+    role = role_of(credentials) if credentials is not None else None
+    if role is None:
+        return Client()
+    return CheckedClient(lambda subject: may_publish(role, subject))
 
 
 def _reason(exc: BaseException) -> str:
@@ -283,6 +299,8 @@ def nats_failure(exc: BaseException, url: str, stream: str = "") -> CliError | N
     exc = innermost(exc)
     if isinstance(exc, NatsUnreachable):
         return CliError(str(exc))
+    if isinstance(exc, PermissionError):
+        return CliError(f"forbidden: {exc}", exit_code=1)
     if isinstance(exc, nats.js.errors.ServiceUnavailableError) or (
         isinstance(exc, nats.errors.NoRespondersError) and stream
     ):

@@ -59,6 +59,12 @@ def role_permissions(entities: Iterable[str]) -> dict[str, Permissions]:
         f"$JS.API.CONSUMER.INFO.{EVENTS_STREAM}.*",
         f"$JS.API.CONSUMER.DELETE.{EVENTS_STREAM}.*",
         f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS_STREAM}.*",
+        f"$JS.API.CONSUMER.LIST.{EVENTS_STREAM}",
+        f"$JS.API.CONSUMER.NAMES.{EVENTS_STREAM}",
+        f"$JS.API.CONSUMER.LIST.{DLQ_STREAM}",
+        f"$JS.API.CONSUMER.NAMES.{DLQ_STREAM}",
+        f"$JS.API.STREAM.MSG.GET.{DLQ_STREAM}",  # the dead letters, to look at
+        f"$JS.API.DIRECT.GET.{DLQ_STREAM}.>",
         "$JS.FC.>",
         "$JS.ACK.>",
     ]
@@ -129,3 +135,15 @@ def authorization_block(entities: Iterable[str]) -> list[str]:
         )
     lines += ["  ]", "}"]
     return lines
+
+
+def may_publish(role: str, subject: str) -> bool:
+    """Whether `role` may publish `subject` (entity events aside: a tool never sends those)."""
+    from kaya.actors.wire import subscribes
+
+    perms = role_permissions(()).get(role)
+    if perms is None or perms.everything:
+        return True
+    if any(subscribes(pattern, subject) for pattern in perms.publish_deny):
+        return False
+    return any(subscribes(pattern, subject) for pattern in perms.publish)

@@ -9,6 +9,7 @@ import asyncio
 import json
 import re
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,40 @@ def read_context(path: Path) -> tuple[str, Credentials | None]:
     return url, Credentials(
         Path(cert) if cert else None, Path(key) if key else None, Path(loaded["ca"])
     )
+
+
+def role_of(credentials: Credentials) -> str | None:
+    """The Kaya role a certificate stands for (`CN=kaya-<role>`), or None."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    if credentials.cert is None:
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(credentials.cert.read_bytes())
+    except (OSError, ValueError):
+        return None
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    name = str(names[0].value) if names else ""
+    return name.removeprefix("kaya-") if name.startswith("kaya-") else None
+
+
+class CheckedClient(NATS):
+    """A connection that refuses, before sending, a request its role may not publish.
+
+    nats-server answers a forbidden JetStream API call with nothing at all (no -ERR, as it
+    does for core publishes), so a tool would wait out its timeout; the role's permissions
+    are known here (they are generated, see permissions.py), so it says `forbidden` now.
+    """
+
+    def __init__(self, allowed: Callable[[str], bool]) -> None:
+        super().__init__()
+        self._allowed = allowed
+
+    async def request(self, subject: str, *args: Any, **kwargs: Any) -> Msg:
+        if not self._allowed(subject):
+            raise PermissionError(f"this role may not publish to {subject}")
+        return await super().request(subject, *args, **kwargs)
 
 
 _REFUSALS = (
