@@ -54,7 +54,7 @@ from kaya.actors.wire import (
     query_subject,
     view_subject,
 )
-from kaya.app.security.tls import Credentials, Violations, read_context, tls_refusal
+from kaya.app.security.tls import Credentials, Violations, read_context, why_refused
 
 __all__ = ["Client", "Reply", "StateReply"]
 
@@ -406,9 +406,7 @@ async def _connect_nats(
             with anyio.CancelScope(shield=True):
                 await nc.close()
     if not connected:
-        refused = next((r for r in map(tls_refusal, errors) if r is not None), None)
-        if refused is None and credentials is not None:
-            refused = credentials.problem()
+        refused = why_refused(errors, credentials)
         reason = f": {refused or errors[-1]}" if refused or errors else ""
         raise Unavailable(f"cannot connect to NATS at {', '.join(urls)} in {timeout}s{reason}")
     return nc

@@ -244,14 +244,9 @@ async def connect(url: str) -> Any:
             return nc
         except (nats.errors.Error, OSError, ValueError) as exc:  # refused, bad URL, TLS
             errors.append(exc)
-    from kaya.app.security.tls import tls_refusal
+    from kaya.app.security.tls import why_refused
 
-    # a refused handshake is followed by "connection lost": the refusal says why
-    refused = next((r for r in map(tls_refusal, errors) if r is not None), None)
-    credentials = _TLS.get(url)
-    if refused is None and credentials is not None and errors:
-        refused = credentials.problem()
-    reason = refused or (_reason(errors[-1]) if errors else "timed out")
+    reason = why_refused(errors, _TLS.get(url)) or (_reason(errors[-1]) if errors else "timed out")
     raise CliError(f"cannot connect to NATS at {url}: {reason}")
 
 

@@ -121,7 +121,8 @@ class Table:
     """The bucket as a node last read it, for `kaya shards` and the plan."""
 
     owners: dict[int, tuple[str, int, str]] = field(default_factory=dict)  # node, epoch, state
-    revisions: dict[int, int] = field(default_factory=dict)
+    revisions: dict[str, int] = field(default_factory=dict)
+    """Key -> its revision: what taking over an earlier run's lease updates."""
     nodes: set[str] = field(default_factory=set)
     moves: dict[int, str] = field(default_factory=dict)
     singletons: dict[str, str] = field(default_factory=dict)  # consumer -> node
@@ -149,13 +150,14 @@ async def read_table(kv: KeyValue) -> Table:
                         int(value.get("epoch", 0)),
                         str(value.get("state", "")),
                     )
-                    table.revisions[int(name)] = entry.revision or 0
+                    table.revisions[entry.key] = entry.revision or 0
                 elif kind == "node":
                     table.nodes.add(name)
                 elif kind == "move":
                     table.moves[int(name)] = str(value["to"])
                 elif kind == "consumer":
                     table.singletons[name] = str(value["node"])
+                    table.revisions[entry.key] = entry.revision or 0
             except (ValueError, KeyError, TypeError):
                 log.warning("KAYA_SHARDS: ignoring malformed %s", entry.key)
     finally:
@@ -330,7 +332,7 @@ class LeaseKeeper:
         # held under this node's name by an earlier run of it (a restart within the TTL):
         # taken over at once, under a new epoch that fences whatever that run still does
         stale = {
-            n: table.revisions.get(n, 0)
+            n: table.revisions.get(f"shard.{n}", 0)
             for n, owner in owners.items()
             if owner == me and n not in self.leases
         }
@@ -368,37 +370,56 @@ class LeaseKeeper:
     async def _singletons(self, kv: KeyValue, table: Table) -> None:
         """Renew the consumer leases held, take the free ones (first come, first served)."""
         me = self.settings.node
+        value = orjson.dumps({"node": me})
         for name, lease in list(self.singles.items()):
-            sent = time.monotonic()
-            try:
-                lease.revision = await kv.update(
-                    f"consumer.{name}", orjson.dumps({"node": me}), last=lease.revision
-                )
-                lease.valid_until = sent + self.settings.ttl - MARGIN
-            except nats.js.errors.KeyWrongLastSequenceError:
-                lease.valid_until = 0.0
-            except (nats.errors.Error, TimeoutError) as exc:
-                log.warning("consumer %s: renewal failed: %r", name, exc)
-            if time.monotonic() >= lease.valid_until:
-                del self.singles[name]
-                log.warning("consumer %s: lease lost; it stops here", name)
-                self.notify(ShardEvent("stop", -1, name=name))
+            if not await self._update(kv, f"consumer.{name}", value, lease):
+                self._stop_single(name, "someone else holds it now")
+            elif time.monotonic() >= lease.valid_until:
+                self._stop_single(name, "not renewed within its TTL")
         for name in self.settings.singletons:
             holder = table.singletons.get(name)
             if name in self.singles or (holder is not None and holder != me):
                 continue
-            sent = time.monotonic()
-            value = orjson.dumps({"node": me})
-            try:
-                if holder is None:
-                    revision = await kv.create(f"consumer.{name}", value)
-                else:  # an earlier run of this node: take it over
-                    revision = await kv.put(f"consumer.{name}", value)
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue
-            self.singles[name] = Lease(revision, 0, sent + self.settings.ttl - MARGIN)
-            log.info("consumer %s: runs on this node", name)
-            self.notify(ShardEvent("run", -1, name=name))
+            key = f"consumer.{name}"  # held by an earlier run of this node: taken over
+            stale = table.revisions.get(key, 0) if holder is not None else None
+            taken = await self._take(kv, key, value, stale)
+            if taken is not None:
+                self.singles[name] = taken
+                log.info("consumer %s: runs on this node", name)
+                self.notify(ShardEvent("run", -1, name=name))
+
+    def _stop_single(self, name: str, why: str) -> None:
+        del self.singles[name]
+        log.warning("consumer %s: lease lost (%s); it stops here", name, why)
+        self.notify(ShardEvent("stop", -1, name=name))
+
+    async def _update(self, kv: KeyValue, key: str, value: bytes, lease: Lease) -> bool:
+        """Renew one lease; False when someone else holds the key now. A renewal that does
+        not reach NATS is logged, and the lease lapses by its own deadline if none does."""
+        sent = time.monotonic()
+        try:
+            lease.revision = await kv.update(key, value, last=lease.revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("%s: renewal failed: %r", key, exc)
+            return True
+        lease.valid_until = sent + self.settings.ttl - MARGIN
+        return True
+
+    async def _take(self, kv: KeyValue, key: str, value: bytes, stale: int | None) -> Lease | None:
+        """A free key created, or one an earlier run of this node held (`stale`, its
+        revision) updated; None if someone was quicker, or if the old lease expired while
+        `create` looked at it: either way not ours this round."""
+        sent = time.monotonic()
+        try:
+            if stale is None:
+                revision = await kv.create(key, value)
+            else:
+                revision = await kv.update(key, value, last=stale)
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+            return None
+        return Lease(revision=revision, epoch=0, valid_until=sent + self.settings.ttl - MARGIN)
 
     async def _renew(self, kv: KeyValue) -> None:
         for n, lease in list(self.leases.items()):
@@ -408,18 +429,10 @@ class LeaseKeeper:
     async def _renew_one(self, kv: KeyValue, n: int, lease: Lease) -> None:
         if self.leases.get(n) is not lease:
             return  # released or lost meanwhile
-        sent = time.monotonic()
         me = self.settings.node
         value = orjson.dumps({"node": me, "epoch": lease.epoch, "state": lease.state})
-        try:
-            lease.revision = await kv.update(f"shard.{n}", value, last=lease.revision)
-        except nats.js.errors.KeyWrongLastSequenceError:
+        if not await self._update(kv, f"shard.{n}", value, lease):
             self._lose(n, "someone else holds it now")
-            return
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.warning("shard %d: renewal failed: %r", n, exc)
-            return
-        lease.valid_until = sent + self.settings.ttl - MARGIN
 
     def _expire_lapsed(self) -> None:
         now = time.monotonic()
@@ -428,9 +441,7 @@ class LeaseKeeper:
                 self._lose(n, "not renewed within its TTL")
         for name, lease in list(self.singles.items()):
             if now >= lease.valid_until:
-                del self.singles[name]
-                log.warning("consumer %s: lease not renewed within its TTL; it stops here", name)
-                self.notify(ShardEvent("stop", -1, name=name))
+                self._stop_single(name, "not renewed within its TTL")
 
     def _lose(self, shard: int, why: str) -> None:
         lease = self.leases.pop(shard, None)
@@ -442,18 +453,11 @@ class LeaseKeeper:
         self, nc: NATS, kv: KeyValue, shard: int, moved_to_me: bool, stale: int | None
     ) -> bool:
         me = self.settings.node
-        sent = time.monotonic()
         value = orjson.dumps({"node": me, "epoch": 0, "state": "catching-up"})
-        try:
-            if stale is None:
-                revision = await kv.create(f"shard.{shard}", value)
-            else:
-                revision = await kv.update(f"shard.{shard}", value, last=stale)
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
-            # someone was quicker, or the old lease expired while `create` looked at it:
-            # either way not ours this round
+        lease = await self._take(kv, f"shard.{shard}", value, stale)
+        if lease is None:
             return False
-        lease = Lease(revision=revision, epoch=0, valid_until=sent + self.settings.ttl - MARGIN)
+        revision = lease.revision
         if self.settings.fenced:
             ack = await nc.jetstream().publish(
                 epoch_subject(shard),

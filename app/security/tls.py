@@ -9,7 +9,7 @@ import asyncio
 import json
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,6 +130,16 @@ _REFUSALS = (
         " connect with --context <data_dir>/security/contexts/kaya-<role>.json",
     ),
 )
+
+
+def why_refused(errors: Sequence[BaseException], credentials: Credentials | None) -> str | None:
+    """Why a connection attempt that failed with `errors` was refused, if it was a TLS
+    refusal: from the server's alert, or (when TLS 1.3 lost it and the connection merely
+    dropped) from the credentials themselves."""
+    refused = next((r for r in map(tls_refusal, errors) if r is not None), None)
+    if refused is None and credentials is not None:
+        refused = credentials.problem()
+    return refused
 
 
 def tls_refusal(exc: BaseException) -> str | None:
