@@ -65,6 +65,11 @@ class ServerSettings:
     """The peers' route URLs, e.g. nats-route://127.0.0.1:6223 (only with `cluster_name`)."""
     tls: TlsFiles | None = None
     """Security on: clients must present a certificate signed by `ca` (mTLS)."""
+    route_tls: TlsFiles | None = None
+    """Security on, in a cluster: the certificate this server's routes present (dialing
+    and dialed) and the CA a peer's must come from. None: the route certificate pki.py
+    makes beside `tls`'s (route.pem, route.key), so that `kaya server-config` for a
+    cluster has route TLS whenever security is on, with no flag to forget."""
     authorization: tuple[str, ...] = ()
     """Security on: the `authorization` block (users per role, by certificate subject)."""
     store_key: str = ""
@@ -73,6 +78,17 @@ class ServerSettings:
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def cluster_tls(self) -> TlsFiles | None:
+        """What the cluster block's `tls` names: `route_tls`, else with security on the
+        route certificate in the same PKI as `tls`; None with security off."""
+        if self.route_tls is not None or self.tls is None:
+            return self.route_tls
+        from kaya.app.security.pki import Pki
+
+        pki = Pki(self.tls.cert.parent)
+        return TlsFiles(cert=pki.route_cert, key=pki.route_key, ca=self.tls.ca)
 
 
 def shard_mappings(shards: int) -> dict[str, str]:
@@ -114,6 +130,7 @@ def server_config(settings: ServerSettings) -> str:
             "  routes [",
             *(f'    "{route}"' for route in settings.routes),
             "  ]",
+            *_route_tls(settings.cluster_tls),
             "}",
         ]
     if settings.tls is not None:
@@ -130,6 +147,27 @@ def server_config(settings: ServerSettings) -> str:
         ]
     lines += settings.authorization
     return "\n".join(lines) + "\n"
+
+
+def _route_tls(files: TlsFiles | None) -> list[str]:
+    """The cluster block's `tls` and `authorization`: routes are TLS both ways, each side
+    verifying the other's certificate against the CA, and only the route certificate's
+    subject may be a peer. A role's certificate (from the same CA, with clientAuth) would
+    otherwise pass the handshake, and a route is trusted with every subject."""
+    if files is None:
+        return []
+    from kaya.app.security.pki import ROUTE_SUBJECT
+
+    return [
+        "  tls {",
+        f'    cert_file: "{files.cert.resolve()}"',
+        f'    key_file: "{files.key.resolve()}"',
+        f'    ca_file: "{files.ca.resolve()}"',
+        "    verify_and_map: true",  # verified, and its subject must be the user below
+        "    timeout: 2",
+        "  }",
+        f'  authorization {{ user: "{ROUTE_SUBJECT}" }}',
+    ]
 
 
 def find_binary() -> str:

@@ -18,6 +18,19 @@ What it prints on stdout, one line each, flushed (tests parse them):
     node kaya-1 ready on nats://127.0.0.1:4222 (pid 1240)
     cluster ready
     node kaya-2 exited with code -9
+
+With security on (`--secure` or `[security] enabled`), as issue 14 item 1 asks of a
+cluster: every server requires TLS with a verified client certificate mapped to its
+role's permissions, encrypts its JetStream files, and talks to its peers over routes
+that are TLS both ways with the route certificate; every node connects with the node
+role's certificate. One security dir serves them all (one CA, one JetStream key, one
+master key; `<data-dir>/security` unless `[security] dir` says otherwise), so a role's
+context works against any server. Before `cluster ready` it prints where they are:
+
+    security on: TLS with a client certificate from the CA in DIR, on every server
+    contexts: DIR/contexts/kaya-{admin,node,client,reader}.json
+    e.g. nats --context DIR/contexts/kaya-admin.json stream ls
+    e.g. kaya get account a-1 --context DIR/contexts/kaya-client.json
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ import json
 import math
 import signal
 import socket
+import ssl
 import sys
 import urllib.request
 from collections import deque
@@ -80,7 +94,9 @@ def register(sub: common.Subcommands) -> None:
         " nodes using it, all on 127.0.0.1, each its own process with its config, data and"
         " log under --data-dir. Server i (from 0) listens on P+i for clients, P+100+i for"
         " routes, P+200+i for monitoring. A child that exits is reported and not restarted."
-        " Delete --data-dir for a fresh cluster.",
+        " Delete --data-dir for a fresh cluster. With --secure (or security.enabled) all"
+        " share one CA under --data-dir/security (or security.dir), whose contexts/ hold a"
+        " NATS context per role.",
     )
     common.common(p, node=False)
     common.with_app(p)
@@ -117,6 +133,13 @@ def register(sub: common.Subcommands) -> None:
         metavar="N",
         help="shards the servers map keys onto (default: the config's shards.count)",
     )
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        default=None,
+        help="security on (overrides security.enabled): client TLS with a certificate per"
+        " role, TLS routes, encrypted JetStream; one CA for all, in <data-dir>/security",
+    )
     p.set_defaults(handler=_dev_cluster)
 
 
@@ -136,6 +159,8 @@ class NodePlan:
 class Plan:
     servers: list[ServerSettings]
     nodes: list[NodePlan]
+    security: Path | None = None
+    """Security on: the one PKI every server and node uses (see `secure`)."""
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -152,9 +177,12 @@ def plan(args: argparse.Namespace) -> Plan:
             f"--base-port {base}: the monitoring ports would end at"
             f" {base + MONITOR_OFFSET + count - 1}, beyond 65535"
         )
-    base_config = with_overrides(load_config(args.config), app=args.app)
+    base_config = with_overrides(
+        load_config(args.config), app=args.app, secure=getattr(args, "secure", None)
+    )
     shards = args.shards or base_config.shards.count
     data_dir = Path(args.data_dir).resolve()
+    security = _security_dir(base_config, data_dir)
     route_ports = [base + ROUTE_OFFSET + i for i in range(count)]
     servers = [
         ServerSettings(
@@ -179,6 +207,8 @@ def plan(args: argparse.Namespace) -> Plan:
             "no app for the nodes to serve: pass --app module:attr (e.g. --app"
             " examples.bank:app), set `app` in the config's [node] section, or --nodes 0"
         )
+    if security is not None:
+        servers = _secured(servers, security, base_config)
     nodes = []
     for i in range(args.nodes):
         name = f"kaya-{i + 1}"
@@ -193,6 +223,11 @@ def plan(args: argparse.Namespace) -> Plan:
                         base_config,
                         node=replace(base_config.node, name=name, data_dir=str(data_dir / name)),
                         nats=replace(base_config.nats, url=",".join(urls)),
+                        security=replace(
+                            base_config.security,
+                            enabled=security is not None,
+                            dir=str(security) if security is not None else "",
+                        ),
                         cluster=replace(base_config.cluster, durability="replicated"),
                         events=replace(base_config.events, replicas=min(3, count)),
                         shards=replace(base_config.shards, count=shards),
@@ -204,29 +239,114 @@ def plan(args: argparse.Namespace) -> Plan:
         except (ValueError, msgspec.ValidationError) as exc:
             raise ConfigError(f"{args.config or 'the defaults'}, for {name}: {exc}") from None
         nodes.append(NodePlan(name, config, data_dir / name / "config.toml", urls[0]))
-    return Plan(servers, nodes)
+    return Plan(servers, nodes, security)
+
+
+def _security_dir(config: Config, data_dir: Path) -> Path | None:
+    """The PKI the whole cluster shares, None with security off: `[security] dir` if the
+    config names one, else one under --data-dir (not each node's `<data_dir>/security`,
+    which would be a CA per node that no other server trusts)."""
+    if not config.security.enabled:
+        return None
+    return Path(config.security.dir).resolve() if config.security.dir else data_dir / "security"
+
+
+def _secured(servers: list[ServerSettings], security: Path, config: Config) -> list[ServerSettings]:
+    """The servers with security on: what a node's embedded server has (client TLS mapped
+    to the roles, the authorization block), and routes over TLS with the route
+    certificate. Only paths here: the files are made by `secure`, after the ports are
+    checked, and the JetStream key with them."""
+    from dataclasses import replace
+
+    from kaya.app.broker.embedded import TlsFiles
+    from kaya.app.security.permissions import authorization_block
+    from kaya.app.security.pki import Pki
+
+    entities: tuple[str, ...] = ()
+    if config.node.app:  # the node role may publish the events of the app's entities only
+        entities = tuple(entity.name for entity in common.app(config).registry)
+    pki = Pki(security)
+    tls = TlsFiles(cert=pki.server_cert, key=pki.server_key, ca=pki.ca)
+    routes = TlsFiles(cert=pki.route_cert, key=pki.route_key, ca=pki.ca)
+    authorization = tuple(authorization_block(entities))
+    return [
+        replace(
+            server,
+            tls=tls,
+            route_tls=routes if server.cluster_name else None,
+            authorization=authorization,
+        )
+        for server in servers
+    ]
+
+
+def secure(the_plan: Plan) -> Plan:
+    """Make the shared PKI (kept if there), a NATS context per role naming every server,
+    and the JetStream key, which every server gets: a stream's replicas are the same
+    files on each, and one key to keep is one fewer to lose. A no-op with security off."""
+    from dataclasses import replace
+
+    from kaya.app.security.pki import ensure_pki, store_key, write_contexts
+    from kaya.app.security.tls import tls_url
+
+    if the_plan.security is None:
+        return the_plan
+    pki = ensure_pki(the_plan.security, hosts=[HOST])
+    write_contexts(pki, tls_url(",".join(server.url for server in the_plan.servers)))
+    key = store_key(the_plan.security)
+    servers = [replace(server, store_key=key) for server in the_plan.servers]
+    return replace(the_plan, servers=servers)
+
+
+def security_lines(security: Path) -> list[str]:
+    """What to connect with, printed before `cluster ready` (none contains "ready": the
+    tests read lines up to that one)."""
+    from kaya.app.security.pki import ROLES, Pki
+
+    pki = Pki(security)
+    roles = ",".join(ROLES)
+    return [
+        f"security on: TLS with a client certificate from the CA in {security}, on every server",
+        f"contexts: {pki.dir / 'contexts'}/kaya-{{{roles}}}.json",
+        f"e.g. nats --context {pki.context_file('admin')} stream ls",
+        f"e.g. kaya get account a-1 --context {pki.context_file('client')}",
+    ]
 
 
 def toml(config: Config) -> str:
     """The config as TOML that `kaya run --config` reads back to the same Config.
 
-    By hand: every section is flat (strings, numbers, booleans, lists of strings), and a
-    TOML writer would be one more dependency for these few lines.
+    By hand: a section holds strings, numbers, booleans, lists of strings and sections of
+    its own (`[security.jwt]`), and a TOML writer would be one more dependency for these
+    few lines.
     """
     import msgspec
 
     from kaya.app.config import parse_config
 
     sections: dict[str, dict[str, Any]] = msgspec.to_builtins(config)
-    lines = []
+    lines: list[str] = []
     for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
-        lines.append("")
+        _toml_table(section, values, lines)
     text = "\n".join(lines)
     if parse_config(text) != config:  # a value this writer cannot spell: say so, not differ
         raise common.CliError(f"cannot write the config as TOML: {config!r}")
     return text
+
+
+def _toml_table(name: str, values: dict[str, Any], lines: list[str]) -> None:
+    """`[name]` with its values, then each table inside it as `[name.key]`: TOML puts a
+    table's own keys before its subtables, or they would belong to the last subtable."""
+    lines.append(f"[{name}]")
+    lines.extend(
+        f"{key} = {_toml_value(value)}"
+        for key, value in values.items()
+        if not isinstance(value, dict)
+    )
+    lines.append("")
+    for key, value in values.items():
+        if isinstance(value, dict):
+            _toml_table(f"{name}.{key}", value, lines)
 
 
 def _toml_value(value: Any) -> str:
@@ -385,7 +505,12 @@ class Cluster:
         for child in self.servers:  # they start together: each one's routes need the others
             await child.wait_ready(SERVER_READY_TIMEOUT)
             print(f"server {child.name} ready on {child.url} (pid {child.pid})", flush=True)
-        await wait_for_jetstream(plan.servers, JETSTREAM_TIMEOUT)
+        admin = None
+        if plan.security is not None:  # JetStream's state is asked for as the admin
+            from kaya.app.security.pki import Pki
+
+            admin = Pki(plan.security).role("admin").ssl_context()
+        await wait_for_jetstream(plan.servers, JETSTREAM_TIMEOUT, tls=admin)
 
         command = kaya_command()
         for node in plan.nodes:
@@ -399,6 +524,9 @@ class Cluster:
             # a fresh JetStream cluster wait out their 5 s timeouts (nats-server 2.15).
             await child.wait_ready(NODE_READY_TIMEOUT)
             print(f"node {child.name} ready on {child.url} (pid {child.pid})", flush=True)
+        if plan.security is not None:
+            for line in security_lines(plan.security):
+                print(line, flush=True)
 
     async def stop(self) -> None:
         """Nodes first, then servers: a node stopping still publishes and commits."""
@@ -421,20 +549,23 @@ def kaya_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from kaya.app.cli import main; sys.exit(main())"]
 
 
-async def wait_for_jetstream(servers: Sequence[ServerSettings], timeout: float) -> None:
+async def wait_for_jetstream(
+    servers: Sequence[ServerSettings], timeout: float, *, tls: ssl.SSLContext | None = None
+) -> None:
     """Until JetStream answers and, in a cluster, its meta leader counts every server as a
-    current peer: before that a stream with more replicas than known peers is refused."""
+    current peer: before that a stream with more replicas than known peers is refused.
+    `tls`: security on, the admin's certificate (JetStream's API is the admin's)."""
     missing = "no answer"
     with anyio.move_on_after(timeout):
         while True:  # polled: the servers announce none of this
-            missing = await _jetstream_missing(servers)
+            missing = await _jetstream_missing(servers, tls)
             if not missing:
                 return
             await anyio.sleep(0.1)
     raise StartFailed(f"JetStream not usable after {timeout:g}s: {missing}")
 
 
-async def _jetstream_missing(servers: Sequence[ServerSettings]) -> str:
+async def _jetstream_missing(servers: Sequence[ServerSettings], tls: ssl.SSLContext | None) -> str:
     """What the cluster's JetStream still lacks ("" for nothing)."""
     import nats
     import nats.errors
@@ -444,7 +575,11 @@ async def _jetstream_missing(servers: Sequence[ServerSettings]) -> str:
 
     try:
         nc = await nats.connect(
-            [s.url for s in servers], connect_timeout=2, allow_reconnect=False, error_cb=quiet
+            [s.url for s in servers],
+            connect_timeout=2,
+            allow_reconnect=False,
+            error_cb=quiet,
+            tls=tls,
         )
     except (nats.errors.Error, OSError) as exc:
         return f"cannot connect: {exc!r}"
@@ -500,6 +635,7 @@ async def open_cluster() -> AsyncIterator[Cluster]:
 async def _dev_cluster(args: argparse.Namespace) -> int:
     the_plan = plan(args)
     check_ports(the_plan.servers)
+    the_plan = await anyio.to_thread.run_sync(secure, the_plan)
     failure = ""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_cluster() as cluster, anyio.create_task_group() as tg:

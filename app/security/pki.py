@@ -2,6 +2,8 @@
 
     <dir>/ca.pem, ca.key                   the CA (EC P-256, 10 years)
     <dir>/server.pem, server.key           nats-server's (SAN: localhost, 127.0.0.1, hosts)
+    <dir>/route.pem, route.key             CN=kaya-route, what the servers of a cluster present
+                                           to each other on their routes (same SANs)
     <dir>/<role>.pem, <role>.key           CN=kaya-<role> for admin, node, client, reader
     <dir>/contexts/kaya-<role>.json        a NATS CLI context per role (url, cert, key, ca)
 
@@ -11,7 +13,8 @@ this CA, and the certificate is the credential: nats-server maps its subject
 is no password to leak or rotate apart from the key files. Made once, on first start or
 by `kaya security init`; existing files are never overwritten (a node restarting keeps
 its identity). Keys are written 0600. For production, put certificates from your own
-CA at the same paths: nothing here cares who signed them, only nats-server does.
+CA at the same paths: nothing here cares who signed them, only nats-server does (a route
+certificate must keep CN=kaya-route and both serverAuth and clientAuth, see `issue`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ CA_DAYS = 3650
 LEAF_DAYS = 825
 
 
+ROUTE_SUBJECT = "CN=kaya-route"
+"""The only subject a cluster's servers accept on their route port: every role's
+certificate comes from the same CA, so without this a client could dial a route port
+and pose as a server, outside every permission (the cluster maps it, `verify_and_map`)."""
+
+
 def role_subject(role: str) -> str:
     """The certificate subject nats-server maps to the role's user (RFC 2253 form)."""
     return f"CN=kaya-{role}"
@@ -56,6 +65,14 @@ class Pki:
     @property
     def server_key(self) -> Path:
         return self.dir / "server.key"
+
+    @property
+    def route_cert(self) -> Path:
+        return self.dir / "route.pem"
+
+    @property
+    def route_key(self) -> Path:
+        return self.dir / "route.key"
 
     def role(self, role: str) -> Credentials:
         return Credentials(self.dir / f"{role}.pem", self.dir / f"{role}.key", self.ca)
@@ -101,11 +118,14 @@ def issue(
     common_name: str,
     *,
     server_hosts: list[str] | None = None,
+    peer: bool = False,
     not_before: datetime.datetime | None = None,
     days: int = LEAF_DAYS,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A leaf certificate signed by the CA: a server's (with `server_hosts` as SANs) or a
-    client's. `not_before`/`days` let a test make one that has already expired."""
+    client's. `peer` (with `server_hosts`): a route's, which is a server when its peers
+    dial it and a client when it dials them, so it needs both usages or the TLS handshake
+    fails one way round. `not_before`/`days` let a test make one that has already expired."""
     key = _key()
     start = not_before or datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
     builder = (
@@ -126,10 +146,12 @@ def issue(
             except ValueError:
                 names.append(x509.DNSName(host))
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-        usage = ExtendedKeyUsageOID.SERVER_AUTH
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH]
+        if peer:
+            usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
     else:
-        usage = ExtendedKeyUsageOID.CLIENT_AUTH
-    builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     return builder.sign(ca_key, hashes.SHA256()), key
 
 
@@ -179,12 +201,16 @@ def ensure_pki(directory: Path, *, hosts: list[str]) -> Pki:
         ca_cert, ca_key = new_ca()
         _write_key(ca_key_path, ca_key)
         _write_cert(pki.ca, ca_cert)
+    server_hosts = sorted({"localhost", "127.0.0.1", *hosts})
     if not (pki.server_cert.exists() and pki.server_key.exists()):
-        cert, key = issue(
-            ca_cert, ca_key, "kaya-server", server_hosts=sorted({"localhost", "127.0.0.1", *hosts})
-        )
+        cert, key = issue(ca_cert, ca_key, "kaya-server", server_hosts=server_hosts)
         _write_key(pki.server_key, key)
         _write_cert(pki.server_cert, cert)
+    if not (pki.route_cert.exists() and pki.route_key.exists()):  # also added to an older PKI
+        route_name = ROUTE_SUBJECT.removeprefix("CN=")
+        cert, key = issue(ca_cert, ca_key, route_name, server_hosts=server_hosts, peer=True)
+        _write_key(pki.route_key, key)
+        _write_cert(pki.route_cert, cert)
     for role in ROLES:
         if not pki.has(role):
             creds = pki.role(role)
