@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Generic, TypeVar, Union
 import msgspec
 
 from kaya.actors.errors import BadRequest, UnknownCommand
+from kaya.actors.masking import sensitive_fields
 from kaya.actors.wire import DIGITS, LONG_NUMBER, TOO_DEEP, integer_out_of_range
 
 
@@ -103,8 +104,15 @@ class Entity(Generic[S, C, E]):
         }
         self._state_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(self.state_type)
         self.command_names = frozenset(t.__name__ for t in self.command_types)
+        # what a turn seals (actors/sealing.py): per event type, and in the state's snapshots
+        self._sensitive = {t.__name__: sensitive_fields(t) for t in self.event_types}
+        self.state_sensitive = sensitive_fields(self.state_type)
         steps: Any = Union[(*self.command_types, *self.internal_types)]
         self._step_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(steps)
+
+    def sensitive(self, type_name: str) -> frozenset[str]:
+        """The fields of event type `type_name` that its schema marks sensitive."""
+        return self._sensitive.get(type_name, frozenset())
 
     @property
     def initial(self) -> S:

@@ -19,6 +19,7 @@ from typing import Any
 
 from kaya.actors.entity import Command, Entity
 from kaya.actors.errors import Overloaded
+from kaya.actors.policy import Caller
 from kaya.actors.wire import Answer
 
 log = logging.getLogger("kaya.actors")
@@ -30,7 +31,16 @@ AnyEntity = Entity[Any, Any, Any]
 
 
 class Message:
-    __slots__ = ("command", "command_id", "deadline", "reply", "request_hash", "traceparent")
+    __slots__ = (
+        "allowed",
+        "caller",
+        "command",
+        "command_id",
+        "deadline",
+        "reply",
+        "request_hash",
+        "traceparent",
+    )
 
     def __init__(
         self,
@@ -46,6 +56,8 @@ class Message:
         self.traceparent = traceparent
         self.reply = reply
         self.deadline: float | None = None  # unix time; decided after it: `timeout`
+        self.caller: Caller | None = None  # JWT on: who asked, for the app's policy
+        self.allowed: bool | None = None  # an `ActsOn` decision, settled before the turn
 
 
 class Actor:

@@ -17,15 +17,22 @@ MASK = "***"
 
 @cache
 def sensitive_fields(struct_type: type) -> frozenset[str]:
+    """The top-level fields of `struct_type` marked sensitive. ValueError if one is not a
+    string: a sensitive field is sealed at rest (actors/sealing.py), as a string."""
     info = msgspec.inspect.type_info(struct_type)
     if not isinstance(info, msgspec.inspect.StructType):
         return frozenset()
-    return frozenset(
-        field.encode_name
-        for field in info.fields
-        if isinstance(field.type, msgspec.inspect.Metadata)
-        and (field.type.extra or {}).get("sensitive")
-    )
+    found = set()
+    for field in info.fields:
+        meta = field.type
+        if isinstance(meta, msgspec.inspect.Metadata) and (meta.extra or {}).get("sensitive"):
+            if not isinstance(meta.type, msgspec.inspect.StrType):
+                raise ValueError(
+                    f"{struct_type.__name__}.{field.name} is marked sensitive but is not a"
+                    " string: only strings can be sealed at rest"
+                )
+            found.add(field.encode_name)
+    return frozenset(found)
 
 
 def masked(value: Any) -> Any:

@@ -27,7 +27,7 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from kaya.actors.entity import Command
-from kaya.actors.errors import Internal, KayaError, Unavailable
+from kaya.actors.errors import Forbidden, Internal, KayaError, Unavailable
 from kaya.actors.ids import request_hash, trace_id
 from kaya.actors.mailbox import (
     Actor,
@@ -38,6 +38,8 @@ from kaya.actors.mailbox import (
     deliver,
     take_commands,
 )
+from kaya.actors.policy import ActsOn, Caller, Lookup, Policy
+from kaya.actors.sealing import Sealer, is_sealed
 from kaya.actors.turn import Journal, Turns
 from kaya.actors.wire import Answer, error_answer, ok_answer, state_reply
 from kaya.store import EventStore
@@ -84,14 +86,30 @@ class ActorRuntime:
         *,
         clock: Callable[[], float] = time.monotonic,
         journal: Journal | None = None,
+        sealer: Sealer | None = None,
+        policy: Policy | None = None,
+        lookup: Lookup | None = None,
     ) -> None:
         """`journal`: the shared log a cluster node writes to first (replicated durability);
-        then an actor of a shard this node does not serve answers `unavailable`."""
+        then an actor of a shard this node does not serve answers `unavailable`.
+        `sealer`: with security on, seals sensitive fields at rest (actors/sealing.py).
+        `policy`: with JWT on, the app's (actors/policy.py), asked about every message
+        that has a caller; `lookup` settles its `ActsOn` answers."""
         self._store = store
         self._settings = settings or RuntimeSettings()
         self._clock = clock
         self._journal = journal
-        self._turns = Turns(store, snapshot_every=self._settings.snapshot_every, journal=journal)
+        self._sealer = sealer
+        self._policy = policy
+        self._lookup = lookup
+        self._turns = Turns(
+            store,
+            snapshot_every=self._settings.snapshot_every,
+            journal=journal,
+            sealer=sealer,
+            policy=policy,
+            lookup=lookup,
+        )
         self._actors: OrderedDict[tuple[str, str], Actor] = OrderedDict()
         self._tg: TaskGroup | None = None
         self._busy = 0
@@ -114,20 +132,27 @@ class ActorRuntime:
         command_id: str | None = None,
         traceparent: str | None = None,
         deadline: float | None = None,
+        caller: Caller | None = None,
     ) -> None:
         """Queue a command; `reply` gets the contract reply. Raises Overloaded when full.
 
         A command still queued at `deadline` (unix time) is not applied: it gets
-        `timeout`, remembered under its command id like any other reply.
+        `timeout`, remembered under its command id like any other reply. With a
+        `caller`, the app's policy decides first whether it may be sent at all.
         """
         digest = request_hash(command) if command_id is not None else b""
         message = Message(command, command_id, digest, traceparent, reply)
         message.deadline = deadline
+        message.caller = caller
         self._enqueue(entity, entity_id, message)
 
-    def query(self, entity: AnyEntity, entity_id: str, reply: ReplyFn) -> None:
+    def query(
+        self, entity: AnyEntity, entity_id: str, reply: ReplyFn, *, caller: Caller | None = None
+    ) -> None:
         """Queue a state query behind the entity's pending commands (read-your-writes)."""
-        self._enqueue(entity, entity_id, Message(None, None, b"", None, reply))
+        message = Message(None, None, b"", None, reply)
+        message.caller = caller
+        self._enqueue(entity, entity_id, message)
 
     async def ask(
         self,
@@ -138,6 +163,7 @@ class ActorRuntime:
         command_id: str | None = None,
         traceparent: str | None = None,
         deadline: float | None = None,
+        caller: Caller | None = None,
     ) -> bytes:
         """Send and wait for the reply: for in-process callers (sagas, tools, tests)."""
         done = anyio.Event()
@@ -148,7 +174,7 @@ class ActorRuntime:
             done.set()
 
         if command is None:
-            self.query(entity, entity_id, reply)
+            self.query(entity, entity_id, reply, caller=caller)
         else:
             self.tell(
                 entity,
@@ -158,6 +184,7 @@ class ActorRuntime:
                 command_id=command_id,
                 traceparent=traceparent,
                 deadline=deadline,
+                caller=caller,
             )
         await done.wait()
         return box[0]
@@ -310,6 +337,11 @@ class ActorRuntime:
                     return
                 if mailbox[0].command is None:
                     query = mailbox.popleft()
+                    if query.caller is not None and self._policy is not None:
+                        refusal = await self._query_refusal(actor, query.caller)
+                        if refusal is not None:
+                            await answer(query, error_answer(refusal))
+                            continue
                     state = state_reply(
                         actor.entity.name, actor.entity_id, actor.version, actor.state
                     )
@@ -327,6 +359,24 @@ class ActorRuntime:
                 self._drained = None
         if actor.loaded and self._observers:
             self._tell_observers(actor)
+
+    async def _query_refusal(self, actor: Actor, caller: Caller) -> KayaError | None:
+        entity = actor.entity
+        assert self._policy is not None
+        try:
+            decision = self._policy.query(caller, entity.name, actor.state)
+            if isinstance(decision, ActsOn):
+                if self._lookup is None:
+                    return Unavailable("no way to ask about another entity here")
+                decision = await self._lookup(caller, decision.entity, decision.id)
+        except KayaError as exc:
+            return exc
+        except Exception:
+            log.exception("the policy failed on a query of %s/%s", entity.name, actor.entity_id)
+            return Internal("the authorization policy failed")
+        if decision is True:
+            return None
+        return Forbidden(f"the caller may not read {entity.name}/{actor.entity_id}")
 
     def _tell_observers(self, actor: Actor) -> None:
         for observer in tuple(self._observers):  # one may unregister while it is told
@@ -353,16 +403,23 @@ class ActorRuntime:
             if self._journal is not None:
                 await self._journal.settled()
             state, version = entity.initial, 0
+            sealer = self._sealer
             snapshot = await self._store.load_snapshot(entity.name, actor.entity_id)
             if snapshot is not None and snapshot.schema == entity.state_schema:
+                data = snapshot.state
+                if sealer is not None and is_sealed(data):
+                    data = await sealer.open(entity.name, actor.entity_id, data)
                 try:
-                    state, version = entity.decode_state(snapshot.state), snapshot.version
+                    state, version = entity.decode_state(data), snapshot.version
                 except msgspec.DecodeError:
                     log.warning(
                         "ignoring unreadable snapshot of %s/%s", entity.name, actor.entity_id
                     )
             for stored in await self._store.read_stream(entity.name, actor.entity_id, version):
-                event = entity.decode_event(stored.type, stored.schema_version, stored.data)
+                data = stored.data
+                if sealer is not None and is_sealed(data):
+                    data = await sealer.open(entity.name, actor.entity_id, data)
+                event = entity.decode_event(stored.type, stored.schema_version, data)
                 state = entity.evolve(state, event)
                 version = stored.version
         except Exception:

@@ -24,10 +24,20 @@ from typing import Any, Protocol
 
 import msgspec
 
-from kaya.actors.errors import Conflict, Internal, Rejected, Timeout, Unavailable
+from kaya.actors.errors import (
+    Conflict,
+    Forbidden,
+    Internal,
+    KayaError,
+    Rejected,
+    Timeout,
+    Unavailable,
+)
 from kaya.actors.ids import event_ids, trace_id
 from kaya.actors.mailbox import Actor, Message, answer
 from kaya.actors.masking import masked
+from kaya.actors.policy import ActsOn, Caller, Lookup, Policy
+from kaya.actors.sealing import Sealer, is_sealed
 from kaya.actors.wire import (
     Answer,
     command_done,
@@ -102,10 +112,24 @@ class Turns:
     """Runs actors' turns against one store; counts the commands and the handler crashes."""
 
     def __init__(
-        self, store: EventStore, *, snapshot_every: int, journal: Journal | None = None
+        self,
+        store: EventStore,
+        *,
+        snapshot_every: int,
+        journal: Journal | None = None,
+        sealer: Sealer | None = None,
+        policy: Policy | None = None,
+        lookup: Lookup | None = None,
     ) -> None:
+        """`sealer`: with security on, what seals the sensitive fields of everything a
+        turn stores (its events, remembered replies and snapshots) before it leaves.
+        `policy`: with JWT on, the app's; asked for every command that has a caller, with
+        the state it is decided against; `lookup` settles its `ActsOn` answers."""
         self._store = store
         self._journal = journal
+        self._sealer = sealer
+        self._policy = policy
+        self._lookup = lookup
         self._snapshot_every = snapshot_every
         self.commands = 0
         self.crashes = 0
@@ -113,6 +137,10 @@ class Turns:
     async def run(self, actor: Actor, turn: Sequence[Message]) -> None:
         """Decide `turn` against the actor's state, commit it, then answer every message."""
         entity, entity_id = actor.entity, actor.entity_id
+        if self._policy is not None:
+            turn = await self._settle_acts_on(actor, turn)
+            if not turn:
+                return
         command_ids = {m.command_id for m in turn if m.command_id is not None}
         try:
             known = await self._store.find_replies(entity.name, entity_id, command_ids)
@@ -122,10 +150,20 @@ class Turns:
             for message in turn:
                 await answer(message, error)
             return
+        sealer = self._sealer
+        if sealer is not None and known:  # a repeat's first reply, as it was sent
+            for cid, kept in known.items():
+                if is_sealed(kept.body):
+                    body = await sealer.open(entity.name, entity_id, kept.body)
+                    known[cid] = Reply(kept.command_id, kept.request_hash, body)
         decided = self._decide(actor, turn, known)
         answers = decided.answers
         if decided.events or decided.remembered:
-            answers = await self._commit(actor, decided)
+            if sealer is not None and not await self._seal(actor, decided, sealer):
+                failure = error_answer(Unavailable("the entity's key cannot be read now; retry"))
+                answers = _failed(decided.answers, failure)
+            else:
+                answers = await self._commit(actor, decided)
         if decided.crashed:
             actor.loaded = False  # rebuilt from the store before its next message
         for message, reply, _ in answers:
@@ -137,6 +175,12 @@ class Turns:
         for message in turn:
             self.commands += 1
             cid = message.command_id
+            if message.caller is not None and self._policy is not None:
+                # before a repeat is answered: a reply goes only to who may see it
+                refusal = self._refusal(entity, entity_id, out.state, message, message.caller)
+                if refusal is not None:
+                    out.answers.append((message, error_answer(refusal), False))
+                    continue
             if cid is not None and cid in known:
                 prior = known[cid]
                 # a repeat within this turn is only as good as this turn's commit
@@ -200,17 +244,94 @@ class Turns:
             out.settle(message, ok_answer(done), durable=True)
         return out
 
+    async def _settle_acts_on(self, actor: Actor, turn: Sequence[Message]) -> list[Message]:
+        """Settle the policy's `ActsOn` answers (they need another entity: I/O) before the
+        turn decides; the messages left to decide. One that cannot be settled now is
+        answered `unavailable` here."""
+        policy, lookup = self._policy, self._lookup
+        assert policy is not None
+        left: list[Message] = []
+        for message in turn:
+            caller = message.caller
+            if caller is not None and message.command is not None:
+                try:
+                    decision = policy.command(
+                        caller, actor.entity.name, actor.state, message.command
+                    )
+                except Exception:
+                    decision = False  # _refusal logs it when it is asked again
+                if isinstance(decision, ActsOn):
+                    try:
+                        if lookup is None:
+                            raise Unavailable("no way to ask about another entity here")
+                        message.allowed = await lookup(caller, decision.entity, decision.id)
+                    except KayaError as exc:
+                        await answer(message, error_answer(exc))
+                        continue
+            left.append(message)
+        return left
+
+    def _refusal(
+        self, entity: Any, entity_id: str, state: Any, message: Message, caller: Caller
+    ) -> KayaError | None:
+        """Forbidden (or Internal, if the policy itself failed) unless the policy allows."""
+        assert self._policy is not None
+        command = message.command
+        try:
+            decision = self._policy.command(caller, entity.name, state, command)
+        except Exception:
+            log.exception("the policy failed on %s for %s/%s", type(command).__name__,
+                          entity.name, entity_id)  # fmt: skip
+            return Internal("the authorization policy failed; nothing changed")
+        allowed = message.allowed is True if isinstance(decision, ActsOn) else decision is True
+        if allowed:
+            return None
+        return Forbidden(
+            f"the caller may not send {type(command).__name__} to {entity.name}/{entity_id}"
+        )
+
+    async def _seal(self, actor: Actor, decided: _Decided, sealer: Sealer) -> bool:
+        """Seal what the turn stores, in place (the answers keep the plaintext the caller
+        sent); False if the entity's key cannot be had: then nothing is stored."""
+        entity, entity_id = actor.entity, actor.entity_id
+        try:
+            sealed = False
+            for i, event in enumerate(decided.events):
+                fields = entity.sensitive(event.type)
+                if fields:
+                    data = await sealer.seal(entity.name, entity_id, fields, event.data)
+                    decided.events[i] = msgspec.structs.replace(event, data=data)
+                    sealed = True
+            if sealed:
+                for i, kept in enumerate(decided.remembered):
+                    body = await sealer.seal_reply(entity.name, entity_id, entity.sensitive,
+                                                   kept.body)  # fmt: skip
+                    decided.remembered[i] = msgspec.structs.replace(kept, body=body)
+        except Exception:
+            log.exception("sealing the events of %s/%s failed", entity.name, entity_id)
+            return False
+        return True
+
     async def _commit(self, actor: Actor, decided: _Decided) -> list[_Answer]:
         """Append what the turn decided; the answers to send, failures swapped in if it failed."""
         entity = actor.entity
         snapshot = None
         every = self._snapshot_every
         if decided.events and every > 0 and decided.version // every != actor.version // every:
-            snapshot = Snapshot(
-                version=decided.version,
-                state=_encoder.encode(decided.state),
-                schema=entity.state_schema,
-            )
+            state = _encoder.encode(decided.state)
+            if self._sealer is not None and entity.state_sensitive:
+                try:
+                    state = await self._sealer.seal(
+                        entity.name, actor.entity_id, entity.state_sensitive, state
+                    )
+                except Exception:  # no snapshot this time: the events are enough
+                    log.exception("sealing a snapshot of %s/%s failed", entity.name,
+                                  actor.entity_id)  # fmt: skip
+                    state = b""
+            if state:
+                snapshot = Snapshot(
+                    version=decided.version, state=state, schema=entity.state_schema
+                )
         events = decided.events
         if self._journal is not None and events:
             hashes = {r.command_id: r.request_hash for r in decided.remembered}

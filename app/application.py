@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from kaya.actors import Entity, Registry
+from kaya.actors.policy import Policy
 from kaya.actors.wire import TOKEN
 from kaya.app.events.consumers import Consumer, Projection, View
 
@@ -30,6 +31,7 @@ class App:
             entities=[Account(), Transfer()],
             consumers=[Analytics(), Notifications()],
             views={"analytics": analytics_view},
+            policy=BankPolicy(),
         )
 
     Names are checked here, once: entity names follow the contract's rule
@@ -44,6 +46,7 @@ class App:
         entities: Iterable[Entity[Any, Any, Any]] = (),
         consumers: Iterable[Consumer] = (),
         views: Mapping[str, View] | None = None,
+        policy: Policy | None = None,
     ) -> None:
         try:
             self.registry = Registry(entities)
@@ -51,6 +54,9 @@ class App:
             raise AppError(str(exc)) from None
         self.consumers: tuple[Consumer, ...] = tuple(consumers)
         self.views: dict[str, View] = dict(views or {})
+        self.policy = policy or Policy()
+        """Who may do what, asked once callers carry JWTs (`[security.jwt]`); the default
+        allows every authenticated caller everything."""
         names: set[str] = set()
         for consumer in self.consumers:
             name = getattr(consumer, "name", None)

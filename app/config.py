@@ -136,6 +136,32 @@ class ClusterConfig(_Section):
     not move every shard at the same moment)."""
 
 
+class JwtConfig(_Section):
+    """Who the caller is, per request: with it on, every command, query and view request
+    carries `Authorization: Bearer <JWT>`, verified by the node (app/security/tokens.py).
+    Independent of `security.enabled`, which says who may connect to NATS at all."""
+
+    enabled: bool = False
+    """Off: no token is asked for and no policy is checked."""
+    issuer: str = ""
+    """The `iss` every token must carry (required when enabled)."""
+    audience: str = ""
+    """A value the token's `aud` must hold (required when enabled)."""
+    key_file: str = ""
+    """The issuer's public key (EC P-256 or RSA) or its X.509 certificate, PEM; a relative
+    path is under the security dir (`security.dir`). Exactly one of key_file, jwks_file."""
+    jwks_file: str = ""
+    """The issuer's keys as a JWKS file (JSON), picked by the token's `kid`; a relative path
+    is under the security dir. Read once at start: restart the node when keys rotate."""
+    algorithms: Annotated[list[Literal["ES256", "RS256"]], msgspec.Meta(min_length=1)] = (
+        msgspec.field(default_factory=lambda: ["ES256", "RS256"])
+    )
+    """The signature algorithms accepted. Asymmetric only: `none` and HS* are never, since
+    with HS* the public key itself would be a valid signing secret."""
+    leeway: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    """Seconds of clock difference tolerated on `exp` and `nbf`."""
+
+
 class SecurityConfig(_Section):
     """Zero trust (see README "Security"): with it on, every NATS connection is TLS with a
     client certificate from the node's CA, and the certificate says the caller's role."""
@@ -144,6 +170,8 @@ class SecurityConfig(_Section):
     """`kaya run --secure` turns it on too."""
     dir: str = ""
     """Where the CA, certificates and NATS CLI contexts live; empty: <data_dir>/security."""
+    jwt: JwtConfig = JwtConfig()
+    """`[security.jwt]`: a verified caller per request, for the app's policy."""
 
 
 class MetricsConfig(_Section):
@@ -212,6 +240,16 @@ class Config(_Section):
     @property
     def security_dir(self) -> Path:
         return Path(self.security.dir) if self.security.dir else self.data_path / "security"
+
+
+def jwt_key_paths(config: Config) -> tuple[Path | None, Path | None]:
+    """(key_file, jwks_file) of `[security.jwt]`, a relative one under the security dir;
+    None for the one not set."""
+    jwt = config.security.jwt
+    return (
+        config.security_dir / jwt.key_file if jwt.key_file else None,
+        config.security_dir / jwt.jwks_file if jwt.jwks_file else None,
+    )
 
 
 _ANY_HOST = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
@@ -286,6 +324,22 @@ def cross_check(config: Config) -> str | None:
             f"cluster.renew_every ({cluster.renew_every:g}) must be at most half of"
             f" cluster.lease_ttl ({cluster.lease_ttl:g}): one late renewal would lose the lease"
         )
+    jwt = config.security.jwt
+    if jwt.enabled:
+        for key, value, why in (
+            ("issuer", jwt.issuer, "a token from any issuer trusting the same key"),
+            ("audience", jwt.audience, "a token the issuer made for another service"),
+        ):
+            if not value:
+                return (
+                    f"security.jwt.{key} is required when security.jwt.enabled is true:"
+                    f" without it {why} would be accepted"
+                )
+        if bool(jwt.key_file) == bool(jwt.jwks_file):
+            return (
+                "security.jwt.enabled needs exactly one of security.jwt.key_file and"
+                f" security.jwt.jwks_file ({'both are' if jwt.key_file else 'neither is'} set)"
+            )
     try:
         metrics = metrics_address(config.metrics.address)
     except ValueError as exc:

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import nats.errors
@@ -33,6 +34,7 @@ from nats.aio.msg import Msg
 from kaya.actors import ActorRuntime, RuntimeSettings
 from kaya.actors.retry import Backoff
 from kaya.actors.saga import SagaDriver
+from kaya.actors.sealing import Sealer
 from kaya.actors.wire import EVENTS_STREAM, HEALTH_SUBJECT
 from kaya.app.application import App
 from kaya.app.broker.adapter import connect, server_urls
@@ -64,10 +66,13 @@ from kaya.app.observability.statistics import (
     NodeStatistics,
 )
 from kaya.app.schemas.registry import register_schemas
+from kaya.app.security.keys import KeyVault, ensure_keys_bucket, master_key, pseudonym_key
 from kaya.app.security.permissions import authorization_block
 from kaya.app.security.pki import Pki, ensure_pki, store_key, write_contexts
 from kaya.app.security.tls import tls_url
 from kaya.store import EventStore, StoreError, open_event_store
+
+T = TypeVar("T")
 
 log = logging.getLogger("kaya.node")
 
@@ -299,9 +304,13 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
         reconnected = anyio.Event()
         link = NatsLink()
 
+        vault: KeyVault | None = None
+
         def on_reconnect() -> None:
             link.reconnected()
             reconnected.set()
+            if vault is not None:  # a key forgotten while cut off must not stay cached
+                vault.clear()
 
         servers = server_urls(url)
         nc = await connect(
@@ -356,6 +365,17 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             if replicated
             else None
         )
+        sealer = None
+        secret = None
+        if config.security.enabled:  # sensitive fields sealed with a key per entity
+            master = await anyio.to_thread.run_sync(master_key, config.security_dir)
+            secret = pseudonym_key(master)
+            keys = await _with_retries(
+                "creating the key bucket", lambda: ensure_keys_bucket(nc, config.events.replicas)
+            )
+            vault = KeyVault(nc, keys, master)
+            await vault.start()
+            sealer = Sealer(vault)
         runtime = ActorRuntime(
             store,
             RuntimeSettings(
@@ -366,7 +386,14 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
                 max_turn=config.actors.max_turn,
             ),
             journal=journal,
+            sealer=sealer,
         )
+        if vault is not None:
+
+            def reload(entity: str, entity_id: str) -> None:  # its state holds plaintext
+                runtime.unload(lambda e, i: e == entity and i == entity_id)
+
+            vault.on_forget = reload
         tracing = None
         if config.tracing.otlp_endpoint:
             from kaya.app.observability.tracing import Tracing  # imported only when tracing is on
@@ -443,7 +470,7 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
         async def publish(subject: str, data: bytes, headers: Mapping[str, str] | None) -> None:
             await nc.publish(subject, data, headers=dict(headers) if headers else None)
 
-        context = Context(store, publish)
+        context = Context(store, publish, sealer=sealer, pseudonym_key=secret)
         runners: dict[str, ConsumerRunner] = {}
         for consumer in app.consumers:
             if consumer.name in config.consumers.disabled:
@@ -585,14 +612,13 @@ async def _catch_up(nc: NATS, follower: Follower) -> None:
                     follower.applied, target)  # fmt: skip
 
 
-async def _with_retries(what: str, step: Callable[[], Awaitable[object]]) -> None:
+async def _with_retries(what: str, step: Callable[[], Awaitable[T]]) -> T:
     """A start-up step against JetStream, tried STREAMS_ATTEMPTS times: nodes of a new
     cluster starting together make the same stream changes at once, and all but one
     can time out while the first is applied (seen with 3 nodes, nats-server 2.15)."""
     for attempt in range(1, STREAMS_ATTEMPTS + 1):
         try:
-            await step()
-            return
+            return await step()
         except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as exc:
             # not 503 (that is "no JetStream here"): a new stream whose leader is not
             # elected yet, or a change another node makes at the same moment
@@ -600,6 +626,7 @@ async def _with_retries(what: str, step: Callable[[], Awaitable[object]]) -> Non
                 raise
             log.warning("%s: %r, attempt %d", what, exc, attempt)
             await STREAMS_RETRY.sleep(attempt)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 async def _stop_keeper(keeper: LeaseKeeper) -> None:

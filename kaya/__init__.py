@@ -13,6 +13,7 @@ Every other module (`kaya.app`, `kaya.actors`, `kaya.store`) is internal and may
     Delivered, Effects   what a consumer gets and writes
     Context, View        reads lent to consumers and views
     App                  what `kaya run --app module:attr` serves
+    Policy, Caller       who may do what, once callers carry JWTs
 
 Errors, one per code of the wire contract:
 
@@ -44,6 +45,7 @@ from kaya.actors import (
     UnknownSchema,
     Upcaster,
 )
+from kaya.actors.policy import ActsOn, Caller, Decision, Policy
 from kaya.actors.saga import Saga, Step, StepDone
 from kaya.actors.testing import decide, replay, run_saga
 from kaya.actors.wire import Delivered
@@ -54,14 +56,17 @@ from kaya.app.events.consumers import Consumer, Context, Effects, Projection, Vi
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActsOn",
     "App",
     "AppError",
     "BadRequest",
+    "Caller",
     "Client",
     "Command",
     "Conflict",
     "Consumer",
     "Context",
+    "Decision",
     "Delivered",
     "Effects",
     "Entity",
@@ -70,6 +75,7 @@ __all__ = [
     "Internal",
     "KayaError",
     "Overloaded",
+    "Policy",
     "Projection",
     "Rejected",
     "Reply",

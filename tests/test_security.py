@@ -325,7 +325,8 @@ def test_security_init_and_server_config_for_an_external_server(tmp_path: Path) 
 
 @pytest.mark.anyio
 async def test_jetstream_files_hold_no_plaintext(secure_node: tuple[KayaProcess, Path]) -> None:
-    """A canary owner name reaches KAYA_EVENTS, and no file under the server's store has it."""
+    """A canary owner name reaches KAYA_EVENTS sealed, and no file under the server's store
+    has it (the server encrypts them too: `encryption_key`)."""
     from kaya import Client
 
     node, security = secure_node
@@ -347,7 +348,8 @@ async def test_jetstream_files_hold_no_plaintext(secure_node: tuple[KayaProcess,
             10,
         )
         msg = await js.get_last_msg("KAYA_EVENTS", "kaya.evt.account.canary-1")
-        assert canary.encode() in msg.data  # over the wire, to an allowed reader: readable
+        assert canary.encode() not in msg.data  # sealed (tests/test_privacy.py)
+        assert orjson.loads(msg.data)["owner"].startswith("kaya:enc:v1:")
     finally:
         await admin.close()  # type: ignore[attr-defined]
     store = security.parent / "nats"

@@ -12,6 +12,9 @@
     kaya dev-cluster [--servers S] [--nodes N] [--base-port P] [--data-dir DIR]
     kaya shards [move N --to NODE]
     kaya security init
+    kaya security token --sub NAME [--admin] [--ttl SECONDS]
+    kaya forget ENTITY ID
+    kaya pseudonym VALUE
     kaya schema check|export|publish
     kaya catalog [--format markdown|asyncapi]
 
@@ -29,7 +32,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
-from kaya.app.cli import cluster, entities, events, node, observe, schemas, shards
+from kaya.app.cli import cluster, entities, events, node, observe, privacy, schemas, shards, token
 from kaya.app.cli.common import CliError, Parser, kaya_version
 from kaya.app.config import ConfigError
 
@@ -46,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     events.register(sub)  # streams, dlq, replay, tail
     observe.register(sub)  # slo, status
     node.register_server_config(sub)  # server-config
-    node.register_security(sub)  # security init
+    token.register(node.register_security(sub))  # security init, security token
     cluster.register(sub)  # dev-cluster
     shards.register(sub)  # shards, shards move
+    privacy.register(sub)  # forget, pseudonym
     schemas.register(sub)  # schema, catalog
     return parser
 

@@ -130,8 +130,17 @@ async def _dlq_replay(args: argparse.Namespace, nc: Any) -> int:
     async def publish(subject: str, data: bytes, headers: Any) -> None:
         await nc.publish(subject, data, headers=dict(headers) if headers else None)
 
+    sealer = secret = None
+    if config.security.enabled:  # a reaction may open sealed fields (an owner's pseudonym)
+        from kaya.actors.sealing import Sealer
+        from kaya.app.security.keys import KEYS_BUCKET, KeyVault, master_key, pseudonym_key
+
+        master = master_key(config.security_dir)
+        secret = pseudonym_key(master)
+        vault = KeyVault(nc, await nc.jetstream().key_value(KEYS_BUCKET), master)
+        sealer = Sealer(vault)
     async with open_event_store(path) as store:
-        context = Context(store, publish)
+        context = Context(store, publish, sealer=sealer, pseudonym_key=secret)
         for consumer in app.consumers:
             consumer.bind(context)
         outcome = await dlq.replay_dead_letters(

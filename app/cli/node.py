@@ -53,10 +53,14 @@ def register(sub: common.Subcommands) -> None:
     run.set_defaults(handler=_run)
 
 
-def register_security(sub: common.Subcommands) -> None:
-    """`kaya security init`: the PKI and contexts for a server the node does not embed."""
-    security = sub.add_parser(
-        "security",
+def register_security(sub: common.Subcommands) -> common.Subcommands:
+    """`kaya security init`: the PKI and contexts for a server the node does not embed.
+    Returns the `security` actions, for the others (`token`: app/cli/token.py)."""
+    actions = sub.add_parser(
+        "security", help="make the CA, certificates and NATS contexts, or a development JWT"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    security = actions.add_parser(
+        "init",
         help="make the CA, certificates and NATS contexts (security on)",
         description="`kaya security init` makes under security.dir (default"
         " <data_dir>/security) what a node with an embedded server makes on its first secure"
@@ -64,7 +68,6 @@ def register_security(sub: common.Subcommands) -> None:
         " node, client, reader) and a NATS CLI context per role. For your own nats-server:"
         " then `kaya server-config --app M:A` prints its tls and authorization blocks.",
     )
-    security.add_argument("action", choices=["init"])
     common.common(security, node=True)
     security.add_argument(
         "--host",
@@ -75,6 +78,7 @@ def register_security(sub: common.Subcommands) -> None:
         " 127.0.0.1 and nats.host",
     )
     security.set_defaults(handler=_security)
+    return actions
 
 
 async def _security(args: argparse.Namespace) -> int:

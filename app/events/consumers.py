@@ -17,15 +17,19 @@ kaya.app.events.dlq, and kaya.app.events.rebuild rebuilds a projection from the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
+from kaya.actors.sealing import Sealer, is_sealed
 from kaya.actors.wire import EVENT_SUBJECTS, Delivered
+from kaya.app.security.keys import pseudonym
 from kaya.store import StoredEvent
 
 UnknownEventPolicy = Literal["dead_letter", "skip", "stop"]
+_NOT_SUBJECT_SAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 @dataclass
@@ -70,6 +74,26 @@ class Context:
 
     store: Reader
     publish: Publish = _no_publish
+    sealer: Sealer | None = None
+    """With security on: what opens sealed sensitive fields (actors/sealing.py)."""
+    pseudonym_key: bytes | None = None
+    """With security on: the secret `pseudonym` keys its HMAC with."""
+
+    async def reveal(self, entity: str, entity_id: str, data: bytes) -> bytes:
+        """An event's JSON with its sealed sensitive fields opened (`"***"` once the
+        entity was forgotten). Events reach `handle` sealed, so a read model never keeps
+        what `kaya forget` must destroy; reveal only what you use and do not store it."""
+        if self.sealer is None or not is_sealed(data):
+            return data
+        return await self.sealer.open(entity, entity_id, data)
+
+    def pseudonym(self, value: str) -> str:
+        """A stable subject token standing for `value` (an owner's name) that does not
+        reveal it: an HMAC under a node secret with security on (`p` + 24 hex digits);
+        without, the value itself with anything but [A-Za-z0-9_-] as `_` (development)."""
+        if self.pseudonym_key is None:
+            return _NOT_SUBJECT_SAFE.sub("_", value)[:64] or "_"
+        return pseudonym(self.pseudonym_key, value)
 
     async def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         """Rows of a read-only SQL query against the node's store."""

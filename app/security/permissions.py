@@ -29,6 +29,7 @@ from kaya.app.security.pki import role_subject
 
 SCHEMA_BUCKET = "kaya_schemas"
 LEASE_BUCKET = "KAYA_SHARDS"
+KEYS_BUCKET = "KAYA_KEYS"
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,14 @@ def role_permissions(entities: Iterable[str]) -> dict[str, Permissions]:
                 "$JS.ACK.>",
                 "$JS.FC.>",
                 f"$KV.{LEASE_BUCKET}.>",
+                f"$KV.{KEYS_BUCKET}.>",
                 "$SRV.>",
                 "_INBOX.>",
             ],
             publish_deny=[
                 "$JS.API.STREAM.DELETE.>",
                 "$JS.API.STREAM.PURGE.>",
+                f"$JS.API.STREAM.MSG.DELETE.KV_{KEYS_BUCKET}",  # forgetting is the admin's
                 f"$JS.API.STREAM.CREATE.KV_{SCHEMA_BUCKET}",
                 f"$JS.API.STREAM.UPDATE.KV_{SCHEMA_BUCKET}",
                 f"$KV.{SCHEMA_BUCKET}.>",
@@ -98,6 +101,7 @@ def role_permissions(entities: Iterable[str]) -> dict[str, Permissions]:
                 "kaya.qry.>",
                 "kaya.view.>",
                 "kaya.health",
+                f"$KV.{KEYS_BUCKET}.>",  # a key erased anywhere: drop it, reload the entity
                 "$SRV.>",
                 "_INBOX.>",
             ],

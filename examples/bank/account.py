@@ -44,6 +44,7 @@ MAX_BALANCE = 2**53 - 1
 
 Amount = Annotated[int, msgspec.Meta(gt=0, le=MAX_AMOUNT)]
 Owner = Annotated[str, msgspec.Meta(min_length=1, max_length=200, extra={"sensitive": True})]
+Sensitive = Annotated[str, msgspec.Meta(extra={"sensitive": True})]
 Currency = Annotated[str, msgspec.Meta(pattern="^[A-Z]{3}$")]
 AccountId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Status = Literal["new", "open", "closed"]
@@ -118,7 +119,7 @@ AccountCommand = ClientCommand | TransferStep
 class Opened(Event):
     schema_version = 2  # v2: `kind`; v1 events are upcast by `_opened_v1_to_v2`
 
-    owner: str
+    owner: Sensitive  # sealed at rest once security is on (kaya forget destroys it)
     currency: str
     kind: Kind = "personal"
 
@@ -189,7 +190,7 @@ class AccountState(msgspec.Struct, frozen=True, kw_only=True):
     left out of the JSON while it is empty, so an account with nothing in flight reads
     exactly as it did before transfers held money: `{owner, currency, balance, status}`."""
 
-    owner: str = ""
+    owner: Sensitive = ""  # sealed in snapshots
     currency: str = ""
     balance: int = 0
     status: Status = "new"

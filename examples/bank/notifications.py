@@ -1,4 +1,11 @@
-"""Notifications: every account event becomes a message on `kaya.notify.<owner>`.
+"""Notifications: every account event becomes a message on `kaya.notify.<owner token>`.
+
+The token is `Context.pseudonym(owner)`: with security off the owner's name made
+subject-safe (`kaya.notify.alice`); with it on an HMAC of the name (`kaya.notify.p3f9...`),
+so no subject, log line or table here holds a name: the consumer stores the token, not
+the owner, and the owner's sealed field is opened only to compute it. An owner's
+app learns its subject from `kaya pseudonym NAME` (admin) or from whoever signed it up.
+Sealed fields stay masked ("***") in the messages.
 
 That includes what transfers do to an account (`TransferDebited`, `TransferCredited`,
 `TransferRefunded`, `TransferSettled`): the owner sees money leave, arrive or come back.
@@ -16,23 +23,23 @@ looked up in the node's store, which holds every event.
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
+from typing import Any
 
 import orjson
 
 from kaya import Consumer, Context, Delivered, Effects
 
-_NOT_SUBJECT_SAFE = re.compile(r"[^A-Za-z0-9_-]")
+SEALED = "kaya:enc:v1:"
 
 
-def owner_token(owner: str) -> str:
-    """An owner name as one subject token: anything but [A-Za-z0-9_-] becomes `_`."""
-    return _NOT_SUBJECT_SAFE.sub("_", owner)[:64] or "_"
+def notify_subject(token: str) -> str:
+    """The subject of an owner's notifications, from `Context.pseudonym(owner)`."""
+    return f"kaya.notify.{token}"
 
 
-def notify_subject(owner: str) -> str:
-    return f"kaya.notify.{owner_token(owner)}"
+def _masked(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: "***" if isinstance(v, str) and v.startswith(SEALED) else v for k, v in body.items()}
 
 
 class UnknownOwner(Exception):
@@ -42,11 +49,11 @@ class UnknownOwner(Exception):
 class Notifications(Consumer):
     name = "notifications"
     filter_subject = "kaya.evt.>"
-    tables = ("notify_owners", "notify_transfers")
+    tables = ("notify_owner_tokens", "notify_transfers")
     ddl = """
-    CREATE TABLE IF NOT EXISTS notify_owners (
+    CREATE TABLE IF NOT EXISTS notify_owner_tokens (
         id    TEXT PRIMARY KEY,
-        owner TEXT NOT NULL
+        owner TEXT NOT NULL  -- the owner's token (Context.pseudonym), never the name
     ) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS notify_transfers (
         id     TEXT PRIMARY KEY,
@@ -72,9 +79,9 @@ class Notifications(Consumer):
             return
         body = event.decode()
         if event.type == "Opened":
-            owner = str(body["owner"])
+            owner = await self._token(event.entity_id, event.data)
             effects.execute(
-                "INSERT OR REPLACE INTO notify_owners (id, owner) VALUES (?, ?)",
+                "INSERT OR REPLACE INTO notify_owner_tokens (id, owner) VALUES (?, ?)",
                 (event.entity_id, owner),
             )
             self._remember(event.entity_id, owner)
@@ -85,12 +92,17 @@ class Notifications(Consumer):
             "entity": event.entity,
             "id": event.entity_id,
             "version": event.entity_version,
-            "event": body,
+            "event": _masked(body),
         }
         headers = {"Kaya-Dedup-Key": event.event_id, "Nats-Msg-Id": event.event_id}
         if event.traceparent:
             headers["traceparent"] = event.traceparent
         await self.context.publish(notify_subject(owner), orjson.dumps(message), headers)
+
+    async def _token(self, account: str, opened: bytes) -> str:
+        """The owner's subject token from the account's `Opened` event (sealed or not)."""
+        body = orjson.loads(await self.context.reveal("account", account, opened))
+        return self.context.pseudonym(str(body["owner"]))
 
     async def _on_transfer(self, event: Delivered, effects: Effects) -> None:
         body = event.decode()
@@ -144,7 +156,7 @@ class Notifications(Consumer):
         owner = self._owners.get(account)
         if owner is None:
             rows = await self.context.query(
-                "SELECT owner FROM notify_owners WHERE id = ?", (account,)
+                "SELECT owner FROM notify_owner_tokens WHERE id = ?", (account,)
             )
             if rows:
                 owner = str(rows[0][0])
@@ -152,6 +164,6 @@ class Notifications(Consumer):
                 opened = await self.context.stream("account", account)
                 if not opened or opened[0].type != "Opened":
                     raise UnknownOwner(f"no Opened seen for account {account}")
-                owner = str(orjson.loads(opened[0].data)["owner"])
+                owner = await self._token(account, opened[0].data)
             self._remember(account, owner)
         return owner
