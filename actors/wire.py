@@ -154,6 +154,8 @@ def subscribes(filter_subject: str, subject: str) -> bool:
 HEADER_COMMAND_ID = "Kaya-Command-Id"
 HEADER_TRACEPARENT = "traceparent"
 HEADER_DEADLINE = "Kaya-Deadline"
+HEADER_AUTHORIZATION = "Authorization"
+"""`Bearer <JWT>` on commands, queries and views where `[security.jwt]` is on."""
 """On `kaya.step.*` only (node to node): the unix time after which a saga's step must not
 be applied (it is answered `timeout`, remembered like any reply)."""
 HEADER_MSG_ID = "Nats-Msg-Id"

@@ -42,6 +42,7 @@ from kaya.actors.errors import (
 )
 from kaya.actors.retry import Backoff
 from kaya.actors.wire import (
+    HEADER_AUTHORIZATION,
     HEADER_COMMAND_ID,
     TOKEN,
     AnyReply,
@@ -127,9 +128,11 @@ class Client:
         timeout: float = 5.0,
         attempts: int = 5,
         backoff: Backoff | None = None,
+        token: str | None = None,
     ) -> None:
         _check_settings(timeout, attempts)
         self._nc = nc
+        self._auth = {HEADER_AUTHORIZATION: f"Bearer {token}"} if token else None
         self._timeout = timeout
         self._attempts = attempts
         self._backoff = backoff or Backoff(initial=DEFAULT_BACKOFF_INITIAL, cap=DEFAULT_BACKOFF_CAP)
@@ -147,6 +150,7 @@ class Client:
         attempts: int = 5,
         backoff: Backoff | None = None,
         tls: ssl.SSLContext | str | None = None,
+        token: str | None = None,
     ) -> _Connecting:
         """Connect to NATS (one URL or several of one cluster); use with `async with`, or await.
 
@@ -155,7 +159,9 @@ class Client:
 
         With security on, `tls` is the client's `ssl.SSLContext`, or the path of its NATS
         context file (`<data_dir>/security/contexts/kaya-client.json`: its certificate, key
-        and CA are used; its url too when `servers` is left at the default).
+        and CA are used; its url too when `servers` is left at the default). `token`: a
+        JWT sent as `Authorization: Bearer <token>` with every request, where the node
+        checks callers (`[security.jwt]`).
         Connecting gives up after `timeout` seconds with `Unavailable`. Once connected, the
         connection is re-established after any loss for as long as the client is open;
         requests made meanwhile are retried as above.
@@ -188,7 +194,7 @@ class Client:
                 violations=violations,
                 credentials=credentials,
             )
-            client = cls(nc, timeout=timeout, attempts=attempts, backoff=backoff)
+            client = cls(nc, timeout=timeout, attempts=attempts, backoff=backoff, token=token)
             client._violations = violations
             client._owns_connection = True
             return client
@@ -290,6 +296,8 @@ class Client:
 
         Only the reply's `ok` and `error` are decoded here: the caller decodes the rest.
         """
+        if self._auth is not None:
+            headers = {**headers, **self._auth} if headers else self._auth
         attempt = 1
         while True:
             try:

@@ -43,6 +43,7 @@ from nats.micro.service import Service, ServiceConfig, ServiceStats
 from kaya.actors import (
     ActorRuntime,
     BadRequest,
+    Forbidden,
     Internal,
     KayaError,
     Overloaded,
@@ -51,8 +52,10 @@ from kaya.actors import (
     error_from,
     error_reply,
 )
+from kaya.actors.policy import Policy
 from kaya.actors.saga import Saga
 from kaya.actors.wire import (
+    HEADER_AUTHORIZATION,
     HEADER_COMMAND_ID,
     HEADER_DEADLINE,
     HEADER_TRACEPARENT,
@@ -75,6 +78,7 @@ from kaya.app.observability.metrics import CommandMetrics
 
 if TYPE_CHECKING:
     from kaya.app.observability.tracing import Tracing
+    from kaya.app.security.tokens import TokenVerifier
 
 log = logging.getLogger("kaya.ingress")
 
@@ -148,12 +152,19 @@ class Ingress:
         lag: LoopLag | None = None,
         owns: Callable[[int], bool] | None = None,
         per_shard: bool = False,
+        verifier: TokenVerifier | None = None,
+        policy: Policy | None = None,
     ) -> None:
         """`owns(shard)`: whether this node serves a shard right now (leases); a request
         for another is refused `unavailable`. `per_shard`: subscribe to each served shard
         alone (`serve_shard`), as cluster nodes must: with one wildcard subscription the
-        queue group would hand a shard's requests to any node."""
+        queue group would hand a shard's requests to any node. `verifier`: with JWT on,
+        every command, query and view must carry a valid `Authorization: Bearer` token
+        (a saga's steps between nodes do not: only nodes may send them); the caller it
+        names goes with the request to the app's `policy` (views are judged here)."""
         self._owns = owns
+        self._verifier = verifier
+        self._policy = policy
         self._per_shard = per_shard
         self._shard_endpoints: dict[int, list[Any]] = {}
         self._tracing = tracing
@@ -312,6 +323,9 @@ class Ingress:
                 )
             command = entity.decode_step(data) if step else entity.decode_command(data)
             headers = request.headers or {}
+            caller = None
+            if self._verifier is not None and not step:
+                caller = self._verifier.verify(headers.get(HEADER_AUTHORIZATION))
             command_id = headers.get(HEADER_COMMAND_ID)
             deadline = None
             if step:
@@ -343,6 +357,7 @@ class Ingress:
                 command_id=command_id,
                 traceparent=traceparent,
                 deadline=deadline,
+                caller=caller,
             )
         except Exception as exc:
             error = self._as_error(exc, "command", request)
@@ -360,8 +375,14 @@ class Ingress:
             entity_name, entity_id = parse_subject(request.subject, "qry", self._shards)
             self._check_owned(request.subject, entity_name, entity_id)
             entity = self._registry.get(entity_name)
+            caller = None
+            if self._verifier is not None:
+                caller = self._verifier.verify(_authorization(request))
             self._runtime.query(
-                entity, entity_id, self._replier(reply_to, entity.name, "query", errors)
+                entity,
+                entity_id,
+                self._replier(reply_to, entity.name, "query", errors),
+                caller=caller,
             )
         except Exception as exc:
             error = self._as_error(exc, "query", request)
@@ -386,6 +407,10 @@ class Ingress:
                     f" {self._config.max_body}"
                 )
             params = decode_json_object(data, "view parameters")
+            if self._verifier is not None:
+                caller = self._verifier.verify(_authorization(request))
+                if self._policy is not None and not self._policy.view(caller, name, params):
+                    raise Forbidden(f"the caller may not read the view {name!r}")
             result = await view(params)
             body = orjson.dumps({"ok": True, "view": name, **result})
         except KayaError as exc:
@@ -526,3 +551,8 @@ def _caller_trace(request: Request) -> str | None:
     if traceparent is not None and TRACEPARENT.fullmatch(traceparent):
         return traceparent
     return None
+
+
+def _authorization(request: Request) -> str | None:
+    headers = request.headers
+    return headers.get(HEADER_AUTHORIZATION) if headers else None

@@ -32,10 +32,12 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from kaya.actors import ActorRuntime, RuntimeSettings
+from kaya.actors.errors import Unavailable
+from kaya.actors.policy import Caller
 from kaya.actors.retry import Backoff
 from kaya.actors.saga import SagaDriver
 from kaya.actors.sealing import Sealer
-from kaya.actors.wire import EVENTS_STREAM, HEALTH_SUBJECT
+from kaya.actors.wire import EVENTS_STREAM, HEADER_AUTHORIZATION, HEALTH_SUBJECT
 from kaya.app.application import App
 from kaya.app.broker.adapter import connect, server_urls
 from kaya.app.broker.embedded import (
@@ -50,8 +52,8 @@ from kaya.app.cluster.follower import Follower
 from kaya.app.cluster.host import ShardHost
 from kaya.app.cluster.journal import Journal
 from kaya.app.cluster.leases import LeaseKeeper, LeaseSettings, ensure_bucket
-from kaya.app.cluster.steps import remote_ask
-from kaya.app.config import Config
+from kaya.app.cluster.steps import STEP_TIMEOUT, remote_ask
+from kaya.app.config import Config, ConfigError
 from kaya.app.events.consumers import Context, Projection
 from kaya.app.events.relay import Relay
 from kaya.app.events.runner import ConsumerRunner
@@ -376,6 +378,37 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             vault = KeyVault(nc, keys, master)
             await vault.start()
             sealer = Sealer(vault)
+        verifier = None
+        if config.security.jwt.enabled:
+            from kaya.app.security.tokens import TokenVerifier  # PyJWT only when it is on
+
+            try:
+                verifier = TokenVerifier.from_config(config)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+
+        async def may_query(caller: Caller, entity: str, entity_id: str) -> bool:
+            """An `ActsOn` decision: may `caller` read that entity? Asked of its actor
+            here, or of the node serving it, with the caller's own token."""
+            if entity not in registry:
+                return False
+            if journal is None or journal.admits(entity, entity_id):
+                body = await runtime.ask(registry.get(entity), entity_id, None, caller=caller)
+            else:
+                try:
+                    reply = await nc.request(
+                        f"kaya.qry.{entity}.{entity_id}", b"", timeout=STEP_TIMEOUT,
+                        headers={HEADER_AUTHORIZATION: f"Bearer {caller.token}"},
+                    )  # fmt: skip
+                except nats.errors.Error as exc:
+                    raise Unavailable(f"cannot check access to {entity}/{entity_id} now") from exc
+                body = reply.data
+            if body.startswith(b'{"ok":true'):
+                return True
+            if b'"code":"unavailable"' in body or b'"code":"overloaded"' in body:
+                raise Unavailable(f"cannot check access to {entity}/{entity_id} now; retry")
+            return False
+
         runtime = ActorRuntime(
             store,
             RuntimeSettings(
@@ -387,6 +420,8 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             ),
             journal=journal,
             sealer=sealer,
+            policy=app.policy if verifier is not None else None,
+            lookup=may_query,
         )
         if vault is not None:
 
@@ -512,6 +547,8 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             lag=lag,
             owns=owns,
             per_shard=replicated,
+            verifier=verifier,
+            policy=app.policy,
         )
         host = ShardHost(
             keeper,

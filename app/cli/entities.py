@@ -13,6 +13,7 @@ truth a reply was made from; with an app, as its current code reads them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import orjson
@@ -30,12 +31,14 @@ def register(sub: common.Subcommands) -> None:
     )
     send.add_argument("--id", metavar="COMMAND_ID", help="Kaya-Command-Id (idempotency key)")
     common.remote(send)
+    _with_headers(send)
     send.set_defaults(handler=_send)
 
     get = sub.add_parser("get", help="print an entity's state")
     get.add_argument("entity")
     get.add_argument("entity_id", metavar="ID")
     common.remote(get)
+    _with_headers(get)
     get.set_defaults(handler=_get)
 
     history = sub.add_parser("history", help="print an entity's events from the store")
@@ -44,6 +47,34 @@ def register(sub: common.Subcommands) -> None:
     common.common(history, node=True)
     common.with_app(history)
     history.set_defaults(handler=_history)
+
+
+def _with_headers(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--token",
+        default=os.environ.get("KAYA_TOKEN"),
+        help="a JWT sent as `Authorization: Bearer` (default: $KAYA_TOKEN), where the node"
+        " checks callers ([security.jwt]; `kaya security token` makes one for development)",
+    )
+    p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="a header to send (repeatable), e.g. traceparent=00-...",
+    )
+
+
+def _headers(args: argparse.Namespace) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for item in args.header:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise CliError(f"--header {item!r}: expected NAME=VALUE")
+        headers[name.strip()] = value
+    if args.token:
+        headers["Authorization"] = f"Bearer {args.token}"
+    return headers
 
 
 async def _send(args: argparse.Namespace) -> int:
@@ -60,12 +91,14 @@ async def _send(args: argparse.Namespace) -> int:
         raise CliError(f"JSON argument is not valid JSON: {exc}") from None
     except RecursionError:
         pass  # nested too deeply: the node's `bad_request` says so
-    headers = {"Kaya-Command-Id": args.id} if args.id else None
+    headers = _headers(args)
+    if args.id:
+        headers["Kaya-Command-Id"] = args.id
     data = await common.request(
         common.url(args),
         f"kaya.cmd.{args.entity}.{args.entity_id}",
         body,
-        headers,
+        headers or None,
         args.timeout,
     )
     return common.print_reply(data)
@@ -74,7 +107,11 @@ async def _send(args: argparse.Namespace) -> int:
 async def _get(args: argparse.Namespace) -> int:
     common.check_names(args.entity, args.entity_id)
     data = await common.request(
-        common.url(args), f"kaya.qry.{args.entity}.{args.entity_id}", b"", None, args.timeout
+        common.url(args),
+        f"kaya.qry.{args.entity}.{args.entity_id}",
+        b"",
+        _headers(args) or None,
+        args.timeout,
     )
     return common.print_reply(data)
 

@@ -148,6 +148,7 @@ class TokenVerifier:
             raise Unauthorized("the bearer token has expired")
         self._misses += 1
         caller, deadline = self._check(token)
+        caller = Caller(caller.subject, caller.claims, token)  # to ask another node for it
         self._cache[token] = (caller, deadline)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
