@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 import nats
 import nats.js.errors
+import orjson
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -418,3 +419,44 @@ def test_every_server_of_a_secure_dev_cluster_refuses_plaintext(
             else:
                 pytest.fail(f"{url} kept a plaintext connection open: {answered!r}")
         assert b"PONG" not in answered
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_a_sealed_owner_opens_on_the_next_node_and_is_forgotten_on_all(
+    secure_dev_cluster: DevCluster,
+) -> None:
+    """Keys live in KAYA_KEYS, not in a node: the node a shard moves to opens the owner
+    sealed by the one before; `kaya forget` then redacts it whichever node serves it, and
+    no node's files hold the name."""
+    from kaya import Client
+    from kaya.actors.wire import shard_of
+    from tests.test_cluster import eventually
+
+    security = secure_dev_cluster.data_dir / "security"
+    admin = str(security / "contexts" / "kaya-admin.json")
+    canary = "Sealed Canary 51e0a2"
+
+    def kaya(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(VENV_BIN / "kaya"), *argv, "--context", admin],
+                              capture_output=True, text=True, timeout=60, cwd=REPO)  # fmt: skip
+
+    async with Client.connect(tls=str(security / "contexts" / "kaya-client.json"),
+                              attempts=20) as client:  # fmt: skip
+        await client.send("account", "sec-f1", {"type": "Open", "owner": canary,
+                                                "currency": "EUR"})  # fmt: skip
+        table = orjson.loads(kaya("shards", "--json").stdout)
+        owners = {row["shard"]: row["owner"] for row in table["shards"]}
+        shard = shard_of(len(owners), "account", "sec-f1")
+        other = next(n for n in table["nodes"] if n != owners[shard])
+        moved = kaya("shards", "move", str(shard), "--to", other)
+        assert moved.returncode == 0, moved.stderr
+        state = await client.get("account", "sec-f1")  # served by `other` now
+        assert state.state["owner"] == canary
+        forgot = kaya("forget", "account", "sec-f1")
+        assert forgot.returncode == 0, forgot.stderr
+        await eventually(
+            lambda: client.get("account", "sec-f1"), lambda s: s.state["owner"] == "***", 10
+        )
+    files = [p for p in secure_dev_cluster.data_dir.rglob("*") if p.is_file()]
+    assert [p for p in files if canary.encode() in p.read_bytes()] == []

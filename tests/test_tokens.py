@@ -19,6 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from hypothesis import given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from kaya.actors.errors import Unauthorized
@@ -498,3 +501,44 @@ def test_kaya_security_token_needs_an_issuer_and_audience(
 def test_kaya_security_init_still_parses() -> None:
     args = build_parser().parse_args(["security", "init", "--data-dir", "d", "--host", "h"])
     assert (args.action, args.data_dir, args.host) == ("init", "d", ["h"])
+
+
+# ---- hostile headers ----------------------------------------------------------------------
+
+_JWT_PART = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=",
+                    max_size=60)  # fmt: skip
+_HEADERS = st.one_of(
+    st.text(max_size=200),
+    st.builds(lambda t: "Bearer " + t, st.text(max_size=200)),
+    st.builds(lambda a, b, c: f"Bearer {a}.{b}.{c}", _JWT_PART, _JWT_PART, _JWT_PART),
+    st.builds(  # a well-formed header and payload of random JSON, signature garbage
+        lambda h, p, s: f"Bearer {b64(json.dumps(h).encode())}.{b64(json.dumps(p).encode())}.{s}",
+        st.dictionaries(
+            st.sampled_from(["alg", "typ", "kid", "crit", "jku"]),
+            st.one_of(st.text(max_size=10), st.integers(), st.none()),
+        ),
+        st.dictionaries(
+            st.sampled_from(["sub", "iss", "aud", "exp", "nbf"]),
+            st.one_of(st.text(max_size=10), st.integers(), st.floats(), st.none()),
+        ),
+        _JWT_PART,
+    ),
+)
+
+
+@pytest.fixture(scope="module")
+def hostile_verifier(
+    tmp_path_factory: pytest.TempPathFactory, ec_key: ec.EllipticCurvePrivateKey
+) -> TokenVerifier:
+    return key_file_verifier(tmp_path_factory.mktemp("hostile"), ec_key)
+
+
+@settings_(max_examples=2000, deadline=None)
+@given(authorization=_HEADERS)
+def test_any_hostile_authorization_header_is_unauthorized_and_nothing_else(
+    hostile_verifier: TokenVerifier, authorization: str
+) -> None:
+    """What an attacker may put in the header: only ever `Unauthorized`, in one line."""
+    with pytest.raises(Unauthorized) as raised:
+        hostile_verifier.verify(authorization)
+    assert "\n" not in str(raised.value)
