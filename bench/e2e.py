@@ -11,6 +11,12 @@ Two scenarios, alternated round by round on the same machine:
   are opened first (not timed), then closed-loop `Deposit {amount: 1}` commands go
   to random accounts; at the end every account's balance is read back on
   `kaya.qry.account.<id>` and checked against the deposits that were acknowledged.
+- `kaya-secure` (with `--secure`): the same workload on a node with `[security]`
+  and `[security.jwt]` on. Every client connects over TLS with the `client` role's
+  certificate, and every request carries `Authorization: Bearer <JWT>` for the
+  account's owner (`owner-<i mod 100>`, one token each), as the bank's policy asks.
+- `echo-tls` (with `--secure`): the echo over TLS with client certificates: the
+  share of the secure node's cost that is the transport's.
 
 Both are driven by the same load generator (`--generator`, a separate process on
 uvloop): K worker coroutines, each sending one request and awaiting its reply
@@ -32,10 +38,12 @@ import math
 import random
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +66,7 @@ from bench.common import (
     versions,
     write_results,
 )
-from bench.targets import STATEFUL, running
+from bench.targets import JWT_AUDIENCE, JWT_ISSUER, STATEFUL, running
 
 DEPOSIT = b'{"type":"Deposit","amount":1}'
 RESULT_PREFIX = "RESULT "
@@ -77,6 +85,53 @@ def account_id(index: int) -> str:
 
 def command_subject(index: int) -> str:
     return f"kaya.cmd.account.{account_id(index)}"
+
+
+OWNERS = 100
+"""Accounts are opened for owner-0 .. owner-99 (index mod 100): one bearer token each."""
+
+
+def owner(index: int) -> str:
+    return f"owner-{index % OWNERS}"
+
+
+# ---- security: how a client reaches a secure target -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Access:
+    """TLS with the `client` role's certificate from `security_dir`; with `tokens`, a
+    bearer token per owner, signed with the key `bench/targets.py` made for the node.
+
+    Per owner, not one admin token: the bank's policy then compares the token's `sub`
+    with the account's owner on every command, as it would for real callers.
+    """
+
+    security_dir: Path
+    tokens: bool
+
+    def tls(self) -> ssl.SSLContext:
+        from kaya.app.security.pki import Pki
+
+        return Pki(self.security_dir).role("client").ssl_context()
+
+    def headers(self) -> list[dict[str, str]] | None:
+        """Request headers per owner (`headers[i % OWNERS]` for account i), or None."""
+        if not self.tokens:
+            return None
+        from kaya.app.security.tokens import SIGNING_KEY, mint
+
+        key = (self.security_dir / SIGNING_KEY).read_bytes()
+        return [
+            {
+                "Authorization": "Bearer "
+                + mint(key, subject=owner(k), issuer=JWT_ISSUER, audience=JWT_AUDIENCE, ttl=3600)
+            }
+            for k in range(OWNERS)
+        ]
+
+    def argv(self) -> list[str]:
+        return ["--security-dir", str(self.security_dir)] + (["--tokens"] if self.tokens else [])
 
 
 # ---- replies -------------------------------------------------------------------------------
@@ -123,6 +178,7 @@ class GeneratorSettings:
     timeout: float
     seed: int
     per_account: bool
+    access: Access | None = None
 
 
 async def generate(settings: GeneratorSettings) -> dict[str, Any]:
@@ -138,7 +194,14 @@ async def generate(settings: GeneratorSettings) -> dict[str, Any]:
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
 
-    nc = await nats.connect(settings.url, name="bench-generator", allow_reconnect=False)
+    access = settings.access
+    nc = await nats.connect(
+        settings.url,
+        name="bench-generator",
+        allow_reconnect=False,
+        tls=access.tls() if access is not None else None,
+    )
+    headers = access.headers() if access is not None else None
     subjects = [command_subject(i).encode() for i in range(settings.accounts)]
     subjects_str = [s.decode() for s in subjects]
     ok_per_account = [0] * settings.accounts
@@ -165,7 +228,12 @@ async def generate(settings: GeneratorSettings) -> dict[str, Any]:
             i = pick(n)
             sent += 1
             try:
-                msg = await nc.request(subjects_str[i], DEPOSIT, timeout=timeout)
+                if headers is None:
+                    msg = await nc.request(subjects_str[i], DEPOSIT, timeout=timeout)
+                else:
+                    msg = await nc.request(
+                        subjects_str[i], DEPOSIT, timeout=timeout, headers=headers[i % OWNERS]
+                    )
             except NatsTimeout:
                 code = "client_timeout"
                 unknown_outcome[i] += 1
@@ -230,6 +298,7 @@ async def generate(settings: GeneratorSettings) -> dict[str, Any]:
 def generator_main(args: argparse.Namespace) -> int:
     import uvloop
 
+    security_dir = getattr(args, "security_dir", None)  # bench.cluster passes its own args
     settings = GeneratorSettings(
         url=args.url,
         accounts=args.accounts,
@@ -239,6 +308,7 @@ def generator_main(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         seed=args.seed,
         per_account=args.per_account,
+        access=Access(Path(security_dir), bool(args.tokens)) if security_dir else None,
     )
     result = uvloop.run(generate(settings))
     print(RESULT_PREFIX + json.dumps(result), flush=True)
@@ -270,6 +340,7 @@ def run_generator(
     cpu_pids: dict[str, int],
     *,
     accounts: int | None = None,
+    access: Access | None = None,
 ) -> dict[str, Any]:
     """Run one generator process to the end; sample the others' CPU over its window."""
     argv = [
@@ -292,6 +363,7 @@ def run_generator(
         "--seed",
         str(seed),
         "--per-account",
+        *(access.argv() if access is not None else []),
     ]
     generator = Child("generator", argv, workdir / "generator.log")
     try:
@@ -344,9 +416,12 @@ def scenario_round(settings: Settings, scenario: str, number: int) -> dict[str, 
         with running(target_name, workdir, node_config=settings.node_config) as target:
             out["startup_s"] = target.info.get("startup_s")
             stateful = target_name in STATEFUL
+            access = None
+            if target.security_dir is not None:
+                access = Access(target.security_dir, tokens=target_name == "kaya-secure")
             if stateful:
                 t0 = time.monotonic()
-                asyncio.run(open_accounts(target.url, accounts))
+                asyncio.run(open_accounts(target.url, accounts, access=access))
                 opened_in = time.monotonic() - t0
                 out["open"] = {
                     "accounts": accounts,
@@ -360,13 +435,14 @@ def scenario_round(settings: Settings, scenario: str, number: int) -> dict[str, 
                 workdir=workdir,
                 cpu_pids=target.cpu_pids,
                 accounts=accounts,
+                access=access,
             )
             ok_per_account: list[int] = result.pop("ok_per_account")
             unknown: dict[str, int] = result.pop("unknown_outcome")
             out.update(result)
             if stateful:
                 out["verification"] = asyncio.run(
-                    verify_balances(target.url, ok_per_account, unknown, seed=number)
+                    verify_balances(target.url, ok_per_account, unknown, seed=number, access=access)
                 )
             out["memory"] = target.memory()
         out.update(target.info)
@@ -378,22 +454,31 @@ def scenario_round(settings: Settings, scenario: str, number: int) -> dict[str, 
     return out
 
 
-async def _connect(url: str) -> Any:
+async def _connect(url: str, access: Access | None = None) -> Any:
     import nats
 
-    return await nats.connect(url, name="bench-setup", allow_reconnect=False)
+    tls = access.tls() if access is not None else None
+    return await nats.connect(url, name="bench-setup", allow_reconnect=False, tls=tls)
 
 
-async def open_accounts(url: str, count: int, concurrency: int = 100) -> None:
+async def open_accounts(
+    url: str, count: int, concurrency: int = 100, *, access: Access | None = None
+) -> None:
     """Open acc-0..acc-N-1; any refusal stops the round (the figures would be meaningless)."""
-    nc = await _connect(url)
+    nc = await _connect(url, access)
+    headers = access.headers() if access is not None else None
     indices = iter(range(count))
     failures: list[str] = []
 
     async def worker() -> None:
         for i in indices:
-            body = json.dumps({"type": "Open", "owner": f"owner-{i}", "currency": "EUR"})
-            msg = await nc.request(command_subject(i), body.encode(), timeout=10)
+            body = json.dumps({"type": "Open", "owner": owner(i), "currency": "EUR"})
+            msg = await nc.request(
+                command_subject(i),
+                body.encode(),
+                timeout=10,
+                headers=headers[i % OWNERS] if headers is not None else None,
+            )
             code = reply_code(msg.data)
             if code != "ok":
                 failures.append(f"{account_id(i)}: {msg.data[:200]!r}")
@@ -409,16 +494,25 @@ async def open_accounts(url: str, count: int, concurrency: int = 100) -> None:
 
 
 async def request_all(
-    url: str, subjects: list[str], body: bytes, *, timeout: float = 10.0
+    url: str,
+    subjects: list[str],
+    body: bytes,
+    *,
+    timeout: float = 10.0,
+    access: Access | None = None,
+    headers: Sequence[dict[str, str] | None] | None = None,
 ) -> list[bytes]:
-    """One request per subject, QUERY_CONCURRENCY at a time; replies in subject order."""
-    nc = await _connect(url)
+    """One request per subject, QUERY_CONCURRENCY at a time; replies in subject order.
+
+    `headers`, if given, holds each request's headers, in subject order."""
+    nc = await _connect(url, access)
     replies: list[bytes] = [b""] * len(subjects)
     todo = iter(range(len(subjects)))
 
     async def worker() -> None:
         for i in todo:
-            replies[i] = (await nc.request(subjects[i], body, timeout=timeout)).data
+            hdr = headers[i] if headers is not None else None
+            replies[i] = (await nc.request(subjects[i], body, timeout=timeout, headers=hdr)).data
 
     try:
         await asyncio.wait_for(
@@ -431,7 +525,12 @@ async def request_all(
 
 
 async def verify_balances(
-    url: str, ok_per_account: list[int], unknown: dict[str, int], *, seed: int
+    url: str,
+    ok_per_account: list[int],
+    unknown: dict[str, int],
+    *,
+    seed: int,
+    access: Access | None = None,
 ) -> dict[str, Any]:
     """Every acknowledged deposit must be in the balance, and nothing else.
 
@@ -448,7 +547,10 @@ async def verify_balances(
     read: dict[int, tuple[int, int]] = {}
     problems: list[str] = []
     subjects = [f"kaya.qry.account.{account_id(i)}" for i in sample]
-    for i, data in zip(sample, await request_all(url, subjects, b""), strict=True):
+    tokens = access.headers() if access is not None else None
+    headers = [tokens[i % OWNERS] for i in sample] if tokens is not None else None
+    replies = await request_all(url, subjects, b"", access=access, headers=headers)
+    for i, data in zip(sample, replies, strict=True):
         reply = _decode_reply(data)
         if not reply.ok or reply.state is None:
             problems.append(f"{account_id(i)}: {data[:200]!r}")
@@ -482,9 +584,23 @@ async def verify_balances(
 # ---- summary and output ------------------------------------------------------------------------
 
 
-SCENARIOS = ("echo", "kaya", "hotkey", "naive", "faststream", "eventsourcing")
+SCENARIOS = (
+    "echo",
+    "echo-tls",
+    "kaya",
+    "kaya-secure",
+    "hotkey",
+    "naive",
+    "faststream",
+    "eventsourcing",
+)
+SECURE_SCENARIOS = ("echo-tls", "kaya-secure")
+"""Run with `--secure` (or named in `--only`), not by default."""
+DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in SECURE_SCENARIOS)
 QUICK_SCENARIOS = ("echo", "kaya", "hotkey", "naive")
 """Quick runs leave out the two slowest baselines to stay under a minute."""
+SECURE_PAIRS = (("kaya-secure", "kaya"), ("echo-tls", "echo"))
+"""(secure, plain): the cost of security is their ratio, round by round."""
 
 GOALS: tuple[tuple[str, str, float, str], ...] = (
     # (baseline scenario, figure, goal, what the target says), kaya / baseline
@@ -510,13 +626,18 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             "p99_ms": spread([r["latency_ms"]["p99"] for r in rs]),
             "p99.9_ms": spread([r["latency_ms"]["p99.9"] for r in rs]),
             "errors": dict(sum((Counter(r["errors"]) for r in rs), Counter())),
+            "cpu_us_per_request": {
+                name: spread([r["cpu_share"][name] / r["throughput"] * 1e6 for r in rs])
+                for name in rs[0]["cpu_share"]
+                if all(name in r["cpu_share"] and r["throughput"] > 0 for r in rs)
+            },
         }
         if any("verification" in r for r in rs):
             out[scenario]["verified"] = all(r["verification"]["verified"] for r in rs)
     if "kaya" in by:
         ratios: dict[str, Any] = {}
         for other, rs in by.items():
-            if other == "kaya":
+            if other == "kaya" or other in SECURE_SCENARIOS:
                 continue
             pairs = list(zip(rs, by["kaya"], strict=False))
             ratios[other] = {
@@ -529,6 +650,22 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 ],
             }
         out["kaya_over"] = ratios
+    secure: dict[str, Any] = {}
+    for name, plain in SECURE_PAIRS:
+        if name in by and plain in by:
+            pairs = list(zip(by[name], by[plain], strict=False))
+            secure[f"{name}/{plain}"] = {
+                "throughput": out[name]["throughput"]["median"]
+                / out[plain]["throughput"]["median"],
+                "p50": out[name]["p50_ms"]["median"] / out[plain]["p50_ms"]["median"],
+                "p99": out[name]["p99_ms"]["median"] / out[plain]["p99_ms"]["median"],
+                "throughput_per_round": [x["throughput"] / y["throughput"] for x, y in pairs],
+                "p99_per_round": [
+                    x["latency_ms"]["p99"] / y["latency_ms"]["p99"] for x, y in pairs
+                ],
+            }
+    if secure:
+        out["secure_over_plain"] = secure
     return out
 
 
@@ -596,11 +733,11 @@ def render(results: dict[str, Any]) -> str:
     for r in results["rounds"]:
         lat = r["latency_ms"]
         cpu = " ".join(f"{k}={val:.2f}" for k, val in r["cpu_share"].items())
-        verified = "-" if "verification" not in r else str(r["verification"]["verified"]).lower()
+        checked = "-" if "verification" not in r else str(r["verification"]["verified"]).lower()
         errors = " ".join(f"{k}={n}" for k, n in r["errors"].items()) or "-"
         lines.append(
             f"{r['round']:<6}{r['scenario']:<14}{r['throughput']:>9,.0f}{lat['p50']:>9.2f}"
-            f"{lat['p99']:>9.2f}{lat['p99.9']:>10.2f}  {verified:<9}{errors:<16}{cpu}"
+            f"{lat['p99']:>9.2f}{lat['p99.9']:>10.2f}  {checked:<9}{errors:<16}{cpu}"
         )
     summary = results["summary"]
     lines += ["", "median (min-max) over rounds:"]
@@ -619,6 +756,23 @@ def render(results: dict[str, Any]) -> str:
             f"(per round {min(tp):.2f}-{max(tp):.2f}), "
             f"p99 x{ratio['p99']:.2f} (per round {min(p99):.2f}-{max(p99):.2f})"
         )
+    for pair, ratio in summary.get("secure_over_plain", {}).items():
+        tp, p99 = ratio["throughput_per_round"], ratio["p99_per_round"]
+        lines.append(
+            f"  {pair:<18} throughput {ratio['throughput']:6.2f} "
+            f"(per round {min(tp):.2f}-{max(tp):.2f}), p50 x{ratio['p50']:.2f}, "
+            f"p99 x{ratio['p99']:.2f} (per round {min(p99):.2f}-{max(p99):.2f})"
+        )
+    cpu_lines = [
+        f"  {scenario:<13} "
+        + "  ".join(
+            f"{name} {fmt_spread(us, ',.0f')}"
+            for name, us in summary[scenario].get("cpu_us_per_request", {}).items()
+        )
+        for scenario in SCENARIOS
+        if scenario in summary
+    ]
+    lines += ["", "cpu per successful request, us (median (min-max) over rounds):", *cpu_lines]
     verified = {
         k: x["verified"] for k, x in summary.items() if isinstance(x, dict) and "verified" in x
     }
@@ -653,7 +807,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         help=f"comma-separated scenarios to run, of {','.join(SCENARIOS)} "
-        f"(default all; quick {','.join(QUICK_SCENARIOS)})",
+        f"(default {','.join(DEFAULT_SCENARIOS)}; quick {','.join(QUICK_SCENARIOS)})",
+    )
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="also run echo-tls and kaya-secure (TLS, client certificates, JWT, sealed "
+        "fields), each beside its plain twin in every round: the cost of security",
     )
     parser.add_argument("--keep-data", action="store_true", help="keep the nodes' data dirs")
     parser.add_argument(
@@ -672,6 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--url", help=argparse.SUPPRESS)
     gen.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     gen.add_argument("--per-account", action="store_true", help=argparse.SUPPRESS)
+    gen.add_argument("--security-dir", help=argparse.SUPPRESS)
+    gen.add_argument("--tokens", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -705,7 +867,7 @@ def _resolve(args: argparse.Namespace) -> Settings:
         warmup=args.warmup if args.warmup is not None else (1.0 if quick else 2.0),
         rounds=args.rounds or (1 if quick else 3),
         timeout=args.timeout,
-        scenarios=_scenarios(args.only, quick),
+        scenarios=_scenarios(args.only, quick, secure=bool(args.secure)),
         keep_data=args.keep_data,
         node_config=(
             '\n[consumers]\ndisabled = ["analytics", "notifications"]\n'
@@ -721,16 +883,26 @@ def _resolve(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _scenarios(only: str | None, quick: bool) -> tuple[str, ...]:
+def _scenarios(only: str | None, quick: bool, *, secure: bool = False) -> tuple[str, ...]:
+    """The scenarios of one round, in order; `secure` adds each secure one after its twin."""
     if not only:
-        return QUICK_SCENARIOS if quick else SCENARIOS
-    chosen = tuple(x.strip() for x in only.split(",") if x.strip())
-    unknown = [x for x in chosen if x not in SCENARIOS]
-    if unknown:
-        raise SystemExit(
-            f"--only: unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}"
-        )
-    return chosen
+        chosen = QUICK_SCENARIOS if quick else DEFAULT_SCENARIOS
+    else:
+        chosen = tuple(x.strip() for x in only.split(",") if x.strip())
+        unknown = [x for x in chosen if x not in SCENARIOS]
+        if unknown:
+            raise SystemExit(
+                f"--only: unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}"
+            )
+    if not secure:
+        return chosen
+    out: list[str] = []
+    for scenario in chosen:
+        out += [
+            scenario,
+            *(s for s, plain in SECURE_PAIRS if plain == scenario and s not in chosen),
+        ]
+    return tuple(out + [s for s in SECURE_SCENARIOS if s not in out])
 
 
 def _terminate(signum: int, frame: object) -> None:

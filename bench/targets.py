@@ -9,6 +9,12 @@ targets:
   except a free port, the log level and monitoring (off unless asked for).
 - `echo`: a nats-server and the raw nats-py echo responder (bench/echo.py): the
   transport's limit.
+- `kaya-secure`, `echo-tls`: the same with security on. The node runs with
+  `[security] enabled` (TLS with client certificates, role permissions, JetStream
+  encryption, sealed fields) and `[security.jwt]` (a bearer token on every request,
+  the bank's policy per command); the echo's nats-server requires TLS with a client
+  certificate from a dev CA, and nothing more. `Running.security_dir` is where a
+  client finds its certificate (and, for the node, the JWT signing key).
 - `naive`, `faststream`, `eventsourcing`: a nats-server and one of the baseline
   responders in bench/baselines/, each with its own SQLite file.
 """
@@ -37,8 +43,8 @@ from bench.common import (
 )
 
 BASELINES = ("naive", "faststream", "eventsourcing")
-TARGETS = ("echo", "kaya", *BASELINES)
-STATEFUL = ("kaya", *BASELINES)
+TARGETS = ("echo", "echo-tls", "kaya", "kaya-secure", *BASELINES)
+STATEFUL = ("kaya", "kaya-secure", *BASELINES)
 """Targets that keep accounts: they need opening first and can be verified afterwards."""
 
 NODE_CONFIG = """\
@@ -49,6 +55,20 @@ monitor_port = {monitor_port}
 [log]
 level = "warning"
 """
+
+JWT_ISSUER = "https://bench.kaya.test"
+JWT_AUDIENCE = "kaya-bench"
+SECURE_CONFIG = f"""
+[security]
+enabled = true
+
+[security.jwt]
+enabled = true
+issuer = "{JWT_ISSUER}"
+audience = "{JWT_AUDIENCE}"
+key_file = "jwt-public.pem"
+"""
+"""What `kaya-secure` adds: the key pair is made beside the PKI before the node starts."""
 
 
 @dataclass
@@ -64,6 +84,8 @@ class Running:
     info: dict[str, Any] = field(default_factory=dict)
     spawned: float = 0.0
     """time.monotonic() just before the main process was spawned (start-up timings)."""
+    security_dir: Path | None = None
+    """With security on: the PKI (a client connects with its `client` role) and JWT keys."""
 
     def memory(self) -> dict[str, int]:
         return memory_kib(self.main_pid)
@@ -137,12 +159,16 @@ def running(
 
     A node gets a fresh data dir under `workdir` unless `data_dir` names one to start on.
     """
-    if name == "kaya":
+    if name in ("kaya", "kaya-secure"):
         data_dir = data_dir or workdir / "data"
-        with _running_kaya(workdir, node_config, monitor, data_dir, ready_timeout) as target:
+        secure = name == "kaya-secure"
+        with _running_kaya(
+            workdir, node_config, monitor, data_dir, ready_timeout, secure=secure
+        ) as target:
             yield target
-    elif name == "echo":
-        with _running_responder(name, workdir, ["bench.echo"], monitor) as target:
+    elif name in ("echo", "echo-tls"):
+        tls = workdir / "pki" if name == "echo-tls" else None
+        with _running_responder(name, workdir, ["bench.echo"], monitor, tls=tls) as target:
             yield target
     elif name in BASELINES:
         from bench.baselines import RESPONDERS
@@ -160,11 +186,23 @@ BANK = "examples.bank:app"
 
 @contextlib.contextmanager
 def _running_kaya(
-    workdir: Path, node_config: str, monitor: bool, data_dir: Path, ready_timeout: float
+    workdir: Path,
+    node_config: str,
+    monitor: bool,
+    data_dir: Path,
+    ready_timeout: float,
+    *,
+    secure: bool = False,
 ) -> Iterator[Running]:
     port = free_port()
     monitor_port = free_port() if monitor else 0
     config = workdir / "bench.toml"
+    security_dir = data_dir / "security" if secure else None
+    if security_dir is not None:  # the node makes its PKI on start; the JWT keys are ours
+        from kaya.app.security.tokens import new_signing_key
+
+        new_signing_key(security_dir)
+        node_config += SECURE_CONFIG
     config.write_text(NODE_CONFIG.format(monitor_port=monitor_port) + node_config)
     kaya = Path(sys.executable).parent / "kaya"
     argv = [
@@ -194,13 +232,14 @@ def _running_kaya(
         if len(server_pids) == 1:
             cpu_pids["nats_server"] = server_pids[0]
         yield Running(
-            name="kaya",
-            url=f"nats://127.0.0.1:{port}",
+            name="kaya-secure" if secure else "kaya",
+            url=f"{'tls' if secure else 'nats'}://127.0.0.1:{port}",
             main_pid=node.pid,
             cpu_pids=cpu_pids,
             monitor_url=f"http://127.0.0.1:{monitor_port}" if monitor else None,
             info=info,
             spawned=t0,
+            security_dir=security_dir,
         )
     finally:
         t1 = time.monotonic()
@@ -214,12 +253,23 @@ def _running_kaya(
 
 @contextlib.contextmanager
 def _running_responder(
-    name: str, workdir: Path, module_argv: list[str], monitor: bool
+    name: str, workdir: Path, module_argv: list[str], monitor: bool, *, tls: Path | None = None
 ) -> Iterator[Running]:
-    """A nats-server of our own and a responder process on it."""
+    """A nats-server of our own and a responder process on it.
+
+    With `tls` (a directory): a dev PKI made there (Kaya's, app/security/pki.py), and the
+    server requires TLS with a client certificate from its CA, as a secure node's does.
+    """
     port = free_port()
-    url = f"nats://127.0.0.1:{port}"
+    url = f"{'tls' if tls else 'nats'}://127.0.0.1:{port}"
     server_argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)]
+    if tls is not None:
+        from kaya.app.security.pki import ensure_pki
+
+        pki = ensure_pki(tls, hosts=[])
+        server_argv += ["--tlsverify", "--tlscert", str(pki.server_cert)]
+        server_argv += ["--tlskey", str(pki.server_key), "--tlscacert", str(pki.ca)]
+        module_argv = [*module_argv, "--security-dir", str(tls)]
     monitor_port = free_port() if monitor else 0
     if monitor:
         server_argv += ["-m", str(monitor_port)]
@@ -243,6 +293,7 @@ def _running_responder(
             cpu_pids={"responder": responder.pid, "nats_server": server.pid},
             monitor_url=f"http://127.0.0.1:{monitor_port}" if monitor else None,
             info=info,
+            security_dir=tls,
         )
     finally:
         if responder is not None:

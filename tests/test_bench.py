@@ -8,13 +8,16 @@ known.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from bench import e2e
 from bench.common import percentile, target
 from bench.openloop import OpenLoopSettings, generate
+from bench.targets import JWT_AUDIENCE, JWT_ISSUER
 from tests.servers import NatsServer
 
 pytestmark = pytest.mark.anyio
@@ -121,3 +124,67 @@ async def test_open_loop_tells_no_responders_apart(nats_server: NatsServer) -> N
     )
     result = await generate(settings)
     assert result["outcomes_all"] == {"no_responders": result["sent_total"]}
+
+
+def test_e2e_secure_runs_each_secure_scenario_beside_its_plain_twin() -> None:
+    def scenarios(*argv: str) -> tuple[str, ...]:
+        return e2e._resolve(e2e.build_parser().parse_args(list(argv))).scenarios
+
+    assert scenarios("--quick") == e2e.QUICK_SCENARIOS
+    assert not set(e2e.SECURE_SCENARIOS) & set(scenarios())  # not by default
+    assert scenarios("--only", "echo,kaya", "--secure") == (
+        "echo",
+        "echo-tls",
+        "kaya",
+        "kaya-secure",
+    )
+    assert scenarios("--quick", "--secure")[:4] == ("echo", "echo-tls", "kaya", "kaya-secure")
+    assert scenarios("--only", "kaya-secure,kaya") == ("kaya-secure", "kaya")
+    assert scenarios("--only", "naive", "--secure") == ("naive", "echo-tls", "kaya-secure")
+    with pytest.raises(SystemExit):
+        scenarios("--only", "kaya-tls")
+
+
+def test_e2e_tokens_name_each_accounts_owner_for_the_nodes_verifier(tmp_path: Path) -> None:
+    from kaya.app.config import JwtConfig
+    from kaya.app.security.tokens import PUBLIC_KEY, TokenVerifier, new_signing_key
+
+    new_signing_key(tmp_path)  # what bench/targets.py makes before a secure node starts
+    access = e2e.Access(tmp_path, tokens=True)
+    headers = access.headers()
+    assert headers is not None
+    assert len(headers) == e2e.OWNERS
+    settings = JwtConfig(
+        enabled=True, issuer=JWT_ISSUER, audience=JWT_AUDIENCE, key_file=PUBLIC_KEY
+    )  # as targets.SECURE_CONFIG
+    verifier = TokenVerifier(settings, directory=tmp_path)
+    for account in (0, 1, 99, 100, 1234):
+        caller = verifier.verify(headers[account % e2e.OWNERS]["Authorization"])
+        assert caller.subject == e2e.owner(account)
+    # the generator process is told the same through its arguments
+    args = e2e.build_parser().parse_args(["--generator", *access.argv()])
+    assert (Path(args.security_dir), args.tokens) == (tmp_path, True)
+    assert e2e.Access(tmp_path, tokens=False).headers() is None
+
+
+# bench.common.Child leaves its stdout pipe for the garbage collector (ResourceWarning)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_secure_e2e_round_opens_loads_and_verifies_over_tls_with_tokens() -> None:
+    """A real secure node (TLS, client certificates, JWT, the bank's policy): every deposit
+    sent with its owner's token is accepted and found in the balances."""
+    settings = e2e.Settings(
+        accounts=20,
+        inflight=5,
+        duration=0.5,
+        warmup=0.2,
+        rounds=1,
+        timeout=5.0,
+        scenarios=("kaya-secure",),
+        keep_data=False,
+    )
+    result = e2e.scenario_round(settings, "kaya-secure", 1)
+    assert result["errors"] == {}
+    assert result["ok"] > 0
+    assert result["verification"]["verified"] is True
+    assert result["verification"]["accounts_checked"] == 20
+    assert result["node_exit_code"] == 0
