@@ -30,6 +30,11 @@ class NodeConfig(_Section):
     """Where the event store and the embedded server's JetStream live; relative to the cwd."""
     app: str = ""
     """The app to serve, as `module:attribute` (`kaya run --app` wins over it)."""
+    role: Literal["all", "commands", "consumers"] = "all"
+    """What this process runs (`kaya run --role`): `all` (one process), or the same node as
+    two: `commands` (the server, actors, store writes, relay, sagas) and `consumers` (the
+    app's consumers, beside it on the same data dir and NATS), so the consumers no longer
+    share the command path's event loop."""
 
 
 class NatsConfig(_Section):
@@ -414,6 +419,7 @@ def with_overrides(
     metrics_address: str | None = None,
     app: str | None = None,
     secure: bool | None = None,
+    role: str | None = None,
 ) -> Config:
     """Apply command-line flags, which win over the file (None: not given)."""
     node, nats, metrics, security = config.node, config.nats, config.metrics, config.security
@@ -423,6 +429,8 @@ def with_overrides(
         node = msgspec.structs.replace(node, data_dir=data_dir)
     if app is not None:
         node = msgspec.structs.replace(node, app=app)
+    if role is not None:
+        node = msgspec.structs.replace(node, role=role)  # checked by the convert below
     if nats_port is not None:
         nats = msgspec.structs.replace(nats, port=nats_port)
     if monitor_port is not None:

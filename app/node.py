@@ -159,7 +159,7 @@ class Node:
             problems.append(down)
         if not self.nc.is_connected:
             problems.append("not connected to NATS")
-        if not self.ingress.serving:
+        if not self.ingress.serving and self.config.node.role != "consumers":
             problems.append("ingress not serving")
         if self.store.closing:
             problems.append("store closing")
@@ -275,8 +275,15 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
 
     This is the one place the node's parts are wired together, in the order they depend
     on each other: where shard ownership and credentials will plug in too.
+
+    `node.role` splits it into two processes on one data dir: `commands` runs everything
+    but the consumers; `consumers` runs only them (and the consumer leases of a cluster),
+    connecting to the server the `commands` process embeds, and writes their effects to
+    the same SQLite file (its write lock is shared between processes).
     """
     registry = app.registry
+    role = config.node.role
+    commands = role != "consumers"  # serves commands: server, actors, relay, sagas, ingress
     async with AsyncExitStack() as stack:
         tls = None
         pki = None
@@ -288,6 +295,8 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
         server: EmbeddedServer | None = None
         if config.nats.url:
             url = config.nats.url
+        elif not commands:  # the `commands` process beside it embeds the server
+            url = f"nats://{config.nats.host}:{config.nats.port}"
         else:
             server = await stack.enter_async_context(
                 run_embedded_server(
@@ -323,13 +332,13 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             timeout=config.nats.startup_timeout,
             tls=tls,
         )
-        if pki is not None:
+        if pki is not None and commands:
             write_contexts(pki, tls_url(url))
         stack.push_async_callback(_close, nc)  # runs after the tasks below are cancelled
         await _with_retries(
             "creating the streams", lambda: ensure_streams(nc.jetstream(), config.events)
         )
-        if not config.security.enabled:  # with it on, only admin writes the registry
+        if not config.security.enabled and commands:  # with security on, only admin does
             await _with_retries(
                 "registering the schemas",
                 lambda: register_schemas(nc.jetstream(), registry, replicas=config.events.replicas),
@@ -357,7 +366,8 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
                 max_moves=cluster.max_moves,
                 exclusive=not replicated,
                 fenced=replicated,
-                singletons=singletons,
+                singletons=singletons if role != "commands" else (),
+                serves_shards=commands,
             ),
             servers,
             connect_options={"tls": tls} if tls is not None else None,
@@ -452,8 +462,9 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             admits=journal.admits if journal is not None else None,
             resume_on_start=not replicated,
         )
-        await tg.start(sagas.run)
-        tg.start_soon(_expire_replies, store, config.store.reply_retention)
+        if commands:
+            await tg.start(sagas.run)
+            tg.start_soon(_expire_replies, store, config.store.reply_retention)
         lag = LoopLag()
         await tg.start(lag.run)
         relay: Relay | Follower
@@ -469,8 +480,9 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
                 ack_timeout=config.events.ack_timeout,
                 rewind=config.events.relay_rewind,
             )
-        await tg.start(relay.run)
-        if follower is not None:  # take no shard before the store holds the log as it is now
+        if commands:
+            await tg.start(relay.run)
+        if follower is not None and commands:  # no shard before the store holds the log
             await _with_retries("reading the log's end", lambda: _catch_up(nc, follower))
         if server is not None:
             tg.start_soon(
@@ -508,7 +520,7 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
         context = Context(store, publish, sealer=sealer, pseudonym_key=secret)
         runners: dict[str, ConsumerRunner] = {}
         for consumer in app.consumers:
-            if consumer.name in config.consumers.disabled:
+            if consumer.name in config.consumers.disabled or role == "commands":
                 continue
             consumer.bind(context)
             shared = replicated and not isinstance(consumer, Projection)
@@ -525,7 +537,7 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
                 if replicated and not shared
                 else None,
                 shared=shared,
-                before_batch=follower.wait_for if follower is not None else None,
+                before_batch=follower.wait_for if follower is not None and commands else None,
             )
             if not shared:
                 await tg.start(runner.run)
@@ -582,7 +594,8 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
         )
         await _serve_health(node, tg)
         try:
-            await ingress.start()
+            if commands:
+                await ingress.start()
             await tg.start(host.run)
             keeper.notify = host.notify_from(asyncio.get_running_loop().call_soon_threadsafe)
             await anyio.to_thread.run_sync(keeper.start, config.nats.startup_timeout)
@@ -596,13 +609,16 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             with anyio.CancelScope(shield=True):
                 await host.drain_all()
                 await ingress.stop()
-                if nc.is_connected:  # without a broker there is nothing to wait for
+                if nc.is_connected and commands:  # without a broker nothing to wait for
                     with anyio.move_on_after(10):
                         await relay.wait_caught_up()
 
 
 async def _serve_health(node: Node, tg: TaskGroup) -> None:
-    """`kaya.health` over NATS always; /metrics, /healthz, /readyz over HTTP if configured."""
+    """`kaya.health` over NATS always; /metrics, /healthz, /readyz over HTTP if configured.
+
+    A `consumers` process answers no `kaya.health` (the node is the `commands` one) and
+    serves its metrics on the configured port + 1, so both run with one config."""
     metrics = Metrics(node.statistics)
 
     async def on_health(msg: Msg) -> None:
@@ -610,12 +626,16 @@ async def _serve_health(node: Node, tg: TaskGroup) -> None:
             status = node_status(await node.statistics())
             await node.nc.publish(msg.reply, status_json(status))
 
-    await node.nc.subscribe(HEALTH_SUBJECT, cb=on_health)
+    consumers_only = node.config.node.role == "consumers"
+    if not consumers_only:
+        await node.nc.subscribe(HEALTH_SUBJECT, cb=on_health)
     address = node.config.metrics.address
     if not address:
         return
     host, _, port = address.rpartition(":")
     host = host or "127.0.0.1"
+    if consumers_only and int(port):
+        port = str(int(port) + 1)
 
     async def metrics_route() -> tuple[int, str, bytes]:
         return 200, CONTENT_TYPE, await metrics.render()

@@ -134,6 +134,7 @@ def config(args: argparse.Namespace) -> Config:
         metrics_address=getattr(args, "metrics_address", None),
         app=getattr(args, "app", None),
         secure=getattr(args, "secure", None),
+        role=getattr(args, "role", None),
     )
 
 

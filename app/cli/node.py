@@ -48,6 +48,12 @@ def register(sub: common.Subcommands) -> None:
         default=None,
         help="security on (overrides security.enabled): TLS with a client certificate per role",
     )
+    run.add_argument(
+        "--role",
+        choices=["all", "commands", "consumers"],
+        help="overrides node.role: all (default), or the node as two processes: commands"
+        " and consumers, started with the same config",
+    )
     run.add_argument("--log-format", choices=["json", "text"], help="overrides log.format")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.set_defaults(handler=_run)
@@ -181,9 +187,10 @@ async def _run(args: argparse.Namespace) -> int:
                             f"kaya node {config.node.name} metrics on {node.metrics_url}",
                             flush=True,
                         )
+                    role = "" if config.node.role == "all" else f" ({config.node.role})"
                     print(
-                        f"kaya node {config.node.name} ready on {node.url} ({where} nats-server,"
-                        f" store {config.store_path}, app {config.node.app})",
+                        f"kaya node {config.node.name}{role} ready on {node.url} ({where}"
+                        f" nats-server, store {config.store_path}, app {config.node.app})",
                         flush=True,
                     )
                     await stop.wait()

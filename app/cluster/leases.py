@@ -114,6 +114,9 @@ class LeaseSettings:
     singletons: tuple[str, ...] = ()
     """Consumers that run on one node of the cluster at a time: a lease `consumer.<name>`
     each, taken by whichever node finds it free."""
+    serves_shards: bool = True
+    """False in a `kaya run --role consumers` process: it takes only consumer leases, and
+    is no node of the shard plan (its `commands` twin is, under the same name)."""
 
 
 @dataclass
@@ -319,6 +322,10 @@ class LeaseKeeper:
                 await nc.close()
 
     async def _round(self, nc: NATS, kv: KeyValue) -> None:
+        if not self.settings.serves_shards:
+            await self._singletons(kv, await read_table(kv))
+            self.rounds += 1
+            return
         await self._renew(kv)
         me = self.settings.node
         beat = {"shards": sorted(self.leases), "at": time.time()}
