@@ -13,6 +13,7 @@ actors, so what one costs matters more here than anywhere else.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -37,6 +38,7 @@ class Message:
         "command",
         "command_id",
         "deadline",
+        "enqueued",
         "reply",
         "request_hash",
         "traceparent",
@@ -58,6 +60,7 @@ class Message:
         self.deadline: float | None = None  # unix time; decided after it: `timeout`
         self.caller: Caller | None = None  # JWT on: who asked, for the app's policy
         self.allowed: bool | None = None  # an `ActsOn` decision, settled before the turn
+        self.enqueued = time.perf_counter()  # for the `mailbox` stage (store/timing.py)
 
 
 class Actor:

@@ -43,6 +43,7 @@ from kaya.actors.sealing import Sealer, is_sealed
 from kaya.actors.turn import Journal, Turns
 from kaya.actors.wire import Answer, error_answer, ok_answer, state_reply
 from kaya.store import EventStore
+from kaya.store.timing import Stages
 
 log = logging.getLogger("kaya.actors")
 
@@ -188,6 +189,11 @@ class ActorRuntime:
             )
         await done.wait()
         return box[0]
+
+    @property
+    def stages(self) -> Stages:
+        """Where commands spend their time (store/timing.py), the store's and the actors'."""
+        return self._store.stages
 
     def observe_turns(self, observer: TurnObserver) -> Callable[[], None]:
         """Call `observer` whenever an actor's mailbox is drained; returns its unregister.

@@ -137,6 +137,10 @@ class Turns:
     async def run(self, actor: Actor, turn: Sequence[Message]) -> None:
         """Decide `turn` against the actor's state, commit it, then answer every message."""
         entity, entity_id = actor.entity, actor.entity_id
+        stages = self._store.stages
+        started = time.perf_counter()
+        for message in turn:
+            stages.observe("mailbox", started - message.enqueued)
         if self._policy is not None:
             turn = await self._settle_acts_on(actor, turn)
             if not turn:
@@ -158,16 +162,25 @@ class Turns:
                     known[cid] = Reply(kept.command_id, kept.request_hash, body)
         decided = self._decide(actor, turn, known)
         answers = decided.answers
+        now = time.perf_counter()
+        stages.observe("decide", now - started, len(turn))
         if decided.events or decided.remembered:
-            if sealer is not None and not await self._seal(actor, decided, sealer):
+            sealed = True
+            if sealer is not None:
+                sealed = await self._seal(actor, decided, sealer)
+                now, before = time.perf_counter(), now
+                stages.observe("seal", now - before, len(turn))
+            if not sealed:
                 failure = error_answer(Unavailable("the entity's key cannot be read now; retry"))
                 answers = _failed(decided.answers, failure)
             else:
                 answers = await self._commit(actor, decided)
+                now = time.perf_counter()
         if decided.crashed:
             actor.loaded = False  # rebuilt from the store before its next message
         for message, reply, _ in answers:
             await answer(message, reply)
+            stages.observe("reply", time.perf_counter() - now)
 
     def _decide(self, actor: Actor, turn: Sequence[Message], known: dict[str, Reply]) -> _Decided:
         entity, entity_id = actor.entity, actor.entity_id

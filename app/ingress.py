@@ -179,6 +179,7 @@ class Ingress:
         # cost, and refusals are most of the work while the node sheds load
         self._publisher = HeaderPublisher(nc)
         self._runtime = runtime
+        self._stages = runtime.stages
         self._registry = registry
         self._config = config
         self._node_name = node_name
@@ -296,6 +297,7 @@ class Ingress:
     async def _on_command(
         self, errors: EndpointErrors, request: Request, *, step: bool = False
     ) -> None:
+        received = time.perf_counter()
         reply_to = reply_subject(request)
         lag, max_lag = self._lag, self._config.max_loop_lag
         if lag is not None and max_lag and lag.behind(max_lag):
@@ -359,6 +361,7 @@ class Ingress:
                 deadline=deadline,
                 caller=caller,
             )
+            self._stages.observe("ingress", time.perf_counter() - received)
         except Exception as exc:
             error = self._as_error(exc, "command", request)
             if span is not None and self._tracing is not None:

@@ -219,6 +219,7 @@ class Node:
             liveness=liveness,
             broker=self._broker(),
             cluster=self._cluster(),
+            stages=self.store.stages.snapshot(),
         )
 
     def _cluster(self) -> ClusterStatistics:

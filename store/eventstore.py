@@ -31,6 +31,7 @@ from kaya.store.errors import StoreError
 from kaya.store.groupcommit import GroupCommit, StoreStatistics, Waiter
 from kaya.store.records import Append, Reply, Snapshot, StoredEvent
 from kaya.store.sql import EVENT_COLUMNS, Synchronous, connect_reader
+from kaya.store.timing import Stages
 from kaya.store.transaction import Transaction, execute_rowcount
 from kaya.store.writer import Writer, rollback_quietly, waiting
 
@@ -65,6 +66,12 @@ class EventStore:
     @property
     def closing(self) -> bool:
         return self._commits.closing
+
+    @property
+    def stages(self) -> Stages:
+        """The command path's stage timings (store/timing.py): the store's own, and a
+        place for the actors' and the ingress's."""
+        return self._commits.stages
 
     @property
     def commit_count(self) -> int:

@@ -28,6 +28,7 @@ import anyio
 from kaya.store.errors import StoreError
 from kaya.store.records import Append
 from kaya.store.sql import Errors, insert_appends, integrity_error
+from kaya.store.timing import Stages
 from kaya.store.writer import Writer, rollback_quietly
 
 
@@ -53,13 +54,15 @@ class Waiter:
 
 
 class _Pending(Waiter):
-    """An append waiting for its transaction."""
+    """An append waiting for its transaction; `queued` and `done` for the stage timings."""
 
-    __slots__ = ("append",)
+    __slots__ = ("append", "done", "queued")
 
     def __init__(self, append: Append) -> None:
         super().__init__()
         self.append = append
+        self.queued = time.perf_counter()
+        self.done = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,6 +108,9 @@ class GroupCommit:
         self._failing_since: float | None = None
         self._last_failure: float | None = None
         self._last_error = ""
+        self.stages = Stages()
+        """Where appends spend their time (queue, insert, fsync, wake): see store/timing.py.
+        The node hands the same object to the actors and the ingress for their stages."""
 
     @property
     def writer(self) -> Writer:
@@ -126,6 +132,7 @@ class GroupCommit:
         await pending.wait()
         if pending.error is not None:
             raise pending.error
+        self.stages.observe("wake", time.perf_counter() - pending.done)
 
     def enlist(self, waiter: Waiter) -> None:
         """Have `waiter` (its work done in the open transaction) woken by the next commit."""
@@ -162,9 +169,14 @@ class GroupCommit:
             self._wakeup = anyio.Event()
             while self._queue or self._epoch:
                 batch = self._take_batch()
+                taken = time.perf_counter()
+                for pending in batch:
+                    self.stages.observe("queue", taken - pending.queued)
                 async with self.write_lock:
                     await self._write_batch(batch)
+                done = time.perf_counter()
                 for pending in batch:
+                    pending.done = done
                     pending.finish()
                 if batch:
                     self._committed.set()
@@ -199,11 +211,16 @@ class GroupCommit:
             self._fail(waiters, "commit failed: rolled back by an earlier failure")
             return
         try:
+            inserted = time.perf_counter()
             if batch:
                 if not conn.in_transaction:
                     await writer.begin()
                 errors = insert_appends(conn, [p.append for p in batch], time.time())
+                inserted, began = time.perf_counter(), inserted
+                self.stages.observe("insert", inserted - began, len(batch))
             await writer.commit()
+            if batch:
+                self.stages.observe("fsync", time.perf_counter() - inserted, len(batch))
         except sqlite3.Error as exc:
             try:
                 rollback_quietly(conn)

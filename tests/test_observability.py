@@ -94,6 +94,9 @@ async def test_metrics_move_with_traffic(observed: Node, nc: NATS, uid: str) -> 
     assert found[refused] == 1
     count = found[("kaya_command_duration_seconds_count", (("entity", "account"),))]
     assert count == 10
+    # the latency budget: the 9 commands that reached an actor passed through every stage
+    for stage in ("ingress", "mailbox", "decide", "queue", "insert", "fsync", "wake", "reply"):
+        assert found[("kaya_command_stage_seconds_count", (("stage", stage),))] >= 8, stage
     assert found[("kaya_store_events_total", ())] >= 8
     assert found[("kaya_actors_active", ())] >= 1
     assert ("kaya_consumer_lag", (("consumer", "analytics"),)) in found

@@ -427,3 +427,33 @@ async def test_snapshots_are_taken_and_used_to_rebuild(db: Path) -> None:
     )
     assert state.version == 25
     assert balance(state) == sum(range(1, 25))
+
+
+# ---- where the time goes -------------------------------------------------------------
+
+
+async def test_every_command_is_timed_through_each_stage_of_its_path(db: Path) -> None:
+    """The latency budget (store/timing.py): each command of a batch is counted once per
+    stage it went through, in the order of the path, and the stages add up to no more
+    than the time the commands took."""
+    with anyio.fail_after(10):
+        async with open_event_store(db) as events, running(events) as runtime:
+            await ask(runtime, "t-1", OPEN)
+            begun = time.perf_counter()
+            replies = Replies(50)
+            for amount in range(1, 51):
+                runtime.tell(ACCOUNT, "t-1", Deposit(amount=amount), replies)
+            assert all(r.ok for r in await replies.wait())
+            took = time.perf_counter() - begun
+            stages = runtime.stages.snapshot()
+    per_command = ("mailbox", "decide", "reply")
+    assert {stage: stages[stage].count for stage in per_command} == dict.fromkeys(per_command, 51)
+    # the store counts appends (one per turn: the 50 deposits went in a few turns)
+    turns = stages["queue"].count
+    assert 2 <= turns <= 51
+    assert stages["wake"].count == turns
+    assert stages["insert"].count == stages["fsync"].count == turns
+    assert "seal" not in stages
+    assert "ingress" not in stages
+    mean_path = sum(stages[s].mean for s in ("mailbox", "decide", "queue", "insert", "fsync"))
+    assert 0 < mean_path < took + 0.5  # the deposits' path, not some other clock's

@@ -13,9 +13,8 @@ registry, outcomes from the contract's error codes).
 
 from __future__ import annotations
 
-import bisect
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -27,34 +26,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from kaya.app.events.failing import PartHealth
-from kaya.app.observability.statistics import (
-    CommandStatistics,
-    LatencySnapshot,
-    NodeStatistics,
-)
+from kaya.app.observability.statistics import CommandStatistics, NodeStatistics
+from kaya.store.timing import Histogram, LatencySnapshot
 
-LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-)  # fmt: skip
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-class Histogram:
-    """Bucket counts and a sum: an observation is one bisect and two additions."""
-
-    __slots__ = ("bounds", "counts", "total")
-
-    def __init__(self, bounds: Sequence[float] = LATENCY_BUCKETS) -> None:
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
-
-    def snapshot(self) -> LatencySnapshot:
-        return LatencySnapshot(self.bounds, tuple(self.counts), self.total)
 
 
 class CommandMetrics:
@@ -166,6 +141,13 @@ class NodeCollector(Collector):
             "From request received to reply sent (end to end inside the node)",
             "entity",
             commands.latency,
+        )
+        yield _histogram(
+            "kaya_command_stage_seconds",
+            "Time a command spends in each stage of the path (store/timing.py: ingress,"
+            " mailbox, decide, seal, queue, insert, fsync, wake, reply)",
+            "stage",
+            stats.stages,
         )
         yield CounterMetricFamily(
             "kaya_ingress_overloaded", "Requests refused with `overloaded`",

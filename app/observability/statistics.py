@@ -13,31 +13,7 @@ from kaya.actors import RuntimeStatistics
 from kaya.app.events.relay import RelayStatistics
 from kaya.app.events.runner import ConsumerStatistics
 from kaya.store import StoreStatistics
-
-
-@dataclass(frozen=True)
-class LatencySnapshot:
-    """A latency histogram's bucket counts (the last one past every bound) and sum."""
-
-    bounds: tuple[float, ...]
-    counts: tuple[int, ...]
-    total: float
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def quantile(self, q: float) -> float:
-        """Upper bound of the bucket holding quantile q (what Prometheus would estimate)."""
-        count = self.count
-        if count == 0:
-            return 0.0
-        rank, seen = q * count, 0
-        for i, n in enumerate(self.counts):
-            seen += n
-            if seen >= rank:
-                return self.bounds[i] if i < len(self.bounds) else float("inf")
-        return float("inf")
+from kaya.store.timing import LatencySnapshot
 
 
 @dataclass(frozen=True)
@@ -96,6 +72,8 @@ class NodeStatistics:
     """Why the node cannot serve and will not recover on its own (liveness); empty when live."""
     broker: BrokerStatistics = field(default_factory=BrokerStatistics)
     cluster: ClusterStatistics = field(default_factory=lambda: ClusterStatistics())
+    stages: dict[str, LatencySnapshot] = field(default_factory=dict)
+    """Where commands spend their time, per stage (store/timing.py)."""
 
     @property
     def last_position(self) -> int:
