@@ -115,8 +115,16 @@ def start_nats_server(store_dir: Path, *, shards: int = 16, port: int = 0) -> Na
     """A real nats-server with JetStream and Kaya's shard mapping on a (free) loopback port."""
     port = port or free_port()
     settings = ServerSettings(port=port, monitor_port=0, store_dir=store_dir, shards=shards)
-    store_dir.mkdir(parents=True, exist_ok=True)
-    conf = store_dir / "nats-server.conf"
+    server = NatsServer(spawn_server(settings), port, store_dir)
+    drain(server.proc, "stderr", server.log)
+    return server
+
+
+def spawn_server(settings: ServerSettings) -> subprocess.Popen[bytes]:
+    """nats-server with `settings` (its config written in its store dir), once it logged
+    that it is ready; its stderr is left for the caller to drain."""
+    settings.store_dir.mkdir(parents=True, exist_ok=True)
+    conf = settings.store_dir / "nats-server.conf"
     conf.write_text(server_config(settings))
     proc = subprocess.Popen(
         [find_binary(), "-c", str(conf)],
@@ -125,14 +133,12 @@ def start_nats_server(store_dir: Path, *, shards: int = 16, port: int = 0) -> Na
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    server = NatsServer(proc, port, store_dir)
     try:
         wait_for_line(proc, "stderr", b"Server is ready", 15)
     except BaseException:
-        server.stop()
+        stop_pid(proc)
         raise
-    drain(proc, "stderr", server.log)
-    return server
+    return proc
 
 
 @dataclass

@@ -33,7 +33,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from kaya.app.broker.embedded import ServerSettings, TlsFiles, find_binary, server_config
+from kaya.app.broker.embedded import ServerSettings, TlsFiles, server_config
 from kaya.app.cli import build_parser
 from kaya.app.cli.cluster import plan, wait_for_jetstream
 from kaya.app.security.permissions import authorization_block
@@ -48,7 +48,7 @@ from kaya.app.security.pki import (
 )
 from kaya.app.security.tls import tls_url
 from tests.cluster import MONITOR_OFFSET, REPO, DevCluster, Lines, start_dev_cluster
-from tests.servers import VENV_BIN, drain, free_port, stop_pid, wait_for_line
+from tests.servers import VENV_BIN, drain, free_port, spawn_server, stop_pid
 
 NAMES = ("nats-1", "nats-2", "nats-3")
 
@@ -77,21 +77,7 @@ def monitor(port: int, endpoint: str) -> dict[str, Any]:
 
 def start_server(settings: ServerSettings) -> Server:
     """A nats-server with `settings`, once it logged that it is ready; its log kept."""
-    settings.store_dir.mkdir(parents=True, exist_ok=True)
-    conf = settings.store_dir / "nats-server.conf"
-    conf.write_text(server_config(settings))
-    proc = subprocess.Popen(
-        [find_binary(), "-c", str(conf)],
-        bufsize=0,  # unbuffered: select() and readline() must agree on what is unread
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        wait_for_line(proc, "stderr", b"Server is ready", 15)
-    except BaseException:
-        stop_pid(proc)
-        raise
+    proc = spawn_server(settings)
     log = Lines()
     drain(proc, "stderr", log)
     return Server(proc, settings, log)
