@@ -62,43 +62,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import gc
 import json
 import math
 import os
 import random
-import shutil
-import signal
 import sqlite3
 import sys
 import tempfile
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from bench import framework as fw
 from bench.common import (
     BenchError,
     Child,
     cpu_seconds,
     fmt_spread,
     machine_busy_seconds,
-    machine_info,
     memory_kib,
-    print_written,
     render_targets,
     spread,
     target,
     utc_now,
-    versions,
-    write_results,
 )
 from kaya.actors.wire import Answer, ok_answer
 
-RESULT_PREFIX = "RESULT "
 TARGET_BYTES = 1.5e9
 """The issue's '1M active entities in under 1.5 GB RSS', read as 1.5e9 bytes (1430.5 MiB)."""
 TARGET_ENTITIES = 1_000_000
@@ -188,6 +181,11 @@ class ReadsFromMemory:
     def __init__(self, store: Any) -> None:
         self.store = store
         self.on = False
+
+    @property
+    def stages(self) -> Any:
+        """The real store's stage timings: the runtime observes its turns there."""
+        return self.store.stages
 
     async def load_snapshot(self, entity: str, entity_id: str) -> Any:
         if self.on:
@@ -736,7 +734,7 @@ async def passivation_child(p: dict[str, Any]) -> dict[str, Any]:
 def child_main(kind: str, params: dict[str, Any]) -> int:
     fn = {"scale": scale_child, "profile": profile_child, "passivation": passivation_child}[kind]
     result = run_async(fn, params)
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    fw.emit_result(result)
     return 0
 
 
@@ -746,28 +744,30 @@ def run_child(kind: str, params: dict[str, Any], timeout: float, workdir: Path) 
     name = f"actors-{kind}-{params.get('entities', params.get('touches', ''))}"
     child = Child(name, argv, workdir / f"{name}.log")
     try:
-        line = child.wait_for_line(RESULT_PREFIX, timeout=timeout)
-        child.wait(timeout=30)
-        if child.process.returncode != 0:
-            raise BenchError(
-                f"{name} exited with {child.process.returncode}: {child.stderr_tail()}"
-            )
+        child.wait_for_line(fw.RESULT_PREFIX, timeout=timeout)
+        return fw.read_result(child, timeout=30)
     finally:
         child.stop()
-    return cast(dict[str, Any], json.loads(line.removeprefix(RESULT_PREFIX)))
 
 
 # ---- the whole run ---------------------------------------------------------------------------
 
 
-def settings_for(quick: bool, rounds: int | None = None, sizes: str | None = None) -> Settings:
+def settings_for(
+    quick: bool,
+    rounds: int | None = None,
+    sizes: str | None = None,
+    *,
+    duration: float | None = None,
+    warmup: float | None = None,
+) -> Settings:
     return Settings(
         quick=quick,
-        rounds=rounds or (1 if quick else 5),
+        rounds=fw.pick(rounds, quick, 1, 5),
         accounts=1000,
         senders=100,
-        warmup=0.2 if quick else 0.3,
-        duration=0.4 if quick else 1.0,
+        warmup=fw.pick(warmup, quick, 0.2, 0.3),
+        duration=fw.pick(duration, quick, 0.4, 1.0),
         sizes=tuple(int(x) for x in sizes.split(","))
         if sizes
         else ((1000, 10_000, 100_000) if quick else (1000, 100_000, 1_000_000)),
@@ -781,31 +781,24 @@ def settings_for(quick: bool, rounds: int | None = None, sizes: str | None = Non
     )
 
 
-def measure(s: Settings, started: dt.datetime | None = None) -> dict[str, Any]:
+def measure(s: Settings) -> dict[str, Any]:
     """All three parts and the profile; no file written."""
-    started = started or utc_now()
-    results: dict[str, Any] = {
-        "benchmark": "actors",
-        "started_at": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "versions": versions(("msgspec", "anyio", "uvloop", "aiosqlite")),
-        "settings": asdict(s),
-    }
+    packages = ("msgspec", "anyio", "uvloop", "aiosqlite")
+    results = fw.new_results("actors", s, quick=s.quick, packages=packages)
     results["versions"]["sqlite"] = sqlite3.sqlite_version
     seconds: dict[str, float] = {}
     results["seconds"] = seconds
-    workdir = Path(tempfile.mkdtemp(prefix="kaya-bench-actors-"))
-    try:
+    with fw.scratch("actors") as workdir:
         t0 = time.monotonic()
         rounds: list[dict[str, Any]] = []
         for number in range(1, s.rounds + 1):
-            _say(f"round {number}/{s.rounds}: queue, query, deposit NORMAL, deposit FULL ...")
+            fw.say(f"round {number}/{s.rounds}: queue, query, deposit NORMAL, deposit FULL ...")
             rounds.append(throughput_round(s, number, workdir))
         results["rounds"] = rounds
         seconds["throughput"] = round(time.monotonic() - t0, 1)
         scaling = []
         for n in s.sizes:
-            _say(f"scaling: {n:,} entities in a fresh process ...")
+            fw.say(f"scaling: {n:,} entities in a fresh process ...")
             t0 = time.monotonic()
             params = {
                 "entities": n,
@@ -817,13 +810,13 @@ def measure(s: Settings, started: dt.datetime | None = None) -> dict[str, Any]:
             scaling.append(run_child("scale", params, 120 + n / 5000, workdir))
             seconds[f"scale_{n}"] = round(time.monotonic() - t0, 1)
         results["scaling"] = scaling
-        _say(f"profile: {s.profile_entities:,} entities under tracemalloc ...")
+        fw.say(f"profile: {s.profile_entities:,} entities under tracemalloc ...")
         t0 = time.monotonic()
         results["profile"] = run_child(
             "profile", {"entities": s.profile_entities, "senders": s.senders}, 120, workdir
         )
         seconds["profile"] = round(time.monotonic() - t0, 1)
-        _say(f"passivation: {s.passivation_touches:,} entities, cap {s.passivation_cap:,} ...")
+        fw.say(f"passivation: {s.passivation_touches:,} entities, cap {s.passivation_cap:,} ...")
         t0 = time.monotonic()
         params = {
             "cap": s.passivation_cap,
@@ -835,16 +828,10 @@ def measure(s: Settings, started: dt.datetime | None = None) -> dict[str, Any]:
             "passivation", params, 120 + s.passivation_touches / 1000, workdir
         )
         seconds["passivation"] = round(time.monotonic() - t0, 1)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     results["finished_at"] = utc_now().isoformat(timespec="seconds")
     results["summary"] = summarize(results)
     results["targets"] = targets(results)
     return results
-
-
-def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
@@ -1010,13 +997,6 @@ def draw_charts(results: dict[str, Any]) -> list[str]:
     return [str(p) for p in paths if p is not None]
 
 
-def run(quick: bool) -> dict[str, Any]:
-    """For a suite runner: measure and draw the charts; the caller writes the JSON."""
-    results = measure(settings_for(quick))
-    results["charts"] = draw_charts(results)
-    return results
-
-
 # ---- output ----------------------------------------------------------------------------------
 
 
@@ -1115,12 +1095,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench.actors",
         description="Actor runtime in-process: mailboxes vs raw queues, memory, passivation.",
     )
-    parser.add_argument("--quick", action="store_true", help="sizes 1k-100k, 1 round (~15 s)")
-    parser.add_argument("--rounds", type=int, help="throughput rounds (default 3; quick 1)")
+    fw.add_options(
+        parser,
+        quick="sizes 1k-100k, 1 round (~15 s)",
+        rounds="throughput rounds (default 5; quick 1)",
+        duration="measured seconds per throughput window (default 1; quick 0.4)",
+        warmup="unmeasured seconds before each window (default 0.3; quick 0.2)",
+    )
     parser.add_argument(
         "--sizes", help="entities per scaling child, comma-separated (default 1000,100000,1000000)"
     )
-    parser.add_argument("--no-write", action="store_true", help="print only, write no files")
     child = parser.add_argument_group("child process (internal)")
     child.add_argument(
         "--child", choices=["scale", "profile", "passivation"], help=argparse.SUPPRESS
@@ -1129,24 +1113,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks (children, temp dirs)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    fw.exit_on_sigterm()
     if args.child:
         return child_main(args.child, json.loads(args.params or "{}"))
     if args.rounds is not None and args.rounds < 1:
         raise SystemExit("--rounds must be at least 1")
-    settings = settings_for(bool(args.quick), args.rounds, args.sizes)
-    started = utc_now()
-    results = measure(settings, started)
-    results["charts"] = [] if args.no_write else draw_charts(results)
-    print(render(results))
-    if not args.no_write:
-        print_written([*map(Path, results["charts"]), *write_results("actors", results, started)])
+    settings = settings_for(
+        bool(args.quick), args.rounds, args.sizes, duration=args.duration, warmup=args.warmup
+    )
+    results = measure(settings)
+    fw.finish(results, write=not args.no_write, render=render, chart=draw_charts)
     return 0
 
 

@@ -69,6 +69,7 @@ from nats.errors import NoRespondersError
 from nats.js.api import DeliverPolicy
 
 from bench import chaos_check
+from bench import framework as fw
 from bench.common import (
     REPO_DIR,
     BenchError,
@@ -80,7 +81,6 @@ from bench.common import (
     pid_alive,
     utc_now,
     versions,
-    write_results,
 )
 
 SCENARIOS = {
@@ -820,7 +820,7 @@ def tmpfs(path: Path, mib: int) -> Any:
         timeout=30,
     )
     if mounted.returncode != 0:
-        raise BenchError(f"mount -t tmpfs failed: {mounted.stderr.strip() or mounted.returncode}")
+        raise Skipped(f"mount -t tmpfs failed: {mounted.stderr.strip() or mounted.returncode}")
     try:
         yield path
     finally:
@@ -1016,16 +1016,40 @@ def render(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-async def run_all(scenarios: list[str], settings: Settings, keep: bool) -> dict[str, Any]:
+class Skipped(BenchError):
+    """A scenario this machine cannot run (no tmpfs for disk-full): reported, not failed."""
+
+
+RunOnce = Callable[[str, int, Any, Path], Awaitable[dict[str, Any]]]
+
+
+async def run_budgeted(
+    name: str,
+    scenarios: list[str],
+    settings: Any,
+    keep: bool,
+    once: RunOnce,
+    aborted: Callable[[str, int, str, Path], dict[str, Any]],
+    *,
+    errors: tuple[type[BaseException], ...] = (BenchError,),
+    unavailable: Callable[[str], str | None] = lambda scenario: None,
+) -> dict[str, Any]:
+    """Every run of every scenario, each in its own work dir, within `settings.budget`.
+
+    Shared by bench.chaos and bench.chaos_cluster. A run that would not fit the budget
+    (judged by the longest so far) is skipped and listed; one that fails in `errors`
+    becomes `aborted(...)` (an incident) and the next starts afresh; a run with
+    nothing to report has its work dir removed unless `keep`: the evidence stays.
+    """
     runs: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     over_budget: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="kaya-chaos-"))
+    root = Path(tempfile.mkdtemp(prefix=f"kaya-{name}-"))
     budget_end = time.monotonic() + settings.budget
     longest = 0.0
     for scenario in scenarios:
-        if scenario == "disk-full" and (why := disk_full_unavailable()):
-            print(f"disk-full: skipped: {why}", flush=True)
+        if why := unavailable(scenario):
+            print(f"{scenario}: skipped: {why}", flush=True)
             skipped[scenario] = why
             continue
         for number in range(1, settings.runs + 1):
@@ -1033,29 +1057,70 @@ async def run_all(scenarios: list[str], settings: Settings, keep: bool) -> dict[
                 over_budget.append(f"{scenario} run {number}")
                 print(f"{scenario} run {number}: skipped, over the {settings.budget:.0f} s budget")
                 continue
-            print(f"{scenario} run {number}/{settings.runs} ...", file=sys.stderr, flush=True)
+            fw.say(f"{scenario} run {number}/{settings.runs} ...")
             work = root / f"{scenario}-{number}"
             began = time.monotonic()
             try:
-                result = await run_once(
+                result = await once(
                     scenario, number, replace(settings, seed=settings.seed + number), work
                 )
-            except BenchError as exc:
-                if scenario == "disk-full" and str(exc).startswith("mount"):
-                    print(f"disk-full: skipped: {exc}", flush=True)
-                    skipped[scenario] = str(exc)
-                    break
+            except Skipped as exc:
+                print(f"{scenario}: skipped: {exc}", flush=True)
+                skipped[scenario] = str(exc)
+                break
+            except errors as exc:
                 # The node could not be (re)started: an incident; the next run starts afresh.
-                print(f"  incident: run aborted: {exc}", file=sys.stderr, flush=True)
-                result = aborted(scenario, number, str(exc), work)
+                why = str(exc) or repr(exc)
+                fw.say(f"  incident: run aborted: {why}")
+                result = aborted(scenario, number, why, work)
             runs.append(result)
             longest = max(longest, time.monotonic() - began)
-            if not keep and not result["incidents"] and not result["check"]["violations_total"]:
+            if not keep and not result.get("incidents") and not result["check"]["violations_total"]:
                 shutil.rmtree(work, ignore_errors=True)
                 result["work_dir"] = None
     with contextlib.suppress(OSError):
         await asyncio.to_thread(root.rmdir)  # only if nothing was kept
     return {"runs": runs, "skipped": skipped, "over_budget": over_budget, "work_root": str(root)}
+
+
+def fault_results(
+    name: str,
+    module: str,
+    argv: list[str] | None,
+    settings: dict[str, Any],
+    rows: list[dict[str, Any]],
+    outcome: dict[str, Any],
+    started: Any,
+    seconds: float,
+) -> dict[str, Any]:
+    """The result file of a fault run: what ran, on what, the summary rows, every run."""
+    return {
+        "benchmark": name,
+        "command": fw.command_line(module, argv),
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": utc_now().isoformat(timespec="seconds"),
+        "seconds": round(seconds, 1),
+        "machine": machine_info(),
+        "versions": versions(fw.PACKAGES),
+        "settings": settings,
+        "summary": rows,
+        **outcome,
+    }
+
+
+def runs_text(outcome: dict[str, Any], limit: int) -> str:
+    """What a reader must see under the table: skipped runs, incidents, the first
+    violations of each run, and where the evidence of a failed run was kept."""
+    lines = [f"{name}: not run, over the time budget" for name in outcome["over_budget"]]
+    for run in outcome["runs"]:
+        where = f"{run['scenario']} run {run['run']}"
+        lines += [f"{where}: incident: {text}" for text in run.get("incidents", [])]
+        lines += [
+            f"{where}: [{v['check']}] {v['message']}" for v in run["check"]["violations"][:limit]
+        ]
+        if run["work_dir"]:
+            lines.append(f"{where}: evidence kept in {run['work_dir']}")
+    return "\n".join(lines)
 
 
 def aborted(scenario: str, number: int, why: str, work: Path) -> dict[str, Any]:
@@ -1073,22 +1138,19 @@ def aborted(scenario: str, number: int, why: str, work: Path) -> dict[str, Any]:
     }
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop children
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.chaos",
         description="The bank under faults on one node, judged by an independent checker.",
     )
-    parser.add_argument("--quick", action="store_true", help="1 run, 1 fault, 3 s per scenario")
-    parser.add_argument(
-        "--only", help=f"comma-separated scenarios (default all: {', '.join(SCENARIOS)})"
+    fw.add_options(
+        parser,
+        quick="1 run, 1 fault, 3 s per scenario",
+        duration="seconds of workload per run (at least)",
+        only=f"comma-separated scenarios (default all: {', '.join(SCENARIOS)})",
     )
     parser.add_argument("--runs", type=int, help="runs per scenario, each on a fresh node")
     parser.add_argument("--faults", type=int, help="faults per run")
-    parser.add_argument("--duration", type=float, help="seconds of workload per run (at least)")
     parser.add_argument("--clients", type=int, help="client tasks")
     parser.add_argument("--pause", type=float, help="seconds stopped, or the disk full")
     parser.add_argument("--seed", type=int, help="workload seed")
@@ -1099,10 +1161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    scenarios = args.only.split(",") if args.only else list(SCENARIOS)
-    unknown = [s for s in scenarios if s not in SCENARIOS]
-    if unknown:
-        raise SystemExit(f"unknown scenario {unknown[0]!r}: choose from {', '.join(SCENARIOS)}")
+    scenarios = list(fw.parse_only(args.only, list(SCENARIOS), list(SCENARIOS)))
     settings = QUICK if args.quick else Settings()
     overrides = {
         name: getattr(args, name)
@@ -1110,42 +1169,31 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None
     }
     settings = replace(settings, **overrides)
-    signal.signal(signal.SIGTERM, _terminate)
+    fw.exit_on_sigterm()
     started = utc_now()
     t0 = time.monotonic()
-    outcome = asyncio.run(run_all(scenarios, settings, args.keep))
+    outcome = asyncio.run(
+        run_budgeted(
+            "chaos",
+            scenarios,
+            settings,
+            args.keep,
+            run_once,
+            aborted,
+            unavailable=lambda s: disk_full_unavailable() if s == "disk-full" else None,
+        )
+    )
     rows = summarize(outcome["runs"], outcome["skipped"])
-    results: dict[str, Any] = {
-        "benchmark": "chaos",
-        "command": "python -m bench.chaos " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": utc_now().isoformat(timespec="seconds"),
-        "seconds": round(time.monotonic() - t0, 1),
-        "machine": machine_info(),
-        "versions": versions(("nats-py", "msgspec", "anyio", "uvloop")),
-        "settings": {**asdict(settings), "quick": bool(args.quick), "scenarios": scenarios},
-        "summary": rows,
-        **outcome,
-    }
-    print(render(rows))
-    for name in outcome["over_budget"]:
-        print(f"{name}: not run, over the time budget")
-    for run in outcome["runs"]:
-        for text in run["incidents"]:
-            print(f"{run['scenario']} run {run['run']}: incident: {text}")
-        for violation in run["check"]["violations"][:5]:
-            print(
-                f"{run['scenario']} run {run['run']}: [{violation['check']}] {violation['message']}"
-            )
-        if run["work_dir"]:
-            print(f"{run['scenario']} run {run['run']}: evidence kept in {run['work_dir']}")
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        print(f"wrote {args.output}")
-    else:
-        for path in write_results("chaos", results, started):
-            print(f"wrote {path.relative_to(REPO_DIR) if path.is_relative_to(REPO_DIR) else path}")
+    chosen = {**asdict(settings), "quick": bool(args.quick), "scenarios": scenarios}
+    results = fault_results(
+        "chaos", "bench.chaos", argv, chosen, rows, outcome, started, time.monotonic() - t0
+    )
+    fw.finish(
+        results,
+        write=not args.no_write,
+        render=lambda _: "\n".join(filter(None, [render(rows), runs_text(outcome, 5)])),
+        output=args.output,
+    )
     bad = sum(r["violations"] + r["incidents"] for r in rows)
     return 1 if bad or outcome["over_budget"] else 0
 

@@ -71,11 +71,8 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
-import socket
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
@@ -90,21 +87,28 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from bench import chaos_check
-from bench.chaos import CHUNK, Sent, World, deliver, query, store_figures, wait_transfers
+from bench import framework as fw
+from bench.chaos import (
+    CHUNK,
+    Sent,
+    World,
+    deliver,
+    fault_results,
+    query,
+    run_budgeted,
+    runs_text,
+    store_figures,
+    wait_transfers,
+)
 from bench.common import (
-    LOOPBACK,
-    REPO_DIR,
     BenchError,
     Child,
     ensure_gone,
-    machine_info,
     pid_alive,
     utc_now,
-    versions,
-    write_results,
 )
+from bench.targets import KAYA, Proc, dev_cluster_argv, ready_children
 from kaya.actors.wire import EVENTS_STREAM, shard_of
-from kaya.app.cli.cluster import MONITOR_OFFSET, ROUTE_OFFSET
 from kaya.app.cluster.leases import BUCKET, Table, read_table
 
 SCENARIOS = {
@@ -130,9 +134,6 @@ BASE_CONFIG = (
     f"[cluster]\nlease_ttl = {LEASE_TTL}\nrenew_every = {RENEW_EVERY}\n"
     f'[shards]\ncount = {SHARDS}\n[log]\nlevel = "info"\n'
 )
-KAYA = Path(sys.executable).parent / "kaya"
-APP = "examples.bank:app"
-READY = re.compile(r"^(server|node) (\S+) ready on (nats://\S+) \(pid (\d+)\)$")
 EXITED = re.compile(r"^(server|node) (\S+) exited with code (-?\d+)$")
 MAX_OPS = 20_000
 """Commands per load task at most, beside the time bound."""
@@ -197,36 +198,6 @@ class Report(chaos_check.Report):
 # ---- the cluster: dev-cluster and the nodes restarted here, each known by PID ----------------
 
 
-@dataclass
-class Proc:
-    kind: str
-    name: str
-    url: str
-    pid: int
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nats-server binds
-        try:
-            sock.bind((LOOPBACK, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_base_port(servers: int) -> int:
-    """A random base port P whose client, route and monitoring ranges are free now."""
-    for _ in range(200):
-        base = random.randrange(20_000, 60_000 - MONITOR_OFFSET - servers)
-        ports = (
-            base + off + i for off in (0, ROUTE_OFFSET, MONITOR_OFFSET) for i in range(servers)
-        )
-        if all(_port_free(p) for p in ports):
-            return base
-    raise BenchError("no free range of ports for a dev-cluster")
-
-
 def ours(pid: int, data_dir: Path) -> bool:
     """True while `pid` runs a command naming `data_dir`: never signal a reused PID."""
     try:
@@ -267,18 +238,12 @@ class Cluster:
     async def start(self, timeout: float) -> None:
         base_config = self.work / "base.toml"
         base_config.write_text(BASE_CONFIG)
-        argv = [str(KAYA), "dev-cluster", "--servers", str(SERVERS), "--nodes", str(NODES)]
-        argv += ["--base-port", str(free_base_port(SERVERS)), "--data-dir", str(self.data_dir)]
-        argv += ["--app", APP, "--config", str(base_config)]
+        argv = dev_cluster_argv(self.data_dir, servers=SERVERS, nodes=NODES, config=base_config)
         # Spawned from the main thread: PR_SET_PDEATHSIG follows the spawning thread.
         self.child = Child("dev-cluster", argv, self.work / "dev-cluster.stderr.log")
         await asyncio.to_thread(self.child.wait_for_line, "cluster ready", timeout)
-        for line in self.child.lines:
-            if match := READY.match(line):
-                kind, name, url, pid = match.groups()
-                proc = Proc(kind, name, url, int(pid))
-                (self.servers if kind == "server" else self.nodes)[name] = proc
-                self.pids.append(proc.pid)
+        self.servers, self.nodes = ready_children(self.child.lines)
+        self.pids += [p.pid for p in (*self.servers.values(), *self.nodes.values())]
 
     def exits(self) -> list[tuple[str, str, int]]:
         """(kind, name, code) of each child dev-cluster said exited."""
@@ -1059,38 +1024,6 @@ def aborted(scenario: str, number: int, why: str, work: Path) -> dict[str, Any]:
     return {"scenario": scenario, "run": number, "check": report.as_json(), "work_dir": str(work)}
 
 
-async def run_all(scenarios: list[str], settings: Settings, keep: bool) -> dict[str, Any]:
-    runs: list[dict[str, Any]] = []
-    over_budget: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="kaya-chaos-cluster-"))
-    budget_end = time.monotonic() + settings.budget
-    longest = 0.0
-    for scenario in scenarios:
-        for number in range(1, settings.runs + 1):
-            if time.monotonic() + longest > budget_end:
-                over_budget.append(f"{scenario} run {number}")
-                print(f"{scenario} run {number}: skipped, over the {settings.budget:.0f} s budget")
-                continue
-            print(f"{scenario} run {number}/{settings.runs} ...", file=sys.stderr, flush=True)
-            work = root / f"{scenario}-{number}"
-            began = time.monotonic()
-            try:
-                result = await run_once(
-                    scenario, number, replace(settings, seed=settings.seed + number), work
-                )
-            except (BenchError, OSError, nats.errors.Error, TimeoutError) as exc:
-                print(f"  run aborted: {exc!r}", file=sys.stderr, flush=True)
-                result = aborted(scenario, number, repr(exc), work)
-            runs.append(result)
-            longest = max(longest, time.monotonic() - began)
-            if not keep and not result["check"]["violations_total"]:
-                shutil.rmtree(work, ignore_errors=True)
-                result["work_dir"] = None
-    with contextlib.suppress(OSError):
-        await asyncio.to_thread(root.rmdir)  # only if nothing was kept
-    return {"runs": runs, "over_budget": over_budget, "work_root": str(root)}
-
-
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for scenario in SCENARIOS:
@@ -1143,35 +1076,28 @@ def render(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop children
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.chaos_cluster",
         description="The bank on a 3-server, 3-node dev-cluster under faults, checked after"
         " each run.",
     )
-    parser.add_argument("--quick", action="store_true", help="8 s of load per run")
-    parser.add_argument(
-        "--only", help=f"comma-separated scenarios (default all: {', '.join(SCENARIOS)})"
+    fw.add_options(
+        parser,
+        quick="8 s of load per run",
+        only=f"comma-separated scenarios (default all: {', '.join(SCENARIOS)})",
     )
     parser.add_argument("--runs", type=int, help="runs per scenario, each on a fresh cluster")
     parser.add_argument("--seconds", type=float, help="seconds of load per run (at least)")
     parser.add_argument("--seed", type=int, help="load seed")
     parser.add_argument("--keep", action="store_true", help="keep every run's work dir")
     parser.add_argument("--output", type=Path, help="write the JSON here instead of bench/results/")
-    parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    scenarios = args.only.split(",") if args.only else list(SCENARIOS)
-    unknown = [s for s in scenarios if s not in SCENARIOS]
-    if unknown:
-        raise SystemExit(f"unknown scenario {unknown[0]!r}: choose from {', '.join(SCENARIOS)}")
+    scenarios = list(fw.parse_only(args.only, list(SCENARIOS), list(SCENARIOS)))
     settings = QUICK if args.quick else Settings()
     overrides = {
         name: getattr(args, name)
@@ -1179,51 +1105,38 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None
     }
     settings = replace(settings, **overrides)
-    signal.signal(signal.SIGTERM, _terminate)
+    fw.exit_on_sigterm()
     started = utc_now()
     t0 = time.monotonic()
-    outcome = asyncio.run(run_all(scenarios, settings, args.keep))
+    errors = (BenchError, OSError, nats.errors.Error, TimeoutError)
+    outcome = asyncio.run(
+        run_budgeted(
+            "chaos-cluster", scenarios, settings, args.keep, run_once, aborted, errors=errors
+        )
+    )
+    outcome.pop("skipped")
     rows = summarize(outcome["runs"])
-    results: dict[str, Any] = {
-        "benchmark": "chaos-cluster",
-        "command": "python -m bench.chaos_cluster "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": utc_now().isoformat(timespec="seconds"),
-        "seconds": round(time.monotonic() - t0, 1),
-        "machine": machine_info(),
-        "versions": versions(("nats-py", "msgspec", "anyio", "uvloop")),
-        "settings": {
-            **asdict(settings),
-            "quick": bool(args.quick),
-            "scenarios": scenarios,
-            "servers": SERVERS,
-            "nodes": NODES,
-            "shards": SHARDS,
-            "lease_ttl": LEASE_TTL,
-            "renew_every": RENEW_EVERY,
-        },
-        "summary": rows,
-        **outcome,
+    chosen = {
+        **asdict(settings),
+        "quick": bool(args.quick),
+        "scenarios": scenarios,
+        "servers": SERVERS,
+        "nodes": NODES,
+        "shards": SHARDS,
+        "lease_ttl": LEASE_TTL,
+        "renew_every": RENEW_EVERY,
     }
-    print(render(rows))
-    print(f"({results['seconds']:.0f} s)")
-    for name in outcome["over_budget"]:
-        print(f"{name}: not run, over the time budget")
-    for run in outcome["runs"]:
-        for violation in run["check"]["violations"][:8]:
-            print(
-                f"{run['scenario']} run {run['run']}: [{violation['check']}] {violation['message']}"
-            )
-        if run["work_dir"]:
-            print(f"{run['scenario']} run {run['run']}: evidence kept in {run['work_dir']}")
-    if args.output and not args.no_write:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        print(f"wrote {args.output}")
-    elif not args.no_write:
-        for path in write_results("chaos-cluster", results, started):
-            print(f"wrote {path.relative_to(REPO_DIR) if path.is_relative_to(REPO_DIR) else path}")
+    seconds = time.monotonic() - t0
+    results = fault_results(
+        "chaos-cluster", "bench.chaos_cluster", argv, chosen, rows, outcome, started, seconds
+    )
+    text = [render(rows), f"({seconds:.0f} s)", runs_text(outcome, 8)]
+    fw.finish(
+        results,
+        write=not args.no_write,
+        render=lambda _: "\n".join(filter(None, text)),
+        output=args.output,
+    )
     bad = sum(r["violations"] for r in rows)
     return 1 if bad or outcome["over_budget"] else 0
 

@@ -39,27 +39,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import itertools
 import json
 import os
 import random
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench import e2e
+from bench import framework as fw
 from bench.charts import bar_chart
 from bench.common import (
     LOOPBACK,
@@ -68,14 +65,10 @@ from bench.common import (
     cpu_seconds,
     ensure_gone,
     machine_busy_seconds,
-    machine_info,
     percentile,
-    print_written,
     utc_now,
-    versions,
-    write_results,
 )
-from bench.targets import BANK, running
+from bench.targets import Proc, dev_cluster_argv, ready_children, running
 
 SHARDS = 16
 SERVERS = 3
@@ -89,9 +82,7 @@ FAILOVER_DEADLINE = 60.0
 """Kill -> every shard served again; past it the failover is reported as not done."""
 LOCAL_NODE_CONFIG = '\n[metrics]\naddress = ""\n'
 """bench.targets' node already has a free port, `monitor_port = 0` and a temp data dir."""
-PORT_RANGE = (20_000, 32_000)
 """Base ports for dev-cluster, below Linux's ephemeral range so no outgoing socket holds one."""
-READY = re.compile(r"^(server|node) (\S+) ready on (\S+) \(pid (\d+)\)$")
 MAX_REQUESTS = 1_000_000
 """Hard cap on the failover load's requests, beside its deadline."""
 
@@ -121,13 +112,6 @@ class Settings:
 
 
 # ---- dev-cluster --------------------------------------------------------------------------
-
-
-@dataclass
-class Proc:
-    name: str
-    url: str
-    pid: int
 
 
 @dataclass
@@ -175,31 +159,6 @@ class DevCluster:
         }
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((LOOPBACK, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_base_port(servers: int) -> int:
-    """A base port P with P+i, P+100+i and P+200+i free (dev-cluster's three ranges)."""
-    from kaya.app.cli.cluster import MONITOR_OFFSET, ROUTE_OFFSET
-
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(PORT_RANGE[0], PORT_RANGE[1] - MONITOR_OFFSET - servers)
-        ports = [
-            base + off + i for off in (0, ROUTE_OFFSET, MONITOR_OFFSET) for i in range(servers)
-        ]
-        if all(_port_free(p) for p in ports):
-            return base
-    raise BenchError(f"no free base port for {servers} servers in {PORT_RANGE}")
-
-
 @contextlib.contextmanager
 def dev_cluster(
     workdir: Path, nodes: int, info: dict[str, Any], servers: int = SERVERS
@@ -209,32 +168,15 @@ def dev_cluster(
     `info` gets the start-up and stop times, what was left behind and the logs' warnings,
     also when the start fails."""
     data_dir = workdir / f"dev-cluster-{nodes}"
-    base_port = free_base_port(servers)
-    kaya = Path(sys.executable).parent / "kaya"
-    argv = [
-        str(kaya),
-        "dev-cluster",
-        "--servers",
-        str(servers),
-        "--nodes",
-        str(nodes),
-        "--base-port",
-        str(base_port),
-        "--data-dir",
-        str(data_dir),
-        "--app",
-        BANK,
-    ]
+    argv = dev_cluster_argv(data_dir, servers=servers, nodes=nodes)
+    base_port = int(argv[argv.index("--base-port") + 1])
     t0 = time.monotonic()
     child = Child("dev-cluster", argv, workdir / f"dev-cluster-{nodes}.log")
     cluster = DevCluster(child, data_dir, base_port, {}, {}, info)
     try:
         child.wait_for_line("cluster ready", timeout=CLUSTER_READY_TIMEOUT)
         cluster.info["startup_s"] = round(time.monotonic() - t0, 2)
-        for line in child.lines:
-            if m := READY.match(line):
-                proc = Proc(m[2], m[3], int(m[4]))
-                (cluster.servers if m[1] == "server" else cluster.nodes)[proc.name] = proc
+        cluster.servers, cluster.nodes = ready_children(child.lines)
         yield cluster
     finally:
         t1 = time.monotonic()
@@ -486,43 +428,27 @@ def run_load(
     settings: Settings, urls: Sequence[str], pids: dict[str, dict[str, int]], workdir: Path
 ) -> dict[str, Any]:
     """One generator run; the CPU of every process in `pids` sampled over its window."""
-    argv = [
-        sys.executable,
-        "-m",
+    argv = fw.module_argv(
         "bench.cluster",
         "--generator",
-        "--urls",
-        ",".join(urls),
-        "--accounts",
-        str(settings.accounts),
-        "--inflight",
-        str(settings.inflight),
-        "--warmup",
-        str(settings.warmup),
-        "--duration",
-        str(settings.duration),
-        "--timeout",
-        str(settings.timeout),
-        "--per-account",
-    ]
+        urls=",".join(urls),
+        accounts=settings.accounts,
+        inflight=settings.inflight,
+        warmup=settings.warmup,
+        duration=settings.duration,
+        timeout=settings.timeout,
+        per_account=True,
+    )
     generator = Child("generator", argv, workdir / "generator.log")
-    try:
-        watched = {**pids, "generator": {"generator": generator.pid}}
-        generator.wait_for_line(e2e.WINDOW_START, timeout=settings.warmup + 30)
-        before = _cpu(watched)
-        t0 = time.monotonic()
-        generator.wait_for_line(e2e.WINDOW_END, timeout=settings.duration + 30)
-        elapsed = time.monotonic() - t0
-        after = _cpu(watched)
-        generator.wait(timeout=settings.timeout + 30)
-        line = next((x for x in generator.lines if x.startswith(e2e.RESULT_PREFIX)), None)
-        if generator.process.returncode != 0 or line is None:
-            raise BenchError(
-                f"generator exited with {generator.process.returncode}: {generator.stderr_tail()}"
-            )
-    finally:
-        generator.stop()
-    result: dict[str, Any] = json.loads(line.removeprefix(e2e.RESULT_PREFIX))
+    watched = {**pids, "generator": {"generator": generator.pid}}
+    window = fw.run_windowed(
+        generator,
+        lambda: _cpu(watched),
+        warmup=settings.warmup,
+        duration=settings.duration,
+        drain=settings.timeout,
+    )
+    result, before, after, elapsed = window.result, window.before, window.after, window.seconds
     spent = {k: after[k] - v for k, v in before.items() if k in after}
     ok = max(1, result["ok"])
 
@@ -1059,22 +985,20 @@ def cluster_run(settings: Settings, nodes: int, workdir: Path, results: dict[str
 
 
 def run(settings: Settings, quick: bool) -> dict[str, Any]:
-    started = utc_now()
-    results: dict[str, Any] = {
-        "benchmark": "cluster",
-        "started_at": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "versions": versions(),
-        "settings": {**asdict(settings), "quick": quick},
-        "clusters": [],
-        "throughput": [],
-        "handoff": [],
-        "failover": None,
-        "errors": [],
-    }
+    results = fw.new_results(
+        "cluster",
+        settings,
+        quick=quick,
+        clusters=[],
+        throughput=[],
+        handoff=[],
+        failover=None,
+        errors=[],
+    )
     t0 = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="kaya-bench-cluster-"))
-    try:
+    with fw.scratch("cluster", keep=settings.keep_data) as workdir:
+        if settings.keep_data:
+            results["workdir"] = str(workdir)
         if "throughput" in settings.scenarios and settings.local:
             try:
                 results["throughput"].append(local_variant(settings, workdir))
@@ -1088,11 +1012,6 @@ def run(settings: Settings, quick: bool) -> dict[str, Any]:
                 cluster_run(settings, nodes, workdir, results)
             except Exception as exc:  # its processes are stopped; the next cluster runs
                 results["errors"].append(f"{nodes}-node cluster: {exc!r}"[:1000])
-    finally:
-        if settings.keep_data:
-            results["workdir"] = str(workdir)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     results["seconds"] = round(time.monotonic() - t0, 1)
     results["finished_at"] = utc_now().isoformat(timespec="seconds")
     results["summary"] = summarize(results)
@@ -1320,15 +1239,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Throughput vs nodes, failover after kill -9, shard handoff: a local "
         "dev-cluster beside a single local-durability node, same run.",
     )
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="2 s windows, clusters of 1 and 3 nodes, a handoff of 100 events (under a minute)",
+    fw.add_options(
+        p,
+        quick="2 s windows, clusters of 1 and 3 nodes, a handoff of 100 events (under a minute)",
+        duration="measured seconds (default 5; quick 2)",
+        warmup="unmeasured seconds first (default 2; quick 1)",
+        only=f"comma-separated, of {','.join(SCENARIOS)} (default all)",
+        keep_data="keep the data dirs and logs",
     )
     p.add_argument("--accounts", type=int, default=2000, help="accounts opened (default 2000)")
     p.add_argument("--inflight", type=int, default=100, help="closed-loop requesters")
-    p.add_argument("--duration", type=float, help="measured seconds (default 5; quick 2)")
-    p.add_argument("--warmup", type=float, help="unmeasured seconds first (default 2; quick 1)")
     p.add_argument("--timeout", type=float, default=5.0, help="per-request timeout, seconds")
     p.add_argument(
         "--nodes", type=_ints, help="cluster sizes for throughput (default 1,2,3; quick 1,3)"
@@ -1340,9 +1260,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--failover-rate", type=float, default=200.0, help="open-loop req/s (default 200)"
     )
-    p.add_argument("--only", help=f"comma-separated, of {','.join(SCENARIOS)} (default all)")
-    p.add_argument("--keep-data", action="store_true", help="keep the data dirs and logs")
-    p.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     gen = p.add_argument_group("generator process (internal)")
     gen.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)
     gen.add_argument("--urls", help=argparse.SUPPRESS)
@@ -1353,14 +1270,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(args: argparse.Namespace) -> Settings:
     quick = bool(args.quick)
-    scenarios = tuple(x.strip() for x in (args.only or ",".join(SCENARIOS)).split(",") if x)
-    if unknown := [x for x in scenarios if x not in SCENARIOS]:
-        raise SystemExit(f"--only: unknown {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    scenarios = fw.parse_only(args.only, SCENARIOS, SCENARIOS)
     settings = Settings(
         accounts=args.accounts,
         inflight=args.inflight,
-        warmup=args.warmup if args.warmup is not None else (1.0 if quick else 2.0),
-        duration=args.duration or (2.0 if quick else 5.0),
+        warmup=fw.pick(args.warmup, quick, 1.0, 2.0),
+        duration=fw.pick(args.duration, quick, 2.0, 5.0),
         timeout=args.timeout,
         nodes=args.nodes or ((1, 3) if quick else (1, 2, 3)),
         local=not args.no_local,
@@ -1379,10 +1294,6 @@ def _resolve(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop children
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.generator:
@@ -1390,14 +1301,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--generator needs --urls, --duration and --warmup")
         return generator_main(args)
     settings = _resolve(args)
-    signal.signal(signal.SIGTERM, _terminate)
+    fw.exit_on_sigterm()
     results = run(settings, quick=bool(args.quick))
-    if not args.no_write:
-        results["charts"] = chart(results)
-    print(render(results))
-    if not args.no_write:
-        started = dt.datetime.fromisoformat(results["started_at"])
-        print_written([*write_results("cluster", results, started), *map(Path, results["charts"])])
+    fw.finish(results, write=not args.no_write, render=render, chart=chart)
     checks = [r["verification"]["verified"] for r in results["throughput"]]
     if results["failover"]:
         checks.append(results["failover"]["verification"]["verified"])

@@ -71,31 +71,23 @@ import contextlib
 import json
 import math
 import shutil
-import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import framework as fw
 from bench.common import (
     BenchError,
     Child,
     fmt_spread,
-    free_port,
-    machine_info,
-    nats_server_binary,
-    print_written,
     render_targets,
     spread,
     target,
     utc_now,
-    versions,
-    wait_for_port,
-    write_results,
 )
 from bench.relay import (
     EVENTS_PER_ACCOUNT,
@@ -109,6 +101,7 @@ from bench.relay import (
     sample_cpu,
     watch_stream,
 )
+from bench.targets import nats_server
 from kaya.actors.wire import DLQ_STREAM, EVENT_SUBJECTS, EVENTS_STREAM
 from kaya.app.config import ConsumersConfig, NodeConfig
 
@@ -459,73 +452,48 @@ def raw_consumer_main(args: argparse.Namespace) -> int:
             filter_subject=args.filter or EVENT_SUBJECTS,
         )
     )
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    fw.emit_result(result, RESULT_PREFIX)
     return 0 if result["last_stream_seq"] >= args.events else 1
 
 
 def raw_round(settings: Settings, workdir: Path, scenario: str, number: int) -> dict[str, Any]:
     """A bare nats-server (the node's config) on a copy of the template's JetStream, and
     the raw consumer process."""
-    from kaya.app.broker.embedded import ServerSettings, server_config
-
     rundir = workdir / f"{scenario}-{number}"
     rundir.mkdir()
     data_dir = copy_template(workdir, rundir)
-    port = free_port()
-    conf = rundir / "nats-server.conf"
-    conf.write_text(
-        server_config(
-            ServerSettings(
-                port=port, monitor_port=0, store_dir=data_dir / "nats", name=NodeConfig().name
-            )
-        )
-    )
-    url = f"nats://127.0.0.1:{port}"
-    ack_all = scenario != "raw"
-    filtered = scenario == "raw-ackall-filtered"
     out: dict[str, Any] = {"scenario": scenario, "round": number}
-    server = consumer = None
-    try:
-        server = Child(
-            "nats-server", [nats_server_binary(), "-c", str(conf)], rundir / "nats-server.log"
-        )
-        wait_for_port(port, timeout=15, process=server.process)
-        messages = asyncio.run(_stream_messages(url))
+    with nats_server(rundir, data_dir / "nats", name=NodeConfig().name) as server:
+        messages = asyncio.run(_stream_messages(server.url))
         if messages != settings.events:
             raise BenchError(f"{scenario}: the copied stream holds {messages} messages")
-        consumer = Child(
-            "raw-consumer",
-            [
-                sys.executable,
-                "-m",
-                "bench.consumers",
-                "--raw-consumer",
-                "--url",
-                url,
-                "--events",
-                str(settings.events),
-                "--batch",
-                str(settings.fetch_batch),
-                "--timeout",
-                str(settings.timeout),
-                *(["--ack-all"] if ack_all else []),
-                *(["--filter", ANALYTICS_FILTER] if filtered else []),
-            ],
-            rundir / "raw-consumer.log",
+        argv = fw.module_argv(
+            "bench.consumers",
+            "--raw-consumer",
+            url=server.url,
+            events=settings.events,
+            batch=settings.fetch_batch,
+            timeout=settings.timeout,
+            ack_all=scenario != "raw",
+            filter=ANALYTICS_FILTER if scenario == "raw-ackall-filtered" else None,
         )
-        proc = consumer.process
-        watch = asyncio.run(
-            watch_consumers(
-                url,
-                settings.events,
-                [RAW_DURABLE],
-                view=False,
-                timeout=settings.timeout + 30,
-                cpu_pids={"consumer": consumer.pid, "nats_server": server.pid},
-                alive=lambda: proc.poll() is None,
+        consumer = Child("raw-consumer", argv, rundir / "raw-consumer.log")
+        try:
+            proc = consumer.process
+            watch = asyncio.run(
+                watch_consumers(
+                    server.url,
+                    settings.events,
+                    [RAW_DURABLE],
+                    view=False,
+                    timeout=settings.timeout + 30,
+                    cpu_pids={"consumer": consumer.pid, **server.cpu_pids},
+                    alive=lambda: proc.poll() is None,
+                )
             )
-        )
-        consumer.wait(timeout=60)
+            consumer.wait(timeout=60)
+        finally:
+            consumer.stop()
         line = next((x for x in consumer.lines if x.startswith(RESULT_PREFIX)), None)
         if line is None:
             raise BenchError(
@@ -543,11 +511,6 @@ def raw_round(settings: Settings, workdir: Path, scenario: str, number: int) -> 
             consumer=own,
             stream_messages_max=max((s.messages or 0 for s in watch.samples), default=0),
         )
-    finally:
-        if consumer is not None:
-            consumer.stop()
-        if server is not None:
-            server.stop()
     return out
 
 
@@ -890,37 +853,24 @@ def draw_charts(results: dict[str, Any]) -> list[str]:
 # ---- measuring ---------------------------------------------------------------------------
 
 
-def measure(settings: Settings, started: Any = None) -> dict[str, Any]:
-    started = started or utc_now()
-    results: dict[str, Any] = {
-        "benchmark": "consumers",
-        "started_at": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "versions": versions(),
-        "settings": asdict(settings),
-    }
-    workdir = Path(tempfile.mkdtemp(prefix="kaya-bench-consumers-"))
+def measure(settings: Settings, quick: bool = False) -> dict[str, Any]:
+    """The template, then every round of every scenario, alternated; the optional profile."""
+    results = fw.new_results("consumers", settings, quick=quick)
     rounds: list[dict[str, Any]] = []
-    try:
-        print(f"building the template: {settings.events:,} events ...", file=sys.stderr, flush=True)
+    with fw.scratch("consumers", keep=settings.keep_data) as workdir:
+        fw.say(f"building the template: {settings.events:,} events ...")
         results.update(build_template(settings, workdir))
-        results["rounds"] = rounds
-        for number in range(1, settings.rounds + 1):
-            for scenario in settings.scenarios:
-                print(
-                    f"round {number}/{settings.rounds}: {scenario} ...", file=sys.stderr, flush=True
-                )
-                if scenario in RAW_SCENARIOS:
-                    rounds.append(raw_round(settings, workdir, scenario, number))
-                else:
-                    rounds.append(kaya_round(settings, workdir, scenario, number))
+
+        def one(scenario: str, number: int) -> dict[str, Any]:
+            run = raw_round if scenario in RAW_SCENARIOS else kaya_round
+            try:
+                return run(settings, workdir, scenario, number)
+            finally:
                 shutil.rmtree(workdir / f"{scenario}-{number}", ignore_errors=True)
+
+        results["rounds"] = rounds = fw.run_rounds(settings.rounds, settings.scenarios, one)
         if settings.profile_seconds > 0:
-            print(
-                f"profiling {settings.profile_scenario} ({settings.profile_seconds:g} s) ...",
-                file=sys.stderr,
-                flush=True,
-            )
+            fw.say(f"profiling {settings.profile_scenario} ({settings.profile_seconds:g} s) ...")
             profiled = kaya_round(
                 settings,
                 workdir,
@@ -936,21 +886,9 @@ def measure(settings: Settings, started: Any = None) -> dict[str, Any]:
                 "cpu_share": profiled.get("cpu_share", {}),
                 **profiled.get("profile", {}),
             }
-    finally:
-        if settings.keep_data:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     results["finished_at"] = utc_now().isoformat(timespec="seconds")
     results["summary"] = summarize(rounds)
     results["targets"] = targets(results["summary"])
-    return results
-
-
-def run(quick: bool) -> dict[str, Any]:
-    """For a suite runner: measure and draw the chart; the caller writes the JSON."""
-    results = measure(settings_for(quick))
-    results["charts"] = draw_charts(results)
     return results
 
 
@@ -1057,14 +995,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench.consumers",
         description="Kaya's consumers (events/s) vs raw nats-py pull fetch + ack.",
     )
-    parser.add_argument("--quick", action="store_true", help="20k events, 1 round")
-    parser.add_argument("--events", type=int, help="events on the stream (default 100k; quick 20k)")
-    parser.add_argument("--rounds", type=int, help="rounds of each scenario (default 3; quick 1)")
-    parser.add_argument(
-        "--scenarios",
-        help=f"comma-separated, from {', '.join(ALL_SCENARIOS)} "
+    fw.add_options(
+        parser,
+        quick="20k events, 1 round",
+        rounds="rounds of each scenario (default 3; quick 1)",
+        only=f"comma-separated, from {', '.join(ALL_SCENARIOS)} "
         f"(default {','.join(DEFAULT_SCENARIOS)})",
+        keep_data="keep the work directory",
     )
+    parser.add_argument("--scenarios", help="the same as --only (its older name)")
+    parser.add_argument("--events", type=int, help="events on the stream (default 100k; quick 20k)")
     parser.add_argument(
         "--profile",
         type=float,
@@ -1073,8 +1013,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="one more round with py-spy on the node for S seconds (not in the figures)",
     )
     parser.add_argument("--profile-scenario", default="kaya", help="kaya scenario to profile")
-    parser.add_argument("--keep-data", action="store_true", help="keep the work directory")
-    parser.add_argument("--no-write", action="store_true", help="print only: no JSON, no chart")
     internal = parser.add_argument_group("child processes (internal)")
     internal.add_argument("--raw-consumer", action="store_true", help=argparse.SUPPRESS)
     internal.add_argument("--url", help=argparse.SUPPRESS)
@@ -1085,36 +1023,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks (children, temp dirs)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    fw.exit_on_sigterm()
     if args.raw_consumer:
         if not (args.url and args.events and args.batch):
             raise SystemExit("--raw-consumer needs --url, --events and --batch")
         return raw_consumer_main(args)
-    scenarios = [x.strip() for x in (args.scenarios or "").split(",") if x.strip()]
+    only = args.only or args.scenarios
     settings = settings_for(
         bool(args.quick),
         events=args.events,
         rounds=args.rounds,
-        scenarios=scenarios or None,
+        scenarios=fw.parse_only(only, ALL_SCENARIOS, DEFAULT_SCENARIOS),
         profile=args.profile,
         profile_scenario=args.profile_scenario,
         keep_data=args.keep_data,
     )
-    started = utc_now()
-    results = measure(settings, started)
-    results["settings"]["quick"] = bool(args.quick)
-    results["charts"] = [] if args.no_write else draw_charts(results)
-    print(render(results))
-    if not args.no_write:
-        print_written(
-            [*write_results("consumers", results, started), *map(Path, results["charts"])]
-        )
+    results = measure(settings, quick=bool(args.quick))
+    fw.finish(results, write=not args.no_write, render=render, chart=draw_charts)
     ok = all(r.get("verified", r["completed"]) for r in results.get("rounds", []))
     return 0 if ok else 1
 

@@ -32,46 +32,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
-import math
 import random
-import shutil
-import signal
 import ssl
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from bench import framework as fw
 from bench.charts import bar_chart
-from bench.common import (
-    BenchError,
-    Child,
-    cpu_seconds,
-    fmt_spread,
-    machine_info,
-    percentile,
-    print_written,
-    render_targets,
-    spread,
-    target,
-    utc_now,
-    versions,
-    write_results,
-)
+from bench.common import BenchError, Child, fmt_spread, render_targets, spread, target, utc_now
 from bench.targets import JWT_AUDIENCE, JWT_ISSUER, STATEFUL, running
 
 DEPOSIT = b'{"type":"Deposit","amount":1}'
-RESULT_PREFIX = "RESULT "
-WINDOW_START = "window start"
-WINDOW_END = "window end"
 VERIFY_ALL_UP_TO = 2000
 """Up to this many accounts every balance is checked; above it, a random sample of this size."""
 QUERY_CONCURRENCY = 100
@@ -250,39 +230,21 @@ async def generate(settings: GeneratorSettings) -> dict[str, Any]:
                 if code == "ok":
                     record(t1 - t0)
 
-    async def marks() -> tuple[float, float]:
-        """Tell the parent when the window opens and closes, so it can sample CPU there."""
-        await asyncio.sleep(max(0.0, (start_ns - clock()) / 1e9))
-        cpu0 = time.process_time()
-        print(WINDOW_START, flush=True)
-        await asyncio.sleep(max(0.0, (end_ns - clock()) / 1e9))
-        print(WINDOW_END, flush=True)
-        return cpu0, time.process_time()
-
     try:
         hard_limit = settings.warmup + settings.duration + settings.timeout + 10
-        window = asyncio.ensure_future(marks())
+        window = asyncio.ensure_future(fw.mark_window(start_ns, end_ns))
         workers = [worker(settings.seed * 100_003 + k) for k in range(settings.inflight)]
         await asyncio.wait_for(asyncio.gather(window, *workers), timeout=hard_limit)
         cpu0, cpu1 = window.result()
     finally:
         await nc.close()
 
-    latencies.sort()
-    ms = [x / 1e6 for x in latencies]
     ok = codes_in_window.get("ok", 0)
     errors = {c: n for c, n in sorted(codes_in_window.items()) if c != "ok"}
     result: dict[str, Any] = {
         "ok": ok,
         "throughput": ok / settings.duration,
-        "latency_ms": {
-            "p50": percentile(ms, 50),
-            "p90": percentile(ms, 90),
-            "p99": percentile(ms, 99),
-            "p99.9": percentile(ms, 99.9),
-            "max": ms[-1] if ms else math.nan,
-            "mean": sum(ms) / len(ms) if ms else math.nan,
-        },
+        "latency_ms": fw.latency_ms(latencies),
         "errors": errors,
         "error_count": sum(errors.values()),
         "sent_total": sent,
@@ -311,7 +273,7 @@ def generator_main(args: argparse.Namespace) -> int:
         access=Access(Path(security_dir), bool(args.tokens)) if security_dir else None,
     )
     result = uvloop.run(generate(settings))
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    fw.emit_result(result)
     return 0
 
 
@@ -343,63 +305,28 @@ def run_generator(
     access: Access | None = None,
 ) -> dict[str, Any]:
     """Run one generator process to the end; sample the others' CPU over its window."""
-    argv = [
-        sys.executable,
-        "-m",
+    argv = fw.module_argv(
         "bench.e2e",
         "--generator",
-        "--url",
-        url,
-        "--accounts",
-        str(accounts or settings.accounts),
-        "--inflight",
-        str(settings.inflight),
-        "--warmup",
-        str(settings.warmup),
-        "--duration",
-        str(settings.duration),
-        "--timeout",
-        str(settings.timeout),
-        "--seed",
-        str(seed),
-        "--per-account",
         *(access.argv() if access is not None else []),
-    ]
-    generator = Child("generator", argv, workdir / "generator.log")
-    try:
-        generator.wait_for_line(WINDOW_START, timeout=settings.warmup + 30)
-        before = _sample_cpu(cpu_pids)
-        t0 = time.monotonic()
-        generator.wait_for_line(WINDOW_END, timeout=settings.duration + 30)
-        elapsed = time.monotonic() - t0
-        after = _sample_cpu(cpu_pids)
-        generator.wait(timeout=settings.timeout + 30)
-        line = next((x for x in generator.lines if x.startswith(RESULT_PREFIX)), None)
-        if generator.process.returncode != 0 or line is None:
-            raise BenchError(
-                f"generator exited with {generator.process.returncode}: {generator.stderr_tail()}"
-            )
-    finally:
-        generator.stop()
-    result: dict[str, Any] = json.loads(line.removeprefix(RESULT_PREFIX))
-    cpu = {name: (after[name] - b) / elapsed for name, b in before.items() if name in after}
-    cpu["generator"] = result.pop("generator_cpu_share")
-    result["cpu_share"] = {k: round(v, 3) for k, v in cpu.items()}
-    return result
-
-
-def _sample_cpu(pids: dict[str, int]) -> dict[str, float]:
-    """CPU seconds per process, and of the main thread of the Python ones (event loop)."""
-    out: dict[str, float] = {}
-    for name, pid in pids.items():
-        total = cpu_seconds(pid)
-        if total is not None:
-            out[name] = total
-        if name != "nats_server":
-            main = cpu_seconds(pid, main_thread=True)
-            if main is not None:
-                out[f"{name}_loop"] = main
-    return out
+        url=url,
+        accounts=accounts or settings.accounts,
+        inflight=settings.inflight,
+        warmup=settings.warmup,
+        duration=settings.duration,
+        timeout=settings.timeout,
+        seed=seed,
+        per_account=True,
+    )
+    window = fw.run_windowed(
+        Child("generator", argv, workdir / "generator.log"),
+        lambda: fw.sample_cpu(cpu_pids),
+        warmup=settings.warmup,
+        duration=settings.duration,
+        drain=settings.timeout,
+    )
+    window.result["cpu_share"] = fw.generator_cpu(window)
+    return window.result
 
 
 def scenario_round(settings: Settings, scenario: str, number: int) -> dict[str, Any]:
@@ -410,9 +337,8 @@ def scenario_round(settings: Settings, scenario: str, number: int) -> dict[str, 
     """
     target_name = "kaya" if scenario == "hotkey" else scenario
     accounts = 1 if scenario == "hotkey" else settings.accounts
-    workdir = Path(tempfile.mkdtemp(prefix=f"kaya-bench-{scenario}-"))
     out: dict[str, Any] = {"scenario": scenario, "round": number, "accounts": accounts}
-    try:
+    with fw.scratch(scenario, keep=settings.keep_data) as workdir:
         with running(target_name, workdir, node_config=settings.node_config) as target:
             out["startup_s"] = target.info.get("startup_s")
             stateful = target_name in STATEFUL
@@ -448,9 +374,6 @@ def scenario_round(settings: Settings, scenario: str, number: int) -> dict[str, 
         out.update(target.info)
         if settings.keep_data:
             out["workdir"] = str(workdir)
-    finally:
-        if not settings.keep_data:
-            shutil.rmtree(workdir, ignore_errors=True)
     return out
 
 
@@ -615,9 +538,7 @@ GOALS: tuple[tuple[str, str, float, str], ...] = (
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians with min-max per scenario, ratios against kaya from the same rounds."""
     out: dict[str, Any] = {}
-    by: dict[str, list[dict[str, Any]]] = {}
-    for r in rounds:
-        by.setdefault(r["scenario"], []).append(r)
+    by = fw.by_scenario(rounds)
     for scenario, rs in by.items():
         out[scenario] = {
             "rounds": len(rs),
@@ -793,29 +714,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench.e2e",
         description="End-to-end deposits through a Kaya node vs a raw NATS echo, same run.",
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="500 accounts, 3 s, 1 round, fewer baselines"
+    fw.add_options(
+        parser,
+        quick="500 accounts, 3 s, 1 round, fewer baselines",
+        rounds="rounds of each scenario (default 3; quick 1)",
+        duration="measured seconds (default 5; quick 3)",
+        warmup="unmeasured seconds first (default 2; quick 1)",
+        only=f"comma-separated scenarios to run, of {','.join(SCENARIOS)} "
+        f"(default {','.join(DEFAULT_SCENARIOS)}; quick {','.join(QUICK_SCENARIOS)})",
+        keep_data="keep the nodes' data dirs",
     )
     parser.add_argument("--accounts", type=int, help="accounts opened (default 10000; quick 500)")
     parser.add_argument("--inflight", type=int, default=100, help="concurrent requesters")
-    parser.add_argument("--duration", type=float, help="measured seconds (default 5; quick 3)")
-    parser.add_argument(
-        "--warmup", type=float, help="unmeasured seconds first (default 2; quick 1)"
-    )
-    parser.add_argument("--rounds", type=int, help="rounds of each scenario (default 3; quick 1)")
     parser.add_argument("--timeout", type=float, default=5.0, help="per-request timeout, seconds")
-    parser.add_argument(
-        "--only",
-        help=f"comma-separated scenarios to run, of {','.join(SCENARIOS)} "
-        f"(default {','.join(DEFAULT_SCENARIOS)}; quick {','.join(QUICK_SCENARIOS)})",
-    )
     parser.add_argument(
         "--secure",
         action="store_true",
         help="also run echo-tls and kaya-secure (TLS, client certificates, JWT, sealed "
         "fields), each beside its plain twin in every round: the cost of security",
     )
-    parser.add_argument("--keep-data", action="store_true", help="keep the nodes' data dirs")
     parser.add_argument(
         "--tracing",
         action="store_true",
@@ -826,7 +743,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the node without its consumers (analytics, notifications): their cost",
     )
-    parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     gen = parser.add_argument_group("generator process (internal)")
     gen.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)
     gen.add_argument("--url", help=argparse.SUPPRESS)
@@ -861,11 +777,11 @@ def start_span_sink() -> str:
 def _resolve(args: argparse.Namespace) -> Settings:
     quick = bool(args.quick)
     settings = Settings(
-        accounts=args.accounts or (500 if quick else 10_000),
+        accounts=fw.pick(args.accounts, quick, 500, 10_000),
         inflight=args.inflight,
-        duration=args.duration or (3.0 if quick else 5.0),
-        warmup=args.warmup if args.warmup is not None else (1.0 if quick else 2.0),
-        rounds=args.rounds or (1 if quick else 3),
+        duration=fw.pick(args.duration, quick, 3.0, 5.0),
+        warmup=fw.pick(args.warmup, quick, 1.0, 2.0),
+        rounds=fw.pick(args.rounds, quick, 1, 3),
         timeout=args.timeout,
         scenarios=_scenarios(args.only, quick, secure=bool(args.secure)),
         keep_data=args.keep_data,
@@ -885,15 +801,7 @@ def _resolve(args: argparse.Namespace) -> Settings:
 
 def _scenarios(only: str | None, quick: bool, *, secure: bool = False) -> tuple[str, ...]:
     """The scenarios of one round, in order; `secure` adds each secure one after its twin."""
-    if not only:
-        chosen = QUICK_SCENARIOS if quick else DEFAULT_SCENARIOS
-    else:
-        chosen = tuple(x.strip() for x in only.split(",") if x.strip())
-        unknown = [x for x in chosen if x not in SCENARIOS]
-        if unknown:
-            raise SystemExit(
-                f"--only: unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}"
-            )
+    chosen = fw.parse_only(only, SCENARIOS, QUICK_SCENARIOS if quick else DEFAULT_SCENARIOS)
     if not secure:
         return chosen
     out: list[str] = []
@@ -905,30 +813,14 @@ def _scenarios(only: str | None, quick: bool, *, secure: bool = False) -> tuple[
     return tuple(out + [s for s in SECURE_SCENARIOS if s not in out])
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop children
-
-
 def run(settings: Settings, quick: bool = False) -> dict[str, Any]:
     """Every round of every scenario, alternated so drift on the machine hits all alike."""
-    started = utc_now()
-    results: dict[str, Any] = {
-        "benchmark": "e2e",
-        "started_at": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "versions": versions(
-            ("nats-py", "msgspec", "anyio", "uvloop", "faststream", "eventsourcing")
-        ),
-        "settings": {**asdict(settings), "quick": quick},
-        "rounds": [],
-    }
-    rounds: list[dict[str, Any]] = results["rounds"]
-    for number in range(1, settings.rounds + 1):
-        for scenario in settings.scenarios:
-            print(f"round {number}/{settings.rounds}: {scenario} ...", file=sys.stderr, flush=True)
-            rounds.append(scenario_round(settings, scenario, number))
+    packages = (*fw.PACKAGES, "faststream", "eventsourcing")
+    results = fw.new_results("e2e", settings, quick=quick, packages=packages)
+    one = partial(scenario_round, settings)
+    results["rounds"] = fw.run_rounds(settings.rounds, settings.scenarios, one)
     results["finished_at"] = utc_now().isoformat(timespec="seconds")
-    results["summary"] = summarize(rounds)
+    results["summary"] = summarize(results["rounds"])
     results["targets"] = targets(results["summary"])
     return results
 
@@ -941,14 +833,9 @@ def main(argv: list[str] | None = None) -> int:
         return generator_main(args)
 
     settings = _resolve(args)
-    signal.signal(signal.SIGTERM, _terminate)
+    fw.exit_on_sigterm()
     results = run(settings, quick=bool(args.quick))
-    if not args.no_write:
-        results["charts"] = chart(results)
-    print(render(results))
-    if not args.no_write:
-        started = dt.datetime.fromisoformat(results["started_at"])
-        print_written([*write_results("e2e", results, started), *map(Path, results["charts"])])
+    fw.finish(results, write=not args.no_write, render=render, chart=chart)
     failed = [
         k
         for k, x in results["summary"].items()

@@ -32,37 +32,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import json
-import shutil
-import signal
 import sys
-import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench import e2e
+from bench import framework as fw
 from bench.charts import line_chart
 from bench.common import (
-    BenchError,
     Child,
-    machine_info,
     memory_kib,
-    print_written,
     render_targets,
     target,
     utc_now,
-    versions,
-    write_results,
 )
 from bench.openloop import OpenLoopSettings, run_generator_argv
 from bench.targets import STATEFUL, Running, running
 
 CURVE_FRACTIONS = (0.1, 0.25, 0.5, 0.7, 0.85, 1.0, 1.15, 1.3)
 QUICK_FRACTIONS = (0.25, 0.6, 0.9, 1.2)
+PARTS = ("curve", "overload")
 OVERLOAD_FACTOR = 3.0
 INGRESS_MAX_INFLIGHT = 10_000
 """The node's default `[ingress] max_inflight`: the bound Little's law puts on queueing."""
@@ -162,20 +154,16 @@ def open_loop(
         seed=seed,
     )
     generator = Child("openloop", run_generator_argv(ol), workdir / f"openloop-{seed}.log")
-    try:
-        with RssSampler(target.main_pid) as rss:
-            generator.wait_for_line(e2e.WINDOW_START, timeout=settings.warmup + 30)
-            window_from = len(rss.samples)
-            generator.wait_for_line(e2e.WINDOW_END, timeout=duration + 30)
-            window_to = len(rss.samples)
-            code = generator.wait(timeout=settings.timeout + 30)
-        line = next((x for x in generator.lines if x.startswith(e2e.RESULT_PREFIX)), None)
-        if code != 0 or line is None:
-            raise BenchError(f"open-loop generator exited with {code}: {generator.stderr_tail()}")
-    finally:
-        generator.stop()
-    result: dict[str, Any] = json.loads(line.removeprefix(e2e.RESULT_PREFIX))
-    in_window = [kib for _, kib in rss.samples[window_from:window_to]]
+    with RssSampler(target.main_pid) as rss:
+        window = fw.run_windowed(
+            generator,
+            lambda: len(rss.samples),
+            warmup=settings.warmup,
+            duration=duration,
+            drain=settings.timeout,
+        )
+    result = window.result
+    in_window = [kib for _, kib in rss.samples[window.before : window.after]]
     result["rss_kib"] = {
         "first": in_window[0] if in_window else None,
         "max": max(in_window) if in_window else None,
@@ -198,10 +186,9 @@ def curve(
     its accounts open and its saturation peak measured already, and a node that has
     been working is what meets an overload in production anyway.
     """
-    workdir = Path(tempfile.mkdtemp(prefix=f"kaya-bench-curve-{name}-"))
     out: dict[str, Any] = {"target": name, "points": []}
     over: dict[str, Any] | None = None
-    try:
+    with fw.scratch(f"curve-{name}") as workdir:
         with running(name, workdir, monitor=then_overload) as target:
             if name in STATEFUL:
                 asyncio.run(e2e.open_accounts(target.url, settings.accounts))
@@ -211,29 +198,24 @@ def curve(
             for i, fraction in enumerate(settings.fractions):
                 quiet_s = target.wait_quiet()
                 rate = max(1.0, fraction * peak)
-                print(f"  {name} at {rate:,.0f}/s ({fraction:.0%} of saturation)", file=sys.stderr)
+                fw.say(f"  {name} at {rate:,.0f}/s ({fraction:.0%} of saturation)")
                 point = open_loop(settings, target, workdir, rate, settings.point_duration, i + 1)
                 point.pop("rss_series")
                 out["points"].append({"fraction": fraction, "waited_quiet_s": quiet_s, **point})
             if then_overload:
                 over = overload_on(settings, target, workdir, {"throughput": peak, "from": "curve"})
         out.update(target.info)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     return out, over
 
 
 def overload(settings: Settings) -> dict[str, Any]:
     """3x the saturation peak on a fresh node with monitoring (when no curve ran on kaya)."""
-    workdir = Path(tempfile.mkdtemp(prefix="kaya-bench-overload-"))
-    try:
+    with fw.scratch("overload") as workdir:
         with running("kaya", workdir, monitor=True) as node:
             asyncio.run(e2e.open_accounts(node.url, settings.accounts))
             peak = closed_loop_peak(settings, node, workdir, SATURATION_INFLIGHT)
             out = overload_on(settings, node, workdir, peak)
         out.update(node.info)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     return out
 
 
@@ -246,7 +228,7 @@ def overload_on(
     before = asyncio.run(sum_of_balances(node.url, settings.accounts))
     varz_before = node.server_varz() or {}
     rate = OVERLOAD_FACTOR * peak["throughput"]
-    print(f"  kaya at {rate:,.0f}/s (3x peak) ...", file=sys.stderr)
+    fw.say(f"  kaya at {rate:,.0f}/s (3x peak) ...")
     run = open_loop(settings, node, workdir, rate, settings.overload_duration, 99)
     varz_after = node.server_varz() or {}
     out["run"] = run
@@ -465,39 +447,28 @@ def resolve(args: argparse.Namespace) -> Settings:
         fractions=fractions,
         overload_duration=args.overload_duration or (5.0 if quick else 20.0),
         timeout=5.0,
-        parts=(args.only,) if args.only else ("curve", "overload"),
+        parts=fw.parse_only(args.only, PARTS, PARTS),
         curve_targets=tuple(args.curve.split(",")) if args.curve else ("echo", "kaya"),
     )
 
 
 def run(settings: Settings, quick: bool = False) -> dict[str, Any]:
-    started = utc_now()
-    results: dict[str, Any] = {
-        "benchmark": "load",
-        "started_at": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "versions": versions(),
-        "settings": {**asdict(settings), "quick": quick},
-    }
+    results = fw.new_results("load", settings, quick=quick)
     want_overload = "overload" in settings.parts
     if "curve" in settings.parts:
         results["curves"] = {}
         for name in settings.curve_targets:
-            print(f"curve: {name} ...", file=sys.stderr, flush=True)
+            fw.say(f"curve: {name} ...")
             then = want_overload and name == "kaya"
             results["curves"][name], over = curve(settings, name, then_overload=then)
             if over is not None:
                 results["overload"] = over
     if want_overload and "overload" not in results:
-        print("overload ...", file=sys.stderr, flush=True)
+        fw.say("overload ...")
         results["overload"] = overload(settings)
     results["finished_at"] = utc_now().isoformat(timespec="seconds")
     results["targets"] = targets(results)
     return results
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -505,30 +476,27 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.load",
         description="Latency vs offered load (open loop) and overload at 3x peak.",
     )
-    parser.add_argument("--quick", action="store_true", help="500 accounts, 4 points, 5 s overload")
-    parser.add_argument("--only", choices=["curve", "overload"], help="run one part")
+    fw.add_options(
+        parser,
+        quick="500 accounts, 4 points, 5 s overload",
+        duration="seconds per curve point and peak",
+        only="run one part: curve or overload",
+    )
     parser.add_argument(
         "--curve", help="targets for the curve, comma-separated (default echo,kaya)"
     )
     parser.add_argument(
         "--points", type=int, help="offered loads on the curve (default 8; quick 4)"
     )
-    parser.add_argument("--duration", type=float, help="seconds per curve point and peak")
     parser.add_argument(
         "--overload-duration", type=float, help="seconds at 3x (default 20; quick 5)"
     )
-    parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     args = parser.parse_args(argv)
     if args.curve and set(args.curve.split(",")) - {"echo", "kaya"}:
         raise SystemExit("--curve takes echo, kaya or both")
-    signal.signal(signal.SIGTERM, _terminate)
+    fw.exit_on_sigterm()
     results = run(resolve(args), quick=bool(args.quick))
-    if not args.no_write:
-        results["charts"] = chart(results)
-    print(render(results))
-    if not args.no_write:
-        started = dt.datetime.fromisoformat(results["started_at"])
-        print_written([*write_results("load", results, started), *map(Path, results["charts"])])
+    fw.finish(results, write=not args.no_write, render=render, chart=chart)
     over = results.get("overload")
     return 1 if over and not over["balances"]["verified"] else 0
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import math
 import random
 import sys
 import time
@@ -30,8 +28,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from bench.common import percentile
-from bench.e2e import DEPOSIT, RESULT_PREFIX, WINDOW_END, WINDOW_START, command_subject, reply_code
+from bench import framework as fw
+from bench.e2e import DEPOSIT, command_subject, reply_code
 
 TICK = 0.001
 """How often the scheduler wakes to send what has come due (uvloop's timer resolution)."""
@@ -49,18 +47,6 @@ class OpenLoopSettings:
     timeout: float
     max_inflight: int
     seed: int
-
-
-def _latencies(values_ns: list[int]) -> dict[str, float]:
-    ms = sorted(x / 1e6 for x in values_ns)
-    return {
-        "count": len(ms),
-        "p50": percentile(ms, 50),
-        "p90": percentile(ms, 90),
-        "p99": percentile(ms, 99),
-        "p99.9": percentile(ms, 99.9),
-        "max": ms[-1] if ms else math.nan,
-    }
 
 
 async def generate(s: OpenLoopSettings) -> dict[str, Any]:
@@ -125,15 +111,9 @@ async def generate(s: OpenLoopSettings) -> dict[str, Any]:
         for token in expired:
             settle(token, "client_timeout", now)
 
-    async def marks() -> None:
-        await asyncio.sleep(max(0.0, (window_start - clock()) / 1e9))
-        print(WINDOW_START, flush=True)
-        await asyncio.sleep(max(0.0, (end - clock()) / 1e9))
-        print(WINDOW_END, flush=True)
-
     await nc.subscribe(f"{inbox}.*", cb=on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1)
     await nc.flush()
-    marker = asyncio.ensure_future(marks())
+    marker = asyncio.ensure_future(fw.mark_window(window_start, end))
     hard_stop = end + int((s.timeout + DRAIN_GRACE) * 1e9)
     publish = nc.publish
     last_sweep = start
@@ -172,35 +152,25 @@ async def generate(s: OpenLoopSettings) -> dict[str, Any]:
         "throughput": ok / s.duration,
         "outcomes": dict(sorted(codes.items())),
         "outcomes_all": dict(sorted(all_codes.items())),
-        "latency_ms": _latencies(ok_ns),
-        "service_ms": _latencies(service_ns),
-        "rejected_ms": _latencies(rejected_ns),
+        "latency_ms": fw.latency_ms(ok_ns),
+        "service_ms": fw.latency_ms(service_ns),
+        "rejected_ms": fw.latency_ms(rejected_ns),
     }
 
 
 def run_generator_argv(s: OpenLoopSettings) -> list[str]:
     """The command line that runs this generator in its own process."""
-    return [
-        sys.executable,
-        "-m",
+    return fw.module_argv(
         "bench.openloop",
-        "--url",
-        s.url,
-        "--accounts",
-        str(s.accounts),
-        "--rate",
-        str(s.rate),
-        "--warmup",
-        str(s.warmup),
-        "--duration",
-        str(s.duration),
-        "--timeout",
-        str(s.timeout),
-        "--max-inflight",
-        str(s.max_inflight),
-        "--seed",
-        str(s.seed),
-    ]
+        url=s.url,
+        accounts=s.accounts,
+        rate=s.rate,
+        warmup=s.warmup,
+        duration=s.duration,
+        timeout=s.timeout,
+        max_inflight=s.max_inflight,
+        seed=s.seed,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.process_time()
     result = uvloop.run(generate(settings))
     result["generator_cpu_s"] = time.process_time() - t0
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    fw.emit_result(result)
     return 0
 
 

@@ -56,13 +56,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import itertools
 import math
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -71,21 +67,19 @@ from typing import Any
 
 import msgspec
 
+from bench import framework as fw
 from bench.common import (
     BenchError,
     fmt_spread,
-    machine_info,
-    print_written,
     render_targets,
     spread,
     target,
     utc_now,
-    versions,
-    write_results,
 )
 from bench.store import INSERT_EVENT, EventIds, open_raw
 from bench.targets import running
 
+PARTS = ("activation", "restart")
 VARIANTS = ("none", "snapshot", "snapshot+tail")
 FLAT_GOAL = 1.5
 """With snapshots, activation at the longest history within 1.5x of the shortest's: flat,
@@ -248,18 +242,15 @@ async def activation_runs(
 def activation_part(settings: Settings) -> dict[str, Any]:
     import uvloop
 
-    workdir = Path(tempfile.mkdtemp(prefix="kaya-bench-activation-"))
-    try:
+    with fw.scratch("activation") as workdir:
         path = workdir / "kaya.db"
-        print(f"activation: building histories {settings.lengths} ...", file=sys.stderr, flush=True)
+        fw.say(f"activation: building histories {settings.lengths} ...")
         built = uvloop.run(build_histories(path, settings.lengths, settings.snapshot_every))
         built["bytes"] = path.stat().st_size
-        print("activation: measuring ...", file=sys.stderr, flush=True)
+        fw.say("activation: measuring ...")
         runs = uvloop.run(
             activation_runs(path, settings.lengths, settings.snapshot_every, settings.repetitions)
         )
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     return {"store": built, "runs": runs}
 
 
@@ -412,22 +403,19 @@ def restart_part(settings: Settings) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     populated: list[dict[str, Any]] = []
     for size in settings.sizes:
-        workdir = Path(tempfile.mkdtemp(prefix="kaya-bench-restart-"))
-        try:
+        with fw.scratch("restart") as workdir:
             data_dir = workdir / "data"
             store = data_dir / "kaya.db"
-            print(f"restart: populating {size:,} events ...", file=sys.stderr, flush=True)
+            fw.say(f"restart: populating {size:,} events ...")
             populated.append(populate(store, size))
             set_relay_checkpoint(store, relayed=True)
             for rep in range(1, settings.restarts + 1):
-                print(f"restart: {size:,} events, relayed {rep} ...", file=sys.stderr, flush=True)
+                fw.say(f"restart: {size:,} events, relayed {rep} ...")
                 runs.append({**node_start(workdir, data_dir, size, "relayed"), "repetition": rep})
             if settings.unrelayed:
                 set_relay_checkpoint(store, relayed=False)
-                print(f"restart: {size:,} events, unrelayed ...", file=sys.stderr, flush=True)
+                fw.say(f"restart: {size:,} events, unrelayed ...")
                 runs.append({**node_start(workdir, data_dir, size, "unrelayed"), "repetition": 1})
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
     return {"populated": populated, "runs": runs}
 
 
@@ -635,17 +623,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Entity activation vs history length (with/without snapshots); node restart "
         "time vs store size.",
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="histories up to 10k, stores up to 100k events"
+    fw.add_options(
+        parser,
+        quick="histories up to 10k, stores up to 100k events",
+        rounds="activation repetitions (default 7; quick 5); restarts 3 / 2",
+        only="run one part: activation or restart",
     )
-    parser.add_argument(
-        "--rounds", type=int, help="activation repetitions (default 7; quick 5); restarts 3 / 2"
-    )
-    parser.add_argument("--only", choices=["activation", "restart"], help="run one part")
     parser.add_argument(
         "--no-unrelayed", action="store_true", help="skip the restarts with the relay at 0"
     )
-    parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     return parser
 
 
@@ -661,22 +647,16 @@ def _resolve(args: argparse.Namespace) -> Settings:
         sizes=(0, 10_000, 100_000) if quick else (0, 100_000, 1_000_000),
         restarts=min(rounds, 3) if rounds else (2 if quick else 3),
         unrelayed=not args.no_unrelayed,
-        parts=(args.only,) if args.only else ("activation", "restart"),
+        parts=fw.parse_only(args.only, PARTS, PARTS),
     )
 
 
 def run(quick: bool, settings: Settings | None = None) -> dict[str, Any]:
     """Both parts (or `settings.parts`); the results dict, nothing printed or written."""
     settings = settings or _resolve(build_parser().parse_args(["--quick"] if quick else []))
-    started = utc_now()
-    results: dict[str, Any] = {
-        "benchmark": "recovery",
-        "started_at": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "versions": {**versions(), "sqlite": _sqlite_version()},
-        "settings": {**asdict(settings), "events_per_account": EVENTS_PER_ACCOUNT, "quick": quick},
-        "charts": [],
-    }
+    chosen = {**asdict(settings), "events_per_account": EVENTS_PER_ACCOUNT}
+    results = fw.new_results("recovery", chosen, quick=quick)
+    results["versions"]["sqlite"] = _sqlite_version()
     if "activation" in settings.parts:
         results["activation"] = activation_part(settings)
     if "restart" in settings.parts:
@@ -693,21 +673,12 @@ def _sqlite_version() -> str:
     return sqlite3.sqlite_version
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop children
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = _resolve(args)
-    signal.signal(signal.SIGTERM, _terminate)
+    fw.exit_on_sigterm()
     results = run(bool(args.quick), settings)
-    if not args.no_write:
-        results["charts"] = chart(results)
-    print(render(results))
-    if not args.no_write:
-        started = dt.datetime.fromisoformat(results["started_at"])
-        print_written([*write_results("recovery", results, started), *map(Path, results["charts"])])
+    fw.finish(results, write=not args.no_write, render=render, chart=chart)
     summary = results["summary"]
     failed = summary.get("activation", {}).get("verified") is False or (
         "restart" in summary and not summary["restart"]["clean_exits"]

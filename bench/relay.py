@@ -42,49 +42,37 @@ import asyncio
 import bisect
 import contextlib
 import datetime as dt
-import json
 import math
-import os
 import random
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from bench import framework as fw
 from bench.charts import bar_chart, line_chart
 from bench.common import (
     BenchError,
     Child,
     child_pids,
-    cpu_seconds,
     ensure_gone,
     free_port,
-    machine_busy_seconds,
-    machine_info,
-    nats_server_binary,
     percentile,
-    print_written,
     render_targets,
     spread,
     target,
     utc_now,
-    versions,
     wait_for_port,
-    write_results,
 )
 from bench.e2e import (
     DEPOSIT,
-    RESULT_PREFIX,
-    WINDOW_END,
-    WINDOW_START,
     account_id,
     command_subject,
     open_accounts,
@@ -92,7 +80,8 @@ from bench.e2e import (
     run_generator,
 )
 from bench.e2e import Settings as E2ESettings
-from bench.targets import stderr_lines
+from bench.framework import RESULT_PREFIX, WINDOW_END, WINDOW_START
+from bench.targets import nats_server, stderr_lines
 from examples.bank import make_app
 from kaya.actors.wire import EVENTS_STREAM
 
@@ -256,37 +245,13 @@ def parse_ts(text: str) -> float:
 
 
 def sample_cpu(pids: dict[str, int]) -> dict[str, float]:
-    """CPU seconds per process and, for the Python ones, of their main thread (`_loop`);
-    `bench` is this process, `machine` every core's busy time (see `cpu_share`)."""
-    out: dict[str, float] = {}
-    for name, pid in {**pids, "bench": os.getpid()}.items():
-        total = cpu_seconds(pid)
-        if total is not None:
-            out[name] = total
-        if name not in ("nats_server", "bench"):
-            main = cpu_seconds(pid, main_thread=True)
-            if main is not None:
-                out[f"{name}_loop"] = main
-    busy = machine_busy_seconds()
-    if busy is not None:
-        out["machine"] = busy
-    return out
+    """CPU per process and loop (`x_loop`), this process (`bench`), the machine (-> `foreign`)."""
+    return fw.sample_cpu(pids, me=True, machine=True)
 
 
 def cpu_share(a: dict[str, float], b: dict[str, float], seconds: float) -> dict[str, float]:
-    """Cores used between two samples. `x_other` is x's threads other than its loop (the
-    SQLite threads); `foreign` is what processes this benchmark did not start took."""
-    if seconds <= 0:
-        return {}
-    out = {k: round((b[k] - v) / seconds, 3) for k, v in a.items() if k in b}
-    for name in [k for k in out if f"{k}_loop" in out]:
-        out[f"{name}_other"] = round(out[name] - out[f"{name}_loop"], 3)
-    if "machine" in out:
-        ours = sum(
-            v for k, v in out.items() if k != "machine" and not k.endswith(("_loop", "_other"))
-        )
-        out["foreign"] = round(max(0.0, out.pop("machine") - ours), 3)
-    return out
+    """Cores between two samples; `x_other` a process's threads other than its loop."""
+    return fw.cpu_share(a, b, seconds, split=True)
 
 
 # ---- part 1: watching KAYA_EVENTS fill ----------------------------------------------------
@@ -551,7 +516,7 @@ def publisher_main(args: argparse.Namespace) -> int:
     result = uvloop.run(
         publish_raw(args.url, Path(args.store), args.events, args.window, lean=args.lean)
     )
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    fw.emit_result(result)
     return 0
 
 
@@ -679,67 +644,39 @@ def raw_round(
     settings: Settings, prefill: Path, workdir: Path, number: int, *, lean: bool
 ) -> dict[str, Any]:
     """nats-server (the node's config) + the raw publisher, each its own process."""
-    from kaya.app.broker.embedded import ServerSettings, server_config
-
     scenario = "raw-lean" if lean else "raw"
     rundir = workdir / f"{scenario}-{number}"
     rundir.mkdir()
-    port = free_port()
-    conf = rundir / "nats-server.conf"
-    conf.write_text(
-        server_config(ServerSettings(port=port, monitor_port=0, store_dir=rundir / "nats"))
-    )
-    url = f"nats://127.0.0.1:{port}"
-    server = publisher = None
     out: dict[str, Any] = {"scenario": scenario, "round": number}
-    try:
-        server = Child(
-            "nats-server", [nats_server_binary(), "-c", str(conf)], rundir / "nats-server.log"
-        )
-        wait_for_port(port, timeout=15, process=server.process)
+    with nats_server(rundir, rundir / "nats") as server:
         spawn_wall = time.time()
-        publisher = Child(
-            "publisher",
-            [
-                sys.executable,
-                "-m",
-                "bench.relay",
-                "--publisher",
-                "--url",
-                url,
-                "--store",
-                str(prefill),
-                "--events",
-                str(settings.events),
-                "--window",
-                str(settings.window),
-                *(["--lean"] if lean else []),
-            ],
-            rundir / "publisher.log",
+        argv = fw.module_argv(
+            "bench.relay",
+            "--publisher",
+            url=server.url,
+            store=prefill,
+            events=settings.events,
+            window=settings.window,
+            lean=lean,
         )
-        proc = publisher.process
-        watch = asyncio.run(
-            watch_stream(
-                url,
-                settings.events,
-                relay_timeout=settings.relay_timeout,
-                total_timeout=settings.relay_timeout,
-                cpu_pids={"publisher": publisher.pid, "nats_server": server.pid},
-                consumers=False,
-                alive=lambda: proc.poll() is None,
+        publisher = Child("publisher", argv, rundir / "publisher.log")
+        try:
+            proc = publisher.process
+            watch = asyncio.run(
+                watch_stream(
+                    server.url,
+                    settings.events,
+                    relay_timeout=settings.relay_timeout,
+                    total_timeout=settings.relay_timeout,
+                    cpu_pids={"publisher": publisher.pid, **server.cpu_pids},
+                    consumers=False,
+                    alive=lambda: proc.poll() is None,
+                )
             )
-        )
-        out.update(relay_figures(settings.events, watch, spawn_wall))
-        publisher.wait(timeout=60)
-        line = next((x for x in publisher.lines if x.startswith(RESULT_PREFIX)), None)
-        if proc.returncode != 0 or line is None:
-            raise BenchError(f"publisher exited with {proc.returncode}: {publisher.stderr_tail()}")
-        out["publisher"] = json.loads(line.removeprefix(RESULT_PREFIX))
-    finally:
-        if publisher is not None:
+            out.update(relay_figures(settings.events, watch, spawn_wall))
+            out["publisher"] = fw.read_result(publisher, timeout=60)
+        finally:
             publisher.stop()
-        if server is not None:
-            server.stop()
     return out
 
 
@@ -1055,11 +992,11 @@ def lag_run(settings: Settings, workdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     rate = settings.rate
     if rate is None:
-        print("lag: measuring the peak ...", file=sys.stderr, flush=True)
+        fw.say("lag: measuring the peak ...")
         out["peak"] = peak_run(settings, workdir)
         rate = max(1.0, round(out["peak"]["throughput"] * settings.peak_fraction))
     out["rate"] = rate
-    print(f"lag: {rate:,.0f} deposits/s for {settings.duration:g} s ...", file=sys.stderr)
+    fw.say(f"lag: {rate:,.0f} deposits/s for {settings.duration:g} s ...")
     rundir = workdir / "lag"
     rundir.mkdir()
     with running_node(rundir, rundir / "data", "node", solo=False) as node:
@@ -1295,39 +1232,48 @@ def render(results: dict[str, Any]) -> str:
 # ---- command line ------------------------------------------------------------------------------
 
 
+def render_with_targets(results: dict[str, Any]) -> str:
+    text = render(results)
+    if results["targets"]:
+        text += "\n\ntargets:\n" + render_targets(results["targets"])
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.relay",
         description="Outbox relay vs raw publish_async, consumers' catch-up, read-model lag.",
     )
-    parser.add_argument("--quick", action="store_true", help="50k events, 5 s of load")
+    fw.add_options(
+        parser,
+        quick="50k events, 5 s of load",
+        rounds="rounds of each part-1 scenario (default 1)",
+        duration="part 2 load seconds (default 15; quick 5)",
+        warmup="seconds left out of the lag (default 1)",
+        only="run one part: relay or lag",
+        keep_data="keep the work directory",
+    )
     parser.add_argument("--events", type=int, help="pre-filled events (default 200k; quick 50k)")
     parser.add_argument("--window", type=int, default=1000, help="raw publisher's acks pending")
-    parser.add_argument("--rounds", type=int, default=1, help="rounds of each part-1 scenario")
     parser.add_argument(
         "--no-solo", action="store_true", help="skip the relay-solo scenario (consumers off)"
     )
-    parser.add_argument("--only", choices=["relay", "lag"], help="run one part")
     parser.add_argument("--timeout", type=float, help="relay timeout, s (default 60 + N/2000)")
     parser.add_argument(
         "--catchup-timeout", type=float, help="consumers' timeout after it (default 60 + N/1000)"
     )
     parser.add_argument("--rate", type=float, help="deposits/s for part 2 (default: half the peak)")
     parser.add_argument("--peak-fraction", type=float, default=0.5, help="of the peak, as load")
-    parser.add_argument("--duration", type=float, help="part 2 load seconds (default 15; quick 5)")
-    parser.add_argument("--warmup", type=float, help="seconds left out of the lag (default 1)")
     parser.add_argument("--accounts", type=int, default=1000, help="accounts in part 2")
     parser.add_argument(
         "--sample-interval", type=float, default=0.1, help="view sampling period, s"
     )
     parser.add_argument("--max-inflight", type=int, default=5000, help="open-loop in-flight cap")
-    parser.add_argument("--keep-data", action="store_true", help="keep the work directory")
     parser.add_argument(
         "--sync-always",
         action="store_true",
         help="the node's nats-server fsyncs every write (sync_interval: always)",
     )
-    parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     internal = parser.add_argument_group("child processes (internal)")
     internal.add_argument("--publisher", action="store_true", help=argparse.SUPPRESS)
     internal.add_argument("--lean", action="store_true", help=argparse.SUPPRESS)
@@ -1343,21 +1289,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(args: argparse.Namespace) -> Settings:
     quick = bool(args.quick)
-    events = args.events or (50_000 if quick else 200_000)
+    events = fw.pick(args.events, quick, 50_000, 200_000)
+    parts = fw.parse_only(args.only, ("relay", "lag"), ("relay", "lag"))
     scenarios = ("raw", "raw-lean", "relay") + (() if args.no_solo else ("relay-solo",))
     settings = Settings(
         events=events,
         window=args.window,
-        rounds=args.rounds,
-        scenarios=scenarios if args.only != "lag" else (),
+        rounds=fw.pick(args.rounds, quick, 1, 1),
+        scenarios=scenarios if "relay" in parts else (),
         relay_timeout=args.timeout or 60 + events / 2000,
         catchup_timeout=args.catchup_timeout or 60 + events / 1000,
-        lag=args.only != "relay",
+        lag="lag" in parts,
         rate=args.rate,
         peak_fraction=args.peak_fraction,
         peak_duration=2.0 if quick else 3.0,
-        duration=args.duration or (5.0 if quick else 15.0),
-        warmup=args.warmup if args.warmup is not None else 1.0,
+        duration=fw.pick(args.duration, quick, 5.0, 15.0),
+        warmup=fw.pick(args.warmup, quick, 1.0, 1.0),
         accounts=args.accounts,
         sample_interval=args.sample_interval,
         drain_timeout=30.0,
@@ -1372,10 +1319,6 @@ def _resolve(args: argparse.Namespace) -> Settings:
     if settings.rate is not None and settings.rate <= 0:
         raise SystemExit("--rate must be positive")
     return settings
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop children
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1394,53 +1337,28 @@ def main(argv: list[str] | None = None) -> int:
         return generator_main(args)
 
     settings = _resolve(args)
-    signal.signal(signal.SIGTERM, _terminate)
-    started = utc_now()
-    results: dict[str, Any] = {
-        "benchmark": "relay",
-        "started_at": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "versions": versions(),
-        "settings": {**asdict(settings), "quick": bool(args.quick)},
-    }
-    workdir = Path(tempfile.mkdtemp(prefix="kaya-bench-relay-"))
-    try:
+    fw.exit_on_sigterm()
+    results = fw.new_results("relay", settings, quick=bool(args.quick))
+    with fw.scratch("relay", keep=settings.keep_data) as workdir:
         if settings.scenarios:
             prefill = workdir / "prefill" / "kaya.db"
-            print(f"pre-filling {settings.events:,} events ...", file=sys.stderr, flush=True)
+            fw.say(f"pre-filling {settings.events:,} events ...")
             results["prefill"] = asyncio.run(prefill_store(prefill, settings.events))
-            rounds: list[dict[str, Any]] = []
-            results["rounds"] = rounds
-            for number in range(1, settings.rounds + 1):
-                for scenario in settings.scenarios:
-                    print(
-                        f"round {number}/{settings.rounds}: {scenario} ...",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    if scenario in ("raw", "raw-lean"):
-                        lean = scenario == "raw-lean"
-                        rounds.append(raw_round(settings, prefill, workdir, number, lean=lean))
-                    else:
-                        solo = scenario == "relay-solo"
-                        rounds.append(relay_round(settings, prefill, workdir, number, solo=solo))
-            results["summary"] = summarize(rounds)
+
+            def one(scenario: str, number: int) -> dict[str, Any]:
+                if scenario in ("raw", "raw-lean"):
+                    lean = scenario == "raw-lean"
+                    return raw_round(settings, prefill, workdir, number, lean=lean)
+                solo = scenario == "relay-solo"
+                return relay_round(settings, prefill, workdir, number, solo=solo)
+
+            results["rounds"] = fw.run_rounds(settings.rounds, settings.scenarios, one)
+            results["summary"] = summarize(results["rounds"])
         if settings.lag:
             results["lag"] = lag_run(settings, workdir)
-    finally:
-        if settings.keep_data:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     results["finished_at"] = utc_now().isoformat(timespec="seconds")
     results["targets"] = targets(results)
-    if not args.no_write:
-        results["charts"] = chart(results)
-    print(render(results))
-    if results["targets"]:
-        print("\ntargets:\n" + render_targets(results["targets"]))
-    if not args.no_write:
-        print_written([*write_results("relay", results, started), *map(Path, results["charts"])])
+    fw.finish(results, write=not args.no_write, render=render_with_targets, chart=chart)
     incomplete = [r for r in results.get("rounds", []) if not r["completed"]]
     lag = results.get("lag")
     return 1 if incomplete or (lag is not None and not lag["caught_up"]) else 0

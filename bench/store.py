@@ -44,33 +44,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import itertools
 import math
 import os
 import secrets
-import shutil
-import signal
 import sqlite3
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import framework as fw
 from bench.common import (
     cpu_seconds,
     fmt_spread,
-    machine_info,
     percentile,
-    print_written,
     render_targets,
     spread,
     target,
     utc_now,
-    versions,
-    write_results,
 )
 
 MODES = ("FULL", "NORMAL")
@@ -298,11 +291,8 @@ class Settings:
 
 def in_temp_dir(fn: Any, *args: Any) -> Any:
     """Run `fn(path, *args)` on a fresh store file in a temp dir that is removed afterwards."""
-    workdir = Path(tempfile.mkdtemp(prefix="kaya-bench-store-"))
-    try:
+    with fw.scratch("store") as workdir:
         return fn(workdir / "kaya.db", *args)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _kaya(path: Path, mode: str, s: Settings, warmup: float, duration: float) -> dict[str, Any]:
@@ -315,16 +305,12 @@ def _kaya(path: Path, mode: str, s: Settings, warmup: float, duration: float) ->
 def run_mode(settings: Settings, mode: str) -> list[dict[str, Any]]:
     """Calibrate the batch on kaya, then raw, kaya, raw, kaya ...: each raw at kaya's last batch."""
     rounds: list[dict[str, Any]] = []
-    print(f"{mode}: calibrating the batch size ...", file=sys.stderr, flush=True)
+    fw.say(f"{mode}: calibrating the batch size ...")
     calibration = in_temp_dir(_kaya, mode, settings, settings.calibration / 2, settings.calibration)
     batch = max(1, round(calibration["mean_batch"]))
     rounds.append({"mode": mode, "scenario": "kaya-calibration", "round": 0, **calibration})
     for number in range(1, settings.rounds + 1):
-        print(
-            f"{mode} round {number}/{settings.rounds}: raw (batch {batch}), kaya ...",
-            file=sys.stderr,
-            flush=True,
-        )
+        fw.say(f"{mode} round {number}/{settings.rounds}: raw (batch {batch}), kaya ...")
         raw = in_temp_dir(
             raw_window, mode, settings.appenders, batch, settings.warmup, settings.duration
         )
@@ -406,9 +392,9 @@ def _resolve(args: argparse.Namespace) -> Settings:
     quick = bool(args.quick)
     settings = Settings(
         appenders=args.appenders,
-        duration=args.duration or (1.5 if quick else 3.0),
-        warmup=args.warmup if args.warmup is not None else (0.5 if quick else 1.0),
-        rounds=args.rounds or (1 if quick else 3),
+        duration=fw.pick(args.duration, quick, 1.5, 3.0),
+        warmup=fw.pick(args.warmup, quick, 0.5, 1.0),
+        rounds=fw.pick(args.rounds, quick, 1, 3),
         calibration=1.0 if quick else 2.0,
         modes=tuple(args.modes.split(",")) if args.modes else MODES,
     )
@@ -422,16 +408,10 @@ def _resolve(args: argparse.Namespace) -> Settings:
 def run(quick: bool, settings: Settings | None = None) -> dict[str, Any]:
     """Every mode's rounds, in this process; the results dict, nothing printed or written."""
     settings = settings or _resolve(build_parser().parse_args(["--quick"] if quick else []))
-    started = utc_now()
-    results: dict[str, Any] = {
-        "benchmark": "store",
-        "started_at": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "versions": {**versions(("msgspec", "anyio", "uvloop")), "sqlite": sqlite3.sqlite_version},
-        "settings": {**asdict(settings), "switch_interval": SWITCH_INTERVAL, "quick": quick},
-        "rounds": [],
-        "charts": [],
-    }
+    chosen = {**asdict(settings), "switch_interval": SWITCH_INTERVAL}
+    results = fw.new_results("store", chosen, quick=quick, packages=("msgspec", "anyio", "uvloop"))
+    results["versions"]["sqlite"] = sqlite3.sqlite_version
+    results["rounds"] = []
     previous = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
@@ -491,31 +471,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench.store",
         description="Event store appends/s: Kaya's group commit vs raw sqlite3 batches, same run.",
     )
-    parser.add_argument("--quick", action="store_true", help="1 round of 1.5 s per mode")
+    fw.add_options(
+        parser,
+        quick="1 round of 1.5 s per mode",
+        rounds="rounds per mode (default 3; quick 1)",
+        duration="measured seconds (default 3; quick 1.5)",
+        warmup="unmeasured seconds (default 1; quick 0.5)",
+    )
     parser.add_argument("--appenders", type=int, default=100, help="concurrent appenders/streams")
-    parser.add_argument("--duration", type=float, help="measured seconds (default 3; quick 1.5)")
-    parser.add_argument("--warmup", type=float, help="unmeasured seconds (default 1; quick 0.5)")
-    parser.add_argument("--rounds", type=int, help="rounds per mode (default 3; quick 1)")
     parser.add_argument("--modes", help="comma-separated synchronous modes (default FULL,NORMAL)")
-    parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     return parser
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that remove temp dirs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = _resolve(args)
-    signal.signal(signal.SIGTERM, _terminate)
+    fw.exit_on_sigterm()
     results = run(bool(args.quick), settings)
-    if not args.no_write:
-        results["charts"] = chart(results)
-    print(render(results))
-    if not args.no_write:
-        started = dt.datetime.fromisoformat(results["started_at"])
-        print_written([*write_results("store", results, started), *map(Path, results["charts"])])
+    fw.finish(results, write=not args.no_write, render=render, chart=chart)
     return 0
 
 

@@ -38,6 +38,7 @@ from bench.common import (
     versions,
     write_results,
 )
+from bench.framework import exit_on_sigterm
 
 
 @dataclass(frozen=True)
@@ -115,13 +116,14 @@ def _available(name: str) -> bool:
     return (Path(__file__).parent / f"{name}.py").exists()
 
 
-def run_one(bench: Benchmark, quick: bool) -> dict[str, Any]:
+def run_one(bench: Benchmark, quick: bool, write: bool = True) -> dict[str, Any]:
     """Run one benchmark process to the end (bounded); its output streams to our terminal."""
     argv = [
         sys.executable,
         "-m",
         f"bench.{bench.name}",
         *(bench.quick_args if quick else bench.full_args),
+        *([] if write else ["--no-write"]),
     ]
     latest = RESULTS_DIR / f"{bench.name}-latest.json"
     before = latest.stat().st_mtime if latest.exists() else 0.0
@@ -188,21 +190,22 @@ def render(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.suite", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="every benchmark in its quick mode")
     parser.add_argument("--only", help="comma-separated benchmarks to run (default all)")
+    parser.add_argument(
+        "--no-write",
+        action="store_true",
+        help="each benchmark prints only; no JSON, no charts (and so no table of targets)",
+    )
     args = parser.parse_args(argv)
     chosen = {x.strip() for x in args.only.split(",")} if args.only else None
     known = {b.name for b in BENCHMARKS}
     if chosen and chosen - known:
         unknown = ", ".join(sorted(chosen - known))
         raise SystemExit(f"--only: unknown {unknown}; known: {', '.join(sorted(known))}")
-    signal.signal(signal.SIGTERM, _terminate)
+    exit_on_sigterm()
     started = utc_now()
     t0 = time.monotonic()
     summary: dict[str, Any] = {
@@ -217,15 +220,17 @@ def main(argv: list[str] | None = None) -> int:
         if chosen is not None and bench.name not in chosen:
             continue
         if args.quick and not bench.quick and chosen is None:
+            print(f"\n=== {bench.name}: not in the quick suite (slow); --only {bench.name} runs it")
             continue
         if not _available(bench.name):
             summary["benchmarks"].append({"name": bench.name, "skipped": True})
             continue
-        summary["benchmarks"].append(run_one(bench, bool(args.quick)))
+        summary["benchmarks"].append(run_one(bench, bool(args.quick), not args.no_write))
     summary["seconds"] = round(time.monotonic() - t0, 1)
     summary["finished_at"] = utc_now().isoformat(timespec="seconds")
     print(render(summary))
-    print_written(write_results("suite", summary, started))
+    if not args.no_write:
+        print_written(write_results("suite", summary, started))
     failed = [b for b in summary["benchmarks"] if not b.get("skipped") and b["exit_code"] != 0]
     return 1 if failed else 0
 

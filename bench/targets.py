@@ -24,6 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
+import re
+import socket
 import sys
 import time
 import urllib.request
@@ -33,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    LOOPBACK,
+    BenchError,
     Child,
     child_pids,
     ensure_gone,
@@ -180,6 +185,29 @@ def running(
         raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
 
 
+@contextlib.contextmanager
+def nats_server(rundir: Path, store_dir: Path, *, name: str | None = None) -> Iterator[Running]:
+    """A JetStream nats-server configured as a node's embedded one, on a free port.
+
+    The raw baselines run on it, so they pay what the node's server pays and no more.
+    """
+    from kaya.app.broker.embedded import ServerSettings, server_config
+
+    port = free_port()
+    extra = {"name": name} if name is not None else {}
+    conf = rundir / "nats-server.conf"
+    conf.write_text(
+        server_config(ServerSettings(port=port, monitor_port=0, store_dir=store_dir, **extra))
+    )
+    server = Child("nats-server", [nats_server_binary(), "-c", str(conf)], rundir / "nats.log")
+    try:
+        wait_for_port(port, timeout=15, process=server.process)
+        pids = {"nats_server": server.pid}
+        yield Running("nats-server", f"nats://127.0.0.1:{port}", server.pid, pids)
+    finally:
+        server.stop()
+
+
 BANK = "examples.bank:app"
 """The app every benchmark serves: the example bank, as any user app (cwd: the repo)."""
 
@@ -301,3 +329,69 @@ def _running_responder(
             if info["responder_exit_code"] != 0:
                 info["responder_stderr_tail"] = responder.stderr_tail()
         server.stop()
+
+
+# ---- a dev-cluster: `kaya dev-cluster` and the children it prints -------------------------------
+
+KAYA = Path(sys.executable).parent / "kaya"
+"""The venv's `kaya` command (run, dev-cluster, replay)."""
+DEV_CLUSTER_READY = re.compile(r"^(server|node) (\S+) ready on (\S+) \(pid (\d+)\)$")
+"""What `kaya dev-cluster` prints for each child once it answers."""
+PORT_RANGE = (20_000, 32_000)
+"""Below Linux's ephemeral ports (32768+), so an outgoing connection never takes one of ours."""
+
+
+@dataclass
+class Proc:
+    """A server or node of a dev-cluster, as it printed itself: signalled by this PID only."""
+
+    kind: str
+    name: str
+    url: str
+    pid: int
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nats-server binds
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_base_port(servers: int) -> int:
+    """A base port P with P+i, P+100+i and P+200+i free (dev-cluster's three ranges)."""
+    from kaya.app.cli.cluster import MONITOR_OFFSET, ROUTE_OFFSET
+
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(PORT_RANGE[0], PORT_RANGE[1] - MONITOR_OFFSET - servers)
+        ports = [
+            base + off + i for off in (0, ROUTE_OFFSET, MONITOR_OFFSET) for i in range(servers)
+        ]
+        if all(_port_free(p) for p in ports):
+            return base
+    raise BenchError(f"no free base port for {servers} servers in {PORT_RANGE}")
+
+
+def dev_cluster_argv(
+    data_dir: Path, *, servers: int, nodes: int, config: Path | None = None
+) -> list[str]:
+    """`kaya dev-cluster` serving the bank on free ports, everything under `data_dir`."""
+    argv = [str(KAYA), "dev-cluster", "--servers", str(servers), "--nodes", str(nodes)]
+    argv += ["--base-port", str(free_base_port(servers)), "--data-dir", str(data_dir)]
+    argv += ["--app", BANK]
+    return argv + (["--config", str(config)] if config is not None else [])
+
+
+def ready_children(lines: list[str]) -> tuple[dict[str, Proc], dict[str, Proc]]:
+    """(servers, nodes) by name from a dev-cluster's `... ready on URL (pid N)` lines."""
+    servers: dict[str, Proc] = {}
+    nodes: dict[str, Proc] = {}
+    for line in lines:
+        if m := DEV_CLUSTER_READY.match(line):
+            proc = Proc(m[1], m[2], m[3], int(m[4]))
+            (servers if proc.kind == "server" else nodes)[proc.name] = proc
+    return servers, nodes

@@ -38,40 +38,31 @@ import json
 import math
 import os
 import random
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from bench import e2e
+from bench import framework as fw
 from bench.common import (
     BenchError,
     Child,
     fmt_spread,
-    machine_info,
-    percentile,
     spread,
-    utc_now,
-    versions,
-    write_results,
 )
 from bench.e2e import (
-    RESULT_PREFIX,
-    WINDOW_END,
-    WINDOW_START,
     account_id,
     open_accounts,
     reply_code,
 )
 from bench.targets import Running, running
 
+PHASES = ("deposits", "transfers")
 EVENT_SUBJECTS = "kaya.evt.transfer.>"
 TERMINAL = ("Completed", "Failed")
 MAX_TRANSFERS = 10_000_000
@@ -83,19 +74,6 @@ RESOLVE_TIMEOUT = 30.0
 
 def transfer_subject(transfer_id: str) -> str:
     return f"kaya.cmd.transfer.{transfer_id}"
-
-
-def _latency_summary(ns: list[int]) -> dict[str, float]:
-    ordered = sorted(x / 1e6 for x in ns)
-    return {
-        "count": len(ordered),
-        "p50": percentile(ordered, 50),
-        "p90": percentile(ordered, 90),
-        "p99": percentile(ordered, 99),
-        "p99.9": percentile(ordered, 99.9),
-        "max": ordered[-1] if ordered else math.nan,
-        "mean": sum(ordered) / len(ordered) if ordered else math.nan,
-    }
 
 
 # ---- the transfer load generator (its own process) --------------------------------------
@@ -256,19 +234,11 @@ async def generate(settings: GeneratorSettings) -> dict[str, Any]:
                     tally.credit.append(rec.credited_ns - rec.debited_ns)
                     tally.settle.append(rec.done_ns - rec.credited_ns)
 
-    async def marks() -> tuple[float, float]:
-        await asyncio.sleep(max(0.0, (start_ns - clock()) / 1e9))
-        cpu0 = time.process_time()
-        print(WINDOW_START, flush=True)
-        await asyncio.sleep(max(0.0, (end_ns - clock()) / 1e9))
-        print(WINDOW_END, flush=True)
-        return cpu0, time.process_time()
-
     try:
         hard_limit = (
             settings.warmup + settings.duration + settings.timeout + settings.completion_timeout
         ) + 10
-        window = asyncio.ensure_future(marks())
+        window = asyncio.ensure_future(fw.mark_window(start_ns, end_ns))
         workers = [worker(k) for k in range(settings.workers)]
         await asyncio.wait_for(asyncio.gather(window, *workers), timeout=hard_limit)
         cpu0, cpu1 = window.result()
@@ -285,13 +255,13 @@ async def generate(settings: GeneratorSettings) -> dict[str, Any]:
         "failed": failed,
         "throughput": completed / settings.duration,
         "finished_per_s": (completed + failed) / settings.duration,
-        "latency_ms": _latency_summary(tally.latencies),
+        "latency_ms": fw.latency_ms(tally.latencies),
         "stages_ms": {
-            "start_reply": _latency_summary(tally.reply),
-            "relay_lag_started": _latency_summary(tally.relay_lag),
-            "debit": _latency_summary(tally.debit),
-            "credit": _latency_summary(tally.credit),
-            "settle": _latency_summary(tally.settle),
+            "start_reply": fw.latency_ms(tally.reply),
+            "relay_lag_started": fw.latency_ms(tally.relay_lag),
+            "debit": fw.latency_ms(tally.debit),
+            "credit": fw.latency_ms(tally.credit),
+            "settle": fw.latency_ms(tally.settle),
         },
         "outcomes_in_window": dict(sorted(tally.in_window.items())),
         "outcomes_total": dict(sorted(tally.total.items())),
@@ -318,7 +288,7 @@ def generator_main(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     result = uvloop.run(generate(settings))
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    fw.emit_result(result)
     return 0
 
 
@@ -436,52 +406,28 @@ def deposits_phase(settings: Settings, node: Running, workdir: Path, seed: int) 
 
 def transfers_phase(settings: Settings, node: Running, workdir: Path, seed: int) -> dict[str, Any]:
     before = read_balances(node.url, settings.accounts)
-    argv = [
-        sys.executable,
-        "-m",
+    argv = fw.module_argv(
         "bench.transfers",
         "--generator",
-        "--url",
-        node.url,
-        "--accounts",
-        str(settings.accounts),
-        "--workers",
-        str(settings.workers),
-        "--warmup",
-        str(settings.warmup),
-        "--duration",
-        str(settings.duration),
-        "--timeout",
-        str(settings.timeout),
-        "--completion-timeout",
-        str(settings.completion_timeout),
-        "--max-amount",
-        str(settings.max_amount),
-        "--seed",
-        str(seed),
-    ]
-    cpu_pids = node.cpu_pids
-    generator = Child("transfers-generator", argv, workdir / "transfers-generator.log")
-    try:
-        generator.wait_for_line(WINDOW_START, timeout=settings.warmup + 30)
-        cpu_before = e2e._sample_cpu(cpu_pids)
-        t0 = time.monotonic()
-        generator.wait_for_line(WINDOW_END, timeout=settings.duration + 30)
-        elapsed = time.monotonic() - t0
-        cpu_after = e2e._sample_cpu(cpu_pids)
-        generator.wait(timeout=settings.timeout + settings.completion_timeout + 30)
-        line = next((x for x in generator.lines if x.startswith(RESULT_PREFIX)), None)
-        if generator.process.returncode != 0 or line is None:
-            raise BenchError(
-                f"transfer generator exited with {generator.process.returncode}: "
-                f"{generator.stderr_tail()}"
-            )
-    finally:
-        generator.stop()
-    result: dict[str, Any] = json.loads(line.removeprefix(RESULT_PREFIX))
-    cpu = {k: (cpu_after[k] - v) / elapsed for k, v in cpu_before.items() if k in cpu_after}
-    cpu["generator"] = result.pop("generator_cpu_share")
-    result["cpu_share"] = {k: round(v, 3) for k, v in cpu.items()}
+        url=node.url,
+        accounts=settings.accounts,
+        workers=settings.workers,
+        warmup=settings.warmup,
+        duration=settings.duration,
+        timeout=settings.timeout,
+        completion_timeout=settings.completion_timeout,
+        max_amount=settings.max_amount,
+        seed=seed,
+    )
+    window = fw.run_windowed(
+        Child("transfers-generator", argv, workdir / "transfers-generator.log"),
+        lambda: fw.sample_cpu(node.cpu_pids),
+        warmup=settings.warmup,
+        duration=settings.duration,
+        drain=settings.timeout + settings.completion_timeout,
+    )
+    result = window.result
+    result["cpu_share"] = fw.generator_cpu(window)
 
     net: list[int] = result.pop("net_per_account")
     unfinished: list[list[Any]] = result["unfinished"]
@@ -511,15 +457,12 @@ def transfers_phase(settings: Settings, node: Running, workdir: Path, seed: int)
 def run_round(settings: Settings, number: int) -> dict[str, Any]:
     # alternate the order, so neither phase always runs on the node with more history
     order = settings.phases if number % 2 else tuple(reversed(settings.phases))
+    fw.say(f"round {number}/{settings.rounds} ...")
     out: dict[str, Any] = {"round": number, "order": list(order)}
-    workdir = Path(tempfile.mkdtemp(prefix="kaya-bench-transfers-"))
-    try:
-        _run_round(settings, number, order, out, workdir)
-    finally:
+    with fw.scratch("transfers", keep=settings.keep_data) as workdir:
         if settings.keep_data:
             out["workdir"] = str(workdir)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        _run_round(settings, number, order, out, workdir)
     if "deposits" in out and "transfers" in out:
         out["ratio"] = out["transfers"]["throughput"] / out["deposits"]["throughput"]
     return out
@@ -538,7 +481,7 @@ def _run_round(
         initial_total = settings.accounts * settings.initial
         funded_ok = all(b == settings.initial for b in funded)
         for phase in order:
-            print(f"  {phase} ...", file=sys.stderr, flush=True)
+            fw.say(f"  {phase} ...")
             run = deposits_phase if phase == "deposits" else transfers_phase
             out[phase] = run(settings, node, workdir, seed=number)
             # the 1-minute load at the end of a phase: others' work on a shared machine
@@ -682,19 +625,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Transfer sagas through a Kaya node: completions/s and latency, "
         "beside deposits/s in the same run.",
     )
-    parser.add_argument("--quick", action="store_true", help="500 accounts, 3 s, 1 round")
+    fw.add_options(
+        parser,
+        quick="500 accounts, 3 s, 1 round",
+        rounds="rounds (default 3; quick 1)",
+        duration="measured seconds per phase (default 10; quick 3)",
+        warmup="unmeasured seconds first (default 2; quick 1)",
+        only="run one phase, deposits or transfers (no ratio then)",
+        keep_data="keep the nodes' data dirs",
+    )
     parser.add_argument("--accounts", type=int, help="accounts opened (default 2000; quick 500)")
     parser.add_argument(
         "--inflight", type=int, default=100, help="deposit requests in flight (baseline)"
     )
     parser.add_argument("--workers", type=int, default=100, help="concurrent transfer workers")
-    parser.add_argument(
-        "--duration", type=float, help="measured seconds per phase (default 10; quick 3)"
-    )
-    parser.add_argument(
-        "--warmup", type=float, help="unmeasured seconds first (default 2; quick 1)"
-    )
-    parser.add_argument("--rounds", type=int, help="rounds (default 3; quick 1)")
     parser.add_argument("--timeout", type=float, default=5.0, help="per-request timeout, seconds")
     parser.add_argument(
         "--completion-timeout",
@@ -704,11 +648,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--initial", type=int, default=10**9, help="each account's opening balance")
     parser.add_argument("--max-amount", type=int, default=1000, help="transfer amounts 1..this")
-    parser.add_argument(
-        "--only", choices=["deposits", "transfers"], help="run one phase (no ratio then)"
-    )
-    parser.add_argument("--keep-data", action="store_true", help="keep the nodes' data dirs")
-    parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     gen = parser.add_argument_group("generator process (internal)")
     gen.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)
     gen.add_argument("--url", help=argparse.SUPPRESS)
@@ -719,17 +658,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve(args: argparse.Namespace) -> Settings:
     quick = bool(args.quick)
     settings = Settings(
-        accounts=args.accounts or (500 if quick else 2000),
+        accounts=fw.pick(args.accounts, quick, 500, 2000),
         inflight=args.inflight,
         workers=args.workers,
-        duration=args.duration or (3.0 if quick else 10.0),
-        warmup=args.warmup if args.warmup is not None else (1.0 if quick else 2.0),
-        rounds=args.rounds or (1 if quick else 3),
+        duration=fw.pick(args.duration, quick, 3.0, 10.0),
+        warmup=fw.pick(args.warmup, quick, 1.0, 2.0),
+        rounds=fw.pick(args.rounds, quick, 1, 3),
         timeout=args.timeout,
         completion_timeout=args.completion_timeout,
         initial=args.initial,
         max_amount=args.max_amount,
-        phases=(args.only,) if args.only else ("deposits", "transfers"),
+        phases=fw.parse_only(args.only, PHASES, PHASES),
         keep_data=args.keep_data,
     )
     if settings.accounts < 2 or settings.inflight < 1 or settings.workers < 1:
@@ -741,10 +680,6 @@ def _resolve(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop children
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.generator:
@@ -753,27 +688,12 @@ def main(argv: list[str] | None = None) -> int:
         return generator_main(args)
 
     settings = _resolve(args)
-    signal.signal(signal.SIGTERM, _terminate)
-    started = utc_now()
-    results: dict[str, Any] = {
-        "benchmark": "transfers",
-        "started_at": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "versions": versions(),
-        "settings": {**asdict(settings), "quick": bool(args.quick)},
-        "rounds": [],
-    }
-    rounds: list[dict[str, Any]] = results["rounds"]
-    for number in range(1, settings.rounds + 1):
-        print(f"round {number}/{settings.rounds} ...", file=sys.stderr, flush=True)
-        rounds.append(run_round(settings, number))
-    results["finished_at"] = utc_now().isoformat(timespec="seconds")
-    results["summary"] = summarize(rounds)
-    print(render(results))
-    if not args.no_write:
-        for path in write_results("transfers", results, started):
-            cwd = Path.cwd()
-            print(f"wrote {path.relative_to(cwd) if path.is_relative_to(cwd) else path}")
+    fw.exit_on_sigterm()
+    results = fw.new_results("transfers", settings, quick=bool(args.quick))
+    # one node per round, both phases on it (their order alternates round by round)
+    results["rounds"] = [run_round(settings, number) for number in range(1, settings.rounds + 1)]
+    results["summary"] = summarize(results["rounds"])
+    fw.finish(results, write=not args.no_write, render=render)
     return 0 if results["summary"]["verified"] else 1
 
 

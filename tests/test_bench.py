@@ -8,6 +8,7 @@ known.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from bench import e2e
-from bench.common import percentile, target
+from bench import framework as fw
+from bench.common import BenchError, Child, percentile, target
 from bench.openloop import OpenLoopSettings, generate
 from bench.targets import JWT_AUDIENCE, JWT_ISSUER
 from tests.servers import NatsServer
@@ -45,6 +47,99 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile(values, 99) == 99.0
     assert percentile(values, 100) == 100.0
     assert math.isnan(percentile([], 50))
+
+
+def test_rounds_alternate_every_scenario_within_a_round() -> None:
+    # round-major: noise in one minute lands on one round of each, not on one scenario
+    assert fw.alternate(2, ["echo", "kaya", "naive"]) == [
+        (1, "echo"),
+        (1, "kaya"),
+        (1, "naive"),
+        (2, "echo"),
+        (2, "kaya"),
+        (2, "naive"),
+    ]
+    seen: list[tuple[str, int]] = []
+    rounds = fw.run_rounds(2, ["a", "b"], lambda s, n: seen.append((s, n)) or {"s": s, "n": n})
+    assert seen == [("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert [r["s"] for r in rounds] == ["a", "b", "a", "b"]
+    assert fw.by_scenario(rounds, "s") == {"a": [rounds[0], rounds[2]], "b": [rounds[1], rounds[3]]}
+
+
+def test_shared_options_parse_alike_and_quick_defaults_yield_to_given_values() -> None:
+    import argparse
+
+    parser = fw.add_options(
+        argparse.ArgumentParser(),
+        quick="q",
+        rounds="r",
+        duration="d",
+        warmup="w",
+        only="o",
+        keep_data="k",
+    )
+    args = parser.parse_args(["--quick", "--rounds", "2", "--warmup", "0", "--only", "b, a"])
+    assert (args.quick, args.rounds, args.duration, args.warmup) == (True, 2, None, 0.0)
+    assert (args.keep_data, args.no_write) == (False, False)
+    assert fw.pick(args.rounds, args.quick, 1, 3) == 2
+    assert fw.pick(args.duration, args.quick, 1.0, 5.0) == 1.0
+    assert fw.pick(args.duration, False, 1.0, 5.0) == 5.0
+    assert fw.pick(args.warmup, args.quick, 0.5, 2.0) == 0.0  # an explicit 0 is kept
+    assert fw.parse_only(args.only, ("a", "b", "c"), ("c",)) == ("b", "a")
+    assert fw.parse_only(None, ("a", "b", "c"), ("c",)) == ("c",)
+    with pytest.raises(SystemExit, match="unknown x"):
+        fw.parse_only("a,x", ("a", "b"), ())
+    bare = fw.add_options(argparse.ArgumentParser(), quick="q").parse_args([])
+    assert not hasattr(bare, "rounds")
+    assert bare.no_write is False
+
+
+def test_cpu_share_is_cores_per_window_with_loop_other_and_foreign() -> None:
+    before = {"node": 10.0, "node_loop": 6.0, "nats_server": 2.0, "machine": 100.0}
+    after = {"node": 11.0, "node_loop": 6.8, "nats_server": 2.4, "machine": 102.0}
+    assert fw.cpu_share(before, after, 2.0) == {
+        "node": 0.5,
+        "node_loop": 0.4,
+        "nats_server": 0.2,
+        "foreign": 0.3,  # 1.0 core of the machine busy, 0.7 of it ours
+    }
+    split = fw.cpu_share(before, after, 2.0, split=True)
+    assert split["node_other"] == pytest.approx(0.1)
+    assert fw.cpu_share(before, after, 0.0) == {}
+    assert "gone" not in fw.cpu_share({**before, "gone": 1.0}, after, 2.0)
+
+
+def test_latency_summary_is_nearest_rank_in_ms() -> None:
+    summary = fw.latency_ms([n * 1_000_000 for n in range(1, 101)])
+    assert summary["count"] == 100
+    assert (summary["p50"], summary["p99"], summary["max"]) == (50.0, 99.0, 100.0)
+    assert summary["mean"] == pytest.approx(50.5)
+    empty = fw.latency_ms([])
+    assert empty["count"] == 0
+    assert math.isnan(empty["p99"])
+    assert math.isnan(empty["mean"])
+
+
+def test_module_argv_spells_options_as_flags() -> None:
+    argv = fw.module_argv("bench.x", "--generator", url="nats://h", per_account=True, seed=None)
+    assert argv[1:] == ["-m", "bench.x", "--generator", "--url", "nats://h", "--per-account"]
+    assert fw.module_argv("bench.x", max_inflight=5, tokens=False)[3:] == ["--max-inflight", "5"]
+
+
+# bench.common.Child leaves its stdout pipe for the garbage collector (ResourceWarning)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_windowed_child_is_sampled_at_its_two_lines_and_its_result_read(tmp_path: Path) -> None:
+    lines = [fw.WINDOW_START, fw.WINDOW_END, fw.RESULT_PREFIX + '{"ok": 3}']
+    script = "".join(f"print({line!r}, flush=True);" for line in lines)
+    samples = iter(["before", "after"])
+    child = Child("child", [sys.executable, "-c", script], tmp_path / "child.log")
+    window = fw.run_windowed(child, lambda: next(samples), warmup=1, duration=1, drain=5)
+    assert (window.before, window.after, window.result) == ("before", "after", {"ok": 3})
+    assert window.seconds >= 0
+    failing = Child("bad", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "bad.log")
+    with pytest.raises(BenchError, match="exited with 3"):
+        fw.read_result(failing, timeout=10)
+    failing.stop()
 
 
 async def test_open_loop_sends_on_schedule_and_counts_every_outcome(
