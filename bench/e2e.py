@@ -35,10 +35,11 @@ import asyncio
 import json
 import random
 import ssl
+import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -50,6 +51,7 @@ from bench import framework as fw
 from bench.charts import bar_chart
 from bench.common import BenchError, Child, fmt_spread, render_targets, spread, target, utc_now
 from bench.targets import JWT_AUDIENCE, JWT_ISSUER, STATEFUL, running
+from kaya.store.timing import STAGES
 
 DEPOSIT = b'{"type":"Deposit","amount":1}'
 VERIFY_ALL_UP_TO = 2000
@@ -303,8 +305,10 @@ def run_generator(
     *,
     accounts: int | None = None,
     access: Access | None = None,
+    stages: Callable[[], dict[str, tuple[float, float]]] = dict,
 ) -> dict[str, Any]:
-    """Run one generator process to the end; sample the others' CPU over its window."""
+    """Run one generator process to the end; sample the others' CPU over its window, and
+    a node's latency budget (`stages`: its stage sums and counts) at both ends of it."""
     argv = fw.module_argv(
         "bench.e2e",
         "--generator",
@@ -320,13 +324,29 @@ def run_generator(
     )
     window = fw.run_windowed(
         Child("generator", argv, workdir / "generator.log"),
-        lambda: fw.sample_cpu(cpu_pids),
+        lambda: (fw.sample_cpu(cpu_pids), stages()),
         warmup=settings.warmup,
         duration=settings.duration,
         drain=settings.timeout,
     )
-    window.result["cpu_share"] = fw.generator_cpu(window)
+    (cpu0, stages0), (cpu1, stages1) = window.before, window.after
+    window.result["cpu_share"] = fw.generator_cpu(
+        fw.Window(window.result, cpu0, cpu1, window.seconds)
+    )
+    window.result["stages_ms"] = stage_means(stages0, stages1)
     return window.result
+
+
+def stage_means(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    """Mean milliseconds per command in each stage over the window (store/timing.py)."""
+    means = {}
+    for stage, (total, count) in after.items():
+        total0, count0 = before.get(stage, (0.0, 0.0))
+        if count > count0:
+            means[stage] = round((total - total0) / (count - count0) * 1000, 3)
+    return means
 
 
 def scenario_round(settings: Settings, scenario: str, number: int) -> dict[str, Any]:
@@ -362,6 +382,7 @@ def scenario_round(settings: Settings, scenario: str, number: int) -> dict[str, 
                 cpu_pids=target.cpu_pids,
                 accounts=accounts,
                 access=access,
+                stages=target.stages,
             )
             ok_per_account: list[int] = result.pop("ok_per_account")
             unknown: dict[str, int] = result.pop("unknown_outcome")
@@ -511,6 +532,7 @@ SCENARIOS = (
     "echo",
     "echo-tls",
     "kaya",
+    "kaya-split",
     "kaya-secure",
     "hotkey",
     "naive",
@@ -520,7 +542,7 @@ SCENARIOS = (
 SECURE_SCENARIOS = ("echo-tls", "kaya-secure")
 """Run with `--secure` (or named in `--only`), not by default."""
 DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in SECURE_SCENARIOS)
-QUICK_SCENARIOS = ("echo", "kaya", "hotkey", "naive")
+QUICK_SCENARIOS = ("echo", "kaya", "kaya-split", "hotkey", "naive")
 """Quick runs leave out the two slowest baselines to stay under a minute."""
 SECURE_PAIRS = (("kaya-secure", "kaya"), ("echo-tls", "echo"))
 """(secure, plain): the cost of security is their ratio, round by round."""
@@ -555,10 +577,17 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         }
         if any("verification" in r for r in rs):
             out[scenario]["verified"] = all(r["verification"]["verified"] for r in rs)
+        stages = [r.get("stages_ms") or {} for r in rs]
+        if all(stages):
+            out[scenario]["stages_ms"] = {
+                stage: statistics.median(x.get(stage, 0.0) for x in stages)
+                for stage in STAGES
+                if any(stage in x for x in stages)
+            }
     if "kaya" in by:
         ratios: dict[str, Any] = {}
         for other, rs in by.items():
-            if other == "kaya" or other in SECURE_SCENARIOS:
+            if other in ("kaya", "kaya-split") or other in SECURE_SCENARIOS:
                 continue
             pairs = list(zip(rs, by["kaya"], strict=False))
             ratios[other] = {
@@ -587,6 +616,15 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             }
     if secure:
         out["secure_over_plain"] = secure
+    if "kaya-split" in by and "echo" in by:
+        pairs = list(zip(by["kaya-split"], by["echo"], strict=False))
+        out["split_over_echo"] = {
+            "throughput": out["kaya-split"]["throughput"]["median"]
+            / out["echo"]["throughput"]["median"],
+            "p99": out["kaya-split"]["p99_ms"]["median"] / out["echo"]["p99_ms"]["median"],
+            "throughput_per_round": [x["throughput"] / y["throughput"] for x, y in pairs],
+            "p99_per_round": [x["latency_ms"]["p99"] / y["latency_ms"]["p99"] for x, y in pairs],
+        }
     return out
 
 
@@ -677,6 +715,14 @@ def render(results: dict[str, Any]) -> str:
             f"(per round {min(tp):.2f}-{max(tp):.2f}), "
             f"p99 x{ratio['p99']:.2f} (per round {min(p99):.2f}-{max(p99):.2f})"
         )
+    split = summary.get("split_over_echo")
+    if split is not None:
+        tp, p99 = split["throughput_per_round"], split["p99_per_round"]
+        lines.append(
+            f"  kaya-split/echo    throughput {split['throughput']:6.2f} "
+            f"(per round {min(tp):.2f}-{max(tp):.2f}), "
+            f"p99 x{split['p99']:.2f} (per round {min(p99):.2f}-{max(p99):.2f})"
+        )
     for pair, ratio in summary.get("secure_over_plain", {}).items():
         tp, p99 = ratio["throughput_per_round"], ratio["p99_per_round"]
         lines.append(
@@ -694,6 +740,17 @@ def render(results: dict[str, Any]) -> str:
         if scenario in summary
     ]
     lines += ["", "cpu per successful request, us (median (min-max) over rounds):", *cpu_lines]
+    budget = [
+        f"  {scenario:<13} "
+        + "  ".join(f"{stage} {ms:.3f}" for stage, ms in summary[scenario]["stages_ms"].items())
+        + f"  = {sum(summary[scenario]['stages_ms'].values()):.2f} (p50 "
+        f"{summary[scenario]['p50_ms']['median']:.2f})"
+        for scenario in SCENARIOS
+        if scenario in summary and summary[scenario].get("stages_ms")
+    ]
+    if budget:
+        lines += ["", "latency budget, mean ms per command in each stage (median over rounds):"]
+        lines += budget
     verified = {
         k: x["verified"] for k, x in summary.items() if isinstance(x, dict) and "verified" in x
     }

@@ -48,8 +48,8 @@ from bench.common import (
 )
 
 BASELINES = ("naive", "faststream", "eventsourcing")
-TARGETS = ("echo", "echo-tls", "kaya", "kaya-secure", *BASELINES)
-STATEFUL = ("kaya", "kaya-secure", *BASELINES)
+TARGETS = ("echo", "echo-tls", "kaya", "kaya-split", "kaya-secure", *BASELINES)
+STATEFUL = ("kaya", "kaya-split", "kaya-secure", *BASELINES)
 """Targets that keep accounts: they need opening first and can be verified afterwards."""
 
 NODE_CONFIG = """\
@@ -91,9 +91,35 @@ class Running:
     """time.monotonic() just before the main process was spawned (start-up timings)."""
     security_dir: Path | None = None
     """With security on: the PKI (a client connects with its `client` role) and JWT keys."""
+    metrics_url: str | None = None
+    """A node's /metrics: the latency budget (`kaya_command_stage_seconds`) is read there."""
 
     def memory(self) -> dict[str, int]:
         return memory_kib(self.main_pid)
+
+    def stages(self) -> dict[str, tuple[float, float]]:
+        """The node's latency budget so far: stage -> (seconds summed, commands counted),
+        from `kaya_command_stage_seconds`; empty for other targets or if unreachable."""
+        if self.metrics_url is None:
+            return {}
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return {}
+        found: dict[str, list[float]] = {}
+        for family in text_string_to_metric_families(text):
+            if family.name != "kaya_command_stage_seconds":
+                continue
+            for sample in family.samples:
+                stage = sample.labels.get("stage", "")
+                if sample.name.endswith("_sum"):
+                    found.setdefault(stage, [0.0, 0.0])[0] = sample.value
+                elif sample.name.endswith("_count"):
+                    found.setdefault(stage, [0.0, 0.0])[1] = sample.value
+        return {stage: (v[0], v[1]) for stage, v in found.items()}
 
     def wait_quiet(self, timeout: float = 60.0) -> float:
         """Until a node has caught up (relay and consumers) and its loop is idle; seconds taken.
@@ -164,11 +190,16 @@ def running(
 
     A node gets a fresh data dir under `workdir` unless `data_dir` names one to start on.
     """
-    if name in ("kaya", "kaya-secure"):
+    if name in ("kaya", "kaya-split", "kaya-secure"):
         data_dir = data_dir or workdir / "data"
-        secure = name == "kaya-secure"
         with _running_kaya(
-            workdir, node_config, monitor, data_dir, ready_timeout, secure=secure
+            workdir,
+            node_config,
+            monitor,
+            data_dir,
+            ready_timeout,
+            secure=name == "kaya-secure",
+            split=name == "kaya-split",
         ) as target:
             yield target
     elif name in ("echo", "echo-tls"):
@@ -221,8 +252,12 @@ def _running_kaya(
     ready_timeout: float,
     *,
     secure: bool = False,
+    split: bool = False,
 ) -> Iterator[Running]:
+    """A node (`kaya run`); `split`: as two processes, `--role commands` and, beside it on
+    the same config, `--role consumers` (its CPU is reported as `consumers`)."""
     port = free_port()
+    metrics_port = free_port()
     monitor_port = free_port() if monitor else 0
     config = workdir / "bench.toml"
     security_dir = data_dir / "security" if secure else None
@@ -231,7 +266,8 @@ def _running_kaya(
 
         new_signing_key(security_dir)
         node_config += SECURE_CONFIG
-    config.write_text(NODE_CONFIG.format(monitor_port=monitor_port) + node_config)
+    metrics = f'\n[metrics]\naddress = "127.0.0.1:{metrics_port}"\n'
+    config.write_text(NODE_CONFIG.format(monitor_port=monitor_port) + node_config + metrics)
     kaya = Path(sys.executable).parent / "kaya"
     argv = [
         str(kaya),
@@ -249,18 +285,23 @@ def _running_kaya(
     ]
     log = workdir / "node.log"
     t0 = time.monotonic()
-    node = Child("kaya", argv, log)
+    node = Child("kaya", [*argv, "--role", "commands"] if split else argv, log)
+    consumers: Child | None = None
     server_pids: list[int] = []
     info: dict[str, Any] = {}
     try:
         node.wait_for_line("ready", timeout=ready_timeout)
-        info["startup_s"] = round(time.monotonic() - t0, 3)
         server_pids = child_pids(node.pid)
         cpu_pids = {"node": node.pid}
+        if split:
+            consumers = Child("kaya", [*argv, "--role", "consumers"], workdir / "consumers.log")
+            consumers.wait_for_line("ready", timeout=ready_timeout)
+            cpu_pids["consumers"] = consumers.pid
+        info["startup_s"] = round(time.monotonic() - t0, 3)
         if len(server_pids) == 1:
             cpu_pids["nats_server"] = server_pids[0]
         yield Running(
-            name="kaya-secure" if secure else "kaya",
+            name="kaya-secure" if secure else "kaya-split" if split else "kaya",
             url=f"{'tls' if secure else 'nats'}://127.0.0.1:{port}",
             main_pid=node.pid,
             cpu_pids=cpu_pids,
@@ -268,9 +309,12 @@ def _running_kaya(
             info=info,
             spawned=t0,
             security_dir=security_dir,
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
         )
     finally:
         t1 = time.monotonic()
+        if consumers is not None:
+            info["consumers_exit_code"] = consumers.stop(timeout=30)
         info["node_exit_code"] = node.stop(timeout=30)
         info["stop_s"] = round(time.monotonic() - t1, 3)
         if info["node_exit_code"] != 0:
