@@ -29,7 +29,7 @@ from kaya.store.errors import StoreError
 from kaya.store.records import Append
 from kaya.store.sql import Errors, insert_appends, integrity_error
 from kaya.store.timing import Stages
-from kaya.store.writer import Writer, rollback_quietly
+from kaya.store.writer import Writer, rollback_quietly, waiting
 
 
 class Waiter:
@@ -211,16 +211,17 @@ class GroupCommit:
             self._fail(waiters, "commit failed: rolled back by an earlier failure")
             return
         try:
-            inserted = time.perf_counter()
             if batch:
-                if not conn.in_transaction:
-                    await writer.begin()
-                errors = insert_appends(conn, [p.append for p in batch], time.time())
-                inserted, began = time.perf_counter(), inserted
-                self.stages.observe("insert", inserted - began, len(batch))
-            await writer.commit()
-            if batch:
-                self.stages.observe("fsync", time.perf_counter() - inserted, len(batch))
+                # one hop to the writer's thread for BEGIN, the inserts and the COMMIT: the
+                # event loop goes on meanwhile (sqlite3 lets go of the GIL while it steps)
+                appends = [p.append for p in batch]
+                errors, insert_s, commit_s = await writer.run(
+                    waiting, conn, _insert_and_commit, conn, appends
+                )
+                self.stages.observe("insert", insert_s, len(batch))
+                self.stages.observe("fsync", commit_s, len(batch))
+            else:
+                await writer.commit()
         except sqlite3.Error as exc:
             try:
                 rollback_quietly(conn)
@@ -293,3 +294,17 @@ class GroupCommit:
         finally:
             waiters, self._epoch = self._epoch, []
             self._fail(waiters, "commit failed: the transaction was rolled back")
+
+
+def _insert_and_commit(
+    conn: sqlite3.Connection, appends: list[Append]
+) -> tuple[Errors | None, float, float]:
+    """On the writer's thread: the batch in the open transaction (or a new one), then
+    COMMIT; the integrity errors (see insert_appends) and the seconds each part took."""
+    began = time.perf_counter()
+    if not conn.in_transaction:
+        conn.execute("BEGIN IMMEDIATE")  # waits for another process's lock (`waiting`)
+    errors = insert_appends(conn, appends, time.time())
+    inserted = time.perf_counter()
+    conn.execute("COMMIT")
+    return errors, inserted - began, time.perf_counter() - inserted
