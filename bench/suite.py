@@ -58,7 +58,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "e2e",
         "1-2 end-to-end commands, hot key, baselines",
-        ("--quick", "--only", "echo,kaya,naive", "--duration", "1", "--warmup", "0.5"),
+        ("--quick", "--only", "echo,kaya,kaya-split,naive", "--duration", "1", "--warmup", "0.5"),
         ("--rounds", "2"),
     ),
     Benchmark(
