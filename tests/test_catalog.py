@@ -133,3 +133,56 @@ def test_the_asyncapi_document_is_complete_and_self_contained() -> None:
     assert opened["headers"]["properties"]["Kaya-Event-Type"]["const"] == "Opened"
     payload = doc["components"]["schemas"]["Opened"]
     assert set(payload["properties"]) == {"type", "owner", "currency", "kind"}
+
+
+def test_the_asyncapi_document_has_servers_and_every_channel_a_client_uses() -> None:
+    doc = orjson.loads((DOCS / "asyncapi.json").read_bytes())
+    assert {"asyncapi", "info", "servers", "channels", "operations", "components"} <= set(doc)
+    assert {"title", "version"} <= set(doc["info"])
+    assert doc["servers"]["local"] == {
+        "host": "127.0.0.1:4222",
+        "protocol": "nats",
+        "description": doc["servers"]["local"]["description"],
+    }
+    assert "nats://127.0.0.1:4222" in doc["servers"]["local"]["description"]
+    addresses = {c["address"]: name for name, c in doc["channels"].items()}
+    for address in (
+        "kaya.cmd.account.{id}",
+        "kaya.qry.account.{id}",
+        "kaya.evt.account.{id}",
+        "kaya.cmd.transfer.{id}",
+        "kaya.qry.transfer.{id}",
+        "kaya.evt.transfer.{id}",
+        "kaya.view.{name}",
+        "kaya.notify.{token}",
+        "kaya.dlq.{consumer}",
+    ):
+        assert address in addresses, address
+    for name, channel in doc["channels"].items():
+        # every {parameter} of an address is declared, and every message has a payload
+        declared = set(channel.get("parameters", {}))
+        used = {p.strip("{}") for p in (channel["address"] or "").split(".") if "{" in p}
+        assert used == declared, name
+        assert channel["messages"], name
+        for ref in channel["messages"].values():
+            message = doc["components"]["messages"][ref["$ref"].rsplit("/", 1)[1]]
+            assert "payload" in message, (name, ref)
+            assert message["contentType"] == "application/json"
+    channels_of = {op["channel"]["$ref"].rsplit("/", 1)[1]: op for op in doc["operations"].values()}
+    assert set(channels_of) == set(doc["channels"]) - {"replies"}
+    for op in doc["operations"].values():
+        assert op["action"] in {"send", "receive"}
+        # request/reply: the reply's messages are the replies channel's
+        if op["action"] == "send":
+            replies = {r["$ref"].rsplit("/", 1)[1] for r in op["reply"]["messages"]}
+            assert replies <= set(doc["channels"]["replies"]["messages"]), op
+    dlq = doc["channels"]["deadLetters"]["parameters"]["consumer"]
+    assert dlq["enum"] == ["analytics", "notifications"]
+    state = doc["components"]["messages"]["account.state"]["payload"]["oneOf"][0]
+    assert state["properties"]["state"] == {"$ref": "#/components/schemas/AccountState"}
+    assert set(doc["components"]["schemas"]["AccountState"]["properties"]) >= {
+        "owner",
+        "currency",
+        "balance",
+        "status",
+    }

@@ -3,7 +3,9 @@ using metrics a node really exports."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -68,3 +70,58 @@ def test_the_cli_writes_the_same_files(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     for path in (RULES_PATH, DASHBOARD_PATH):
         assert (tmp_path / path).read_bytes() == (ROOT / path).read_bytes()
+
+
+def _dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = orjson.loads((ROOT / DASHBOARD_PATH).read_bytes())
+    return data
+
+
+def test_each_panel_plots_what_its_title_says() -> None:
+    panels = {p["title"]: p for p in _dashboard()["panels"]}
+    for title, panel in panels.items():
+        legends = [t["legendFormat"].split()[0].lower() for t in panel["targets"]]
+        assert len(set(t["refId"] for t in panel["targets"])) == len(panel["targets"]), title
+        # "A / B" in a title: a query for each, with it as the legend
+        named = title.split(":")[0].split(" / ")
+        if len(named) > 1:
+            first, last = named[0].split()[-1].lower(), named[-1].split()[0].lower()
+            assert [first, last] == legends, title
+
+    def queries(title: str) -> dict[str, str]:
+        return {t["legendFormat"].split()[0]: t["expr"] for t in panels[title]["targets"]}
+
+    latency = queries("Command latency p50 / p99")
+    assert latency["p50"].startswith("histogram_quantile(0.5, ")
+    assert latency["p99"].startswith("histogram_quantile(0.99, ")
+    assert all("kaya_command_duration_seconds_bucket" in q for q in latency.values())
+    actors = queries("Active / busy actors")
+    assert "kaya_actors_active{" in actors["active"]
+    assert "kaya_actors_busy{" in actors["busy"]
+    budget = panels["Latency budget: mean time per stage (stacked)"]
+    assert budget["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
+    (expr,) = [t["expr"] for t in budget["targets"]]
+    assert "sum by (stage) (rate(kaya_command_stage_seconds_sum{" in expr
+    assert "sum by (stage) (rate(kaya_command_stage_seconds_count{" in expr
+
+
+def test_the_dashboard_asks_for_a_datasource_and_filters_by_instance() -> None:
+    board = _dashboard()
+    (source,) = board["__inputs"]
+    assert (source["name"], source["type"], source["pluginId"]) == (
+        "DS_PROMETHEUS",
+        "datasource",
+        "prometheus",
+    )
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    instance = variables["instance"]
+    assert instance["query"]["query"] == "label_values(kaya_node_live, instance)"
+    assert instance["datasource"]["uid"] == "${DS_PROMETHEUS}"
+    selector = re.compile(r"\b((?:kaya|process)_[a-z0-9_]+)(\{[^}]*\})?")
+    for panel in board["panels"]:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${DS_PROMETHEUS}"
+            for metric, labels in selector.findall(target["expr"]):
+                assert 'instance=~"$instance"' in labels, (panel["title"], metric)

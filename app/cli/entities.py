@@ -3,6 +3,7 @@
     kaya send ENTITY ID JSON -> kaya.cmd.<entity>.<id> -> a node's ingress -> the reply
     kaya get ENTITY ID       -> kaya.qry.<entity>.<id> -> the entity's state
     kaya history ENTITY ID   -> the node's SQLite file  -> its events, one JSON line each
+                                (recorded_at in ISO 8601 UTC, data as a JSON object)
 
 `send` and `get` go the way any client's requests go (NATS request-reply to a
 running node), so what they print is what a client would get. `history` reads the
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import UTC, datetime
 
 import orjson
 
@@ -116,6 +118,12 @@ async def _get(args: argparse.Namespace) -> int:
     return common.print_reply(data)
 
 
+def iso_utc(unix: float) -> str:
+    """A unix time as ISO 8601 UTC to the millisecond: `2026-12-05T02:40:46.123Z`."""
+    moment = datetime.fromtimestamp(unix, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
+
+
 async def _history(args: argparse.Namespace) -> int:
     from kaya.store import StoreError, open_event_store
 
@@ -140,7 +148,7 @@ async def _history(args: argparse.Namespace) -> int:
             "type": type_name,
             "schema_version": version,
             "event_id": event.event_id,
-            "recorded_at": event.recorded_at,
+            "recorded_at": iso_utc(event.recorded_at),
             "command_id": event.command_id,
             "data": data,
         }

@@ -223,11 +223,21 @@ async def _tail(args: argparse.Namespace) -> int:
     async with common.session(common.url(args), stream=EVENTS_STREAM) as nc:
         seen = 0
         async for event in tail_events(nc, args.subject, from_start=args.all):
-            print(orjson.dumps(event).decode(), flush=True)
+            print(orjson.dumps(tail_line(event)).decode(), flush=True)
             seen += 1
             if args.count and seen >= args.count:
                 break
     return 0
+
+
+def tail_line(event: dict[str, Any]) -> dict[str, Any]:
+    """An event as `kaya tail` prints it: its `data` a JSON object, as `kaya history` prints
+    it (a body that is not JSON stays the text it was)."""
+    try:
+        data = orjson.loads(event["data"])
+    except orjson.JSONDecodeError:
+        return event
+    return {**event, "data": data}
 
 
 def _check_events_subject(subject: str) -> None:

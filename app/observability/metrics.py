@@ -6,6 +6,10 @@ in a custom collector that also reads the runtime's, store's, relay's and
 consumers' own statistics. So metrics cost next to nothing when nobody looks,
 and the exposition format is the library's, not ours.
 
+Beside the node's own families the registry holds prometheus_client's standard
+`process_*` and `python_*` collectors. The exposition passes `promtool check metrics`
+(tests/test_promtool.py): one HELP and TYPE per family, entities and stages as labels.
+
 Names follow Prometheus conventions: `kaya_` prefix, `_total` counters, `_seconds`
 durations, labels from bounded sets (entity and command names come from the
 registry, outcomes from the contract's error codes).
@@ -16,7 +20,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -260,6 +270,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = NodeCollector()
         self.registry.register(self.collector)
+        # process_* (CPU, memory, file descriptors, start time) and python_* (GC, version):
+        # the library's standard collectors, read from /proc at scrape time like ours
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(standard)
         self._statistics = statistics
 
     async def render(self) -> bytes:

@@ -15,18 +15,33 @@ import ast
 import inspect
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from kaya.actors import Entity, Registry
-from kaya.actors.wire import AnyReply, subscribes
+from kaya.actors.wire import (
+    HEADER_ATTEMPTS,
+    HEADER_AUTHORIZATION,
+    HEADER_CONSUMER,
+    HEADER_EVENT_ID,
+    HEADER_LAST_ERROR,
+    HEADER_MSG_ID,
+    HEADER_ORIGINAL_SEQUENCE,
+    HEADER_ORIGINAL_SUBJECT,
+    HEADER_TRACEPARENT,
+    AnyReply,
+    subscribes,
+)
 from kaya.app.events.consumers import Consumer
 from kaya.app.schemas.registry import SCHEMAS_BUCKET, Kind, resolved, schema_key, type_schema
 
 API_VERSION = "1.0.0"
 """The wire contract's version (DESIGN.md: "Wire contract (v1)")."""
+
+LOCAL_SERVER = "127.0.0.1:4222"
+"""Where `kaya run` starts its embedded nats-server when no NATS URL is configured."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,8 @@ class ConsumerEntry:
 class Catalog:
     types: list[TypeEntry]
     consumers: list[ConsumerEntry]
+    states: dict[str, type[msgspec.Struct]] = field(default_factory=dict)
+    """Per entity, its state type (what `kaya.qry.<entity>.<id>` answers)."""
 
     def entities(self) -> list[str]:
         return list(dict.fromkeys(t.entity for t in self.types))
@@ -169,7 +186,7 @@ def build_catalog(registry: Registry, consumers: Sequence[type[Consumer]]) -> Ca
         )
         for c in consumers
     ]
-    return Catalog(types, entries)
+    return Catalog(types, entries, {entity.name: entity.state_type for entity in registry})
 
 
 # ---- Markdown -------------------------------------------------------------------------------
@@ -315,19 +332,171 @@ _COMMAND_HEADERS = {
 }
 
 
+_ID = {"id": {"description": "the entity id: 1-64 characters of [A-Za-z0-9_-]"}}
+
+_REQUEST_HEADERS = {
+    "type": "object",
+    "properties": {
+        HEADER_TRACEPARENT: _string("W3C trace context"),
+        HEADER_AUTHORIZATION: _string("Bearer <JWT>, where auth is on"),
+    },
+}
+
+_ERROR_REPLY = {
+    "type": "object",
+    "description": "any failure: nothing changed",
+    "properties": {
+        "ok": {"const": False},
+        "error": {
+            "type": "object",
+            "properties": {
+                "code": {
+                    "enum": [
+                        "bad_request", "unknown_entity", "unknown_command", "rejected",
+                        "conflict", "overloaded", "unauthorized", "forbidden", "unavailable",
+                        "timeout", "internal",
+                    ]
+                },
+                "message": {"type": "string"},
+            },
+            "required": ["code", "message"],
+        },
+    },
+    "required": ["ok", "error"],
+}  # fmt: skip
+
+_REPLY_HEADERS = {
+    "type": "object",
+    "description": "NATS micro's error headers, on error replies only (the body says the same)",
+    "properties": {
+        "Nats-Service-Error": _string("the error message"),
+        "Nats-Service-Error-Code": _string("the error code"),
+    },
+}
+
+
+def _state_reply(entity: str, state: dict[str, Any]) -> dict[str, Any]:
+    ok = {
+        "type": "object",
+        "properties": {
+            "ok": {"const": True},
+            "entity": {"const": entity},
+            "id": {"type": "string"},
+            "version": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "events in the entity's stream (0: none yet)",
+            },
+            "state": state,
+        },
+        "required": ["ok", "entity", "id", "version", "state"],
+    }
+    return {"oneOf": [ok, _ERROR_REPLY]}
+
+
+_VIEW_REPLY = {
+    "oneOf": [
+        {
+            "type": "object",
+            "description": "the view's own keys beside `ok` and `view`",
+            "properties": {"ok": {"const": True}, "view": {"type": "string"}},
+            "required": ["ok", "view"],
+            "additionalProperties": True,
+        },
+        _ERROR_REPLY,
+    ]
+}
+
+_NOTIFICATION = {
+    "type": "object",
+    "description": (
+        "what the app's consumers publish for one subscriber; the reference app's"
+        " notifications consumer sends each account event to its owner, and a failed"
+        " transfer to the source account's owner (sealed fields masked as ***)"
+    ),
+    "properties": {
+        "dedup_key": _string("the event id: a reader keeps the first message per key"),
+        "entity": _string("the entity the event belongs to"),
+        "id": _string("the entity id"),
+        "version": {"type": "integer", "minimum": 1, "description": "the event's entity version"},
+        "event": {"type": "object", "description": "the event, with its `type`"},
+        "text": _string("a sentence for a person, where there is one"),
+    },
+    "required": ["dedup_key", "entity", "id", "version", "event"],
+    "additionalProperties": True,
+}
+
+_NOTIFICATION_HEADERS = {
+    "type": "object",
+    "properties": {
+        "Kaya-Dedup-Key": _string("the event id, as in the body"),
+        HEADER_MSG_ID: _string("the event id: a stream that stores these drops repeats"),
+        HEADER_TRACEPARENT: _string("W3C trace context of the event"),
+    },
+    "required": ["Kaya-Dedup-Key"],
+}
+
+_DEAD_LETTER_HEADERS = {
+    "type": "object",
+    "description": "the event's own Kaya-* headers and traceparent, and these",
+    "properties": {
+        HEADER_MSG_ID: _string("<consumer>:<event id> (absent on a malformed message)"),
+        HEADER_EVENT_ID: _string("the event's id (absent on a malformed message)"),
+        HEADER_CONSUMER: _string("the consumer that gave up"),
+        HEADER_ORIGINAL_SUBJECT: _string("where the event was: kaya.evt.<entity>.<id>"),
+        HEADER_ORIGINAL_SEQUENCE: _string("its sequence in KAYA_EVENTS", pattern="^[0-9]+$"),
+        HEADER_ATTEMPTS: _string("deliveries tried", pattern="^[1-9][0-9]*$"),
+        HEADER_LAST_ERROR: _string("why the last attempt failed"),
+    },
+    "required": [
+        HEADER_CONSUMER,
+        HEADER_ORIGINAL_SUBJECT,
+        HEADER_ORIGINAL_SEQUENCE,
+        HEADER_ATTEMPTS,
+        HEADER_LAST_ERROR,
+    ],
+}
+
+
+def _message(
+    name: str, title: str, summary: str, payload: dict[str, Any], headers: Any = None
+) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "name": name,
+        "title": title,
+        "summary": summary,
+        "contentType": "application/json",
+    }
+    if headers is not None:
+        message["headers"] = headers
+    message["payload"] = payload
+    return message
+
+
+def _reply_to(*names: str) -> dict[str, Any]:
+    return {
+        "channel": {"$ref": "#/channels/replies"},
+        "messages": [{"$ref": f"#/channels/replies/messages/{n}"} for n in names],
+    }
+
+
 def render_asyncapi(catalog: Catalog) -> dict[str, Any]:
-    """An AsyncAPI 3.0.0 document: per entity, its command and event channels."""
+    """An AsyncAPI 3.0.0 document: the local server and every channel a client uses: per
+    entity its commands, state queries and events; views, notifications, dead letters."""
     classes = [t.cls for t in catalog.types]
+    states = list(catalog.states.items())
     refs, schemas = msgspec.json.schema_components(
-        [*classes, AnyReply], ref_template="#/components/schemas/{name}"
+        [*classes, *(cls for _, cls in states), AnyReply],
+        ref_template="#/components/schemas/{name}",
     )
     keys = [schema_key(t.entity, t.name, t.version) for t in catalog.types]
-    payload = dict(zip(keys, refs[:-1], strict=True))
+    payload = dict(zip(keys, refs[: len(keys)], strict=True))
+    state_refs = dict(zip((e for e, _ in states), refs[len(keys) : -1], strict=True))
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
     messages: dict[str, Any] = {}
+    replies: dict[str, Any] = {"reply": {"$ref": "#/components/messages/reply"}}
     for entity in catalog.entities():
-        id_parameter = {"id": {"description": "the entity id: 1-64 characters of [A-Za-z0-9_-]"}}
         for kind, channel, action, address in (
             ("command", f"{entity}Commands", "send", f"kaya.cmd.{entity}.{{id}}"),
             ("event", f"{entity}Events", "receive", f"kaya.evt.{entity}.{{id}}"),
@@ -336,7 +505,7 @@ def render_asyncapi(catalog: Catalog) -> dict[str, Any]:
             channels[channel] = {
                 "address": address,
                 "title": f"{entity} {kind}s",
-                "parameters": id_parameter,
+                "parameters": _ID,
                 "messages": {
                     t.name: {"$ref": f"#/components/messages/{entity}.{t.name}"} for t in entries
                 },
@@ -348,7 +517,7 @@ def render_asyncapi(catalog: Catalog) -> dict[str, Any]:
             }
             if kind == "command":
                 operation["summary"] = f"Send a command to one {entity} (request/reply)."
-                operation["reply"] = {"channel": {"$ref": "#/channels/replies"}}
+                operation["reply"] = _reply_to("reply")
             else:
                 operation["summary"] = (
                     f"Every {entity} event, per entity in version order"
@@ -372,17 +541,135 @@ def render_asyncapi(catalog: Catalog) -> dict[str, Any]:
                 else:
                     message["x-kaya"]["emits"] = list(t.triggers)
                 messages[f"{entity}.{t.name}"] = message
+        queries = f"{entity}Queries"
+        channels[queries] = {
+            "address": f"kaya.qry.{entity}.{{id}}",
+            "title": f"{entity} state",
+            "parameters": _ID,
+            "messages": {"query": {"$ref": f"#/components/messages/{entity}.query"}},
+        }
+        messages[f"{entity}.query"] = _message(
+            "query",
+            f"{entity} state query",
+            "an empty body: the reply is the entity's current state",
+            {"type": "string", "maxLength": 0, "description": "empty"},
+            _REQUEST_HEADERS,
+        )
+        state = state_refs.get(entity, {"type": "object"})
+        messages[f"{entity}.state"] = _message(
+            f"{entity}.state",
+            f"{entity} state reply",
+            '{"ok": true, "entity", "id", "version", "state"} or {"ok": false, "error": ...}',
+            _state_reply(entity, state),
+            _REPLY_HEADERS,
+        )
+        replies[f"{entity}.state"] = {"$ref": f"#/components/messages/{entity}.state"}
+        operations[f"send{entity.capitalize()}Queries"] = {
+            "action": "send",
+            "summary": f"Read one {entity}'s state (request/reply, empty body).",
+            "channel": {"$ref": f"#/channels/{queries}"},
+            "messages": [{"$ref": f"#/channels/{queries}/messages/query"}],
+            "reply": _reply_to(f"{entity}.state"),
+        }
+    channels["views"] = {
+        "address": "kaya.view.{name}",
+        "title": "read models",
+        "parameters": {"name": {"description": "the view's name, as the app registers it"}},
+        "messages": {"parameters": {"$ref": "#/components/messages/view.parameters"}},
+    }
+    messages["view.parameters"] = _message(
+        "parameters",
+        "view parameters",
+        "a JSON object of the view's parameters ({} or an empty body for none)",
+        {"type": "object", "additionalProperties": True},
+        _REQUEST_HEADERS,
+    )
+    messages["view.reply"] = _message(
+        "view.reply",
+        "view reply",
+        '{"ok": true, "view": NAME, ...} or {"ok": false, "error": ...}',
+        _VIEW_REPLY,
+        _REPLY_HEADERS,
+    )
+    replies["view.reply"] = {"$ref": "#/components/messages/view.reply"}
+    operations["sendViewRequests"] = {
+        "action": "send",
+        "summary": "Read a read model (request/reply), answered from the node's SQLite.",
+        "channel": {"$ref": "#/channels/views"},
+        "messages": [{"$ref": "#/channels/views/messages/parameters"}],
+        "reply": _reply_to("view.reply"),
+    }
+    channels["notifications"] = {
+        "address": "kaya.notify.{token}",
+        "title": "notifications",
+        "parameters": {
+            "token": {
+                "description": "the subscriber's subject token (`kaya pseudonym NAME`: the"
+                " name itself with security off, an HMAC of it with security on)"
+            }
+        },
+        "messages": {"notification": {"$ref": "#/components/messages/notification"}},
+    }
+    messages["notification"] = _message(
+        "notification",
+        "notification",
+        "at least once; one per event as far as a reader keeping dedup_key can tell",
+        _NOTIFICATION,
+        _NOTIFICATION_HEADERS,
+    )
+    operations["receiveNotifications"] = {
+        "action": "receive",
+        "summary": "Core NATS: subscribe to kaya.notify.<token> (kaya.notify.> for all).",
+        "channel": {"$ref": "#/channels/notifications"},
+        "messages": [{"$ref": "#/channels/notifications/messages/notification"}],
+    }
+    channels["deadLetters"] = {
+        "address": "kaya.dlq.{consumer}",
+        "title": "dead letters",
+        "parameters": {
+            "consumer": {
+                "description": "the consumer that gave up on the event",
+                "enum": [c.name for c in catalog.consumers],
+            }
+        },
+        "messages": {"deadLetter": {"$ref": "#/components/messages/deadLetter"}},
+    }
+    messages["deadLetter"] = _message(
+        "deadLetter",
+        "dead letter",
+        "an event a consumer gave up on after its retries, with where it was and why",
+        {
+            "description": "the original event body, unchanged (a malformed message: its"
+            " bytes as they came); its type is in Kaya-Event-Type",
+            "anyOf": [
+                *(
+                    payload[k]
+                    for k, t in zip(keys, catalog.types, strict=True)
+                    if t.kind == "event"
+                ),
+                {"description": "a malformed message, as it came"},
+            ],
+        },
+        _DEAD_LETTER_HEADERS,
+    )
+    operations["receiveDeadLetters"] = {
+        "action": "receive",
+        "summary": "JetStream stream KAYA_DLQ (`kaya dlq list|show|replay|purge`).",
+        "channel": {"$ref": "#/channels/deadLetters"},
+        "messages": [{"$ref": "#/channels/deadLetters/messages/deadLetter"}],
+    }
     channels["replies"] = {
         "address": None,
         "title": "replies",
         "description": "the requester's inbox (NATS request/reply)",
-        "messages": {"reply": {"$ref": "#/components/messages/reply"}},
+        "messages": replies,
     }
     messages["reply"] = {
         "name": "reply",
         "title": "command reply",
         "summary": '{"ok": true, ...} after the events are durable, or {"ok": false, "error": ...}',
         "contentType": "application/json",
+        "headers": _REPLY_HEADERS,
         "payload": refs[-1],
     }
     return {
@@ -391,10 +678,20 @@ def render_asyncapi(catalog: Catalog) -> dict[str, Any]:
             "title": "Kaya",
             "version": API_VERSION,
             "description": (
-                "Commands on kaya.cmd.<entity>.<id> (request/reply) and events on"
-                " kaya.evt.<entity>.<id> (JetStream stream KAYA_EVENTS). Generated by"
-                " `kaya catalog --format asyncapi`."
+                "Commands on kaya.cmd.<entity>.<id> and state queries on kaya.qry.<entity>.<id>"
+                " (request/reply), read models on kaya.view.<name>, events on"
+                " kaya.evt.<entity>.<id> (JetStream stream KAYA_EVENTS), notifications on"
+                " kaya.notify.<token>, dead letters on kaya.dlq.<consumer> (stream KAYA_DLQ)."
+                " Generated by `kaya catalog --format asyncapi`."
             ),
+        },
+        "servers": {
+            "local": {
+                "host": LOCAL_SERVER,
+                "protocol": "nats",
+                "description": f"nats://{LOCAL_SERVER}: the nats-server `kaya run` embeds"
+                " when no NATS URL is configured",
+            }
         },
         "defaultContentType": "application/json",
         "channels": channels,
