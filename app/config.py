@@ -185,6 +185,18 @@ class MetricsConfig(_Section):
     config.toml sets 127.0.0.1:9464; port 0 picks a free port (tests)."""
 
 
+class HttpConfig(_Section):
+    """The HTTP gateway (app/http/): the wire contract over HTTP, `/openapi.json` and `/docs`."""
+
+    address: str = ""
+    """HOST:PORT the gateway listens on (`POST /v1/<entity>/<id>`, `GET /v1/<entity>/<id>`,
+    `/events`, `/v1/views/<name>`, `/openapi.json`, `/docs`); empty: no gateway (the
+    default; config.toml sets 127.0.0.1:8080). Port 0 picks a free port (tests). Requests
+    go to the node over NATS like any client's, so JWTs, the policy and sealing apply."""
+    request_timeout: Seconds = 10.0
+    """Seconds the gateway waits for the node's reply; then `504` with code `timeout`."""
+
+
 class SloConfig(_Section):
     """Service level objectives: the alerting rules and dashboard are generated from these."""
 
@@ -225,6 +237,7 @@ class Config(_Section):
     cluster: ClusterConfig = ClusterConfig()
     security: SecurityConfig = SecurityConfig()
     metrics: MetricsConfig = MetricsConfig()
+    http: HttpConfig = HttpConfig()
     slo: SloConfig = SloConfig()
     tracing: TracingConfig = TracingConfig()
     log: LogConfig = LogConfig()
@@ -269,14 +282,15 @@ def _overlap(a: str, b: str) -> bool:
     return a in _ANY_HOST or b in _ANY_HOST or _host(a) == _host(b)
 
 
-def metrics_address(address: str) -> tuple[str, int] | None:
-    """(host, port) of `metrics.address`; None for ""; ValueError naming the key if malformed."""
+def metrics_address(address: str, key: str = "metrics.address") -> tuple[str, int] | None:
+    """(host, port) of `metrics.address` (or of `key`, e.g. `http.address`, read the same
+    way); None for ""; ValueError naming the key if malformed."""
     if not address:
         return None
     host, colon, port = address.rpartition(":")
     if not colon or not port.isdigit() or not port.isascii() or int(port) > 65535:
         raise ValueError(
-            f"metrics.address {address!r} must be HOST:PORT (port 0-65535; 0 picks a free one),"
+            f"{key} {address!r} must be HOST:PORT (port 0-65535; 0 picks a free one),"
             " or empty for no HTTP endpoint"
         )
     return host or "127.0.0.1", int(port)  # the node serves an empty host on loopback
@@ -347,8 +361,21 @@ def cross_check(config: Config) -> str | None:
             )
     try:
         metrics = metrics_address(config.metrics.address)
+        http = metrics_address(config.http.address, "http.address")
     except ValueError as exc:
         return str(exc)
+    if (
+        http is not None
+        and metrics is not None
+        and http[1]
+        and http[1] == metrics[1]
+        and _overlap(http[0], metrics[0])
+    ):
+        return (
+            f"http.address ({config.http.address}) and metrics.address"
+            f" ({config.metrics.address}) are the same address: the gateway and the metrics"
+            " endpoint would both listen there"
+        )
     if nats.url:  # an external server: nats.port and nats.monitor_port are not used
         return None
     ports = [("nats.port", nats.port)]
@@ -366,6 +393,13 @@ def cross_check(config: Config) -> str | None:
                     f"metrics.address ({config.metrics.address}) and {key} ({port}) are the"
                     " same address: the node's HTTP endpoint and its embedded server would"
                     " both listen there"
+                )
+    if http is not None and http[1]:
+        for key, port in ports:
+            if port == http[1] and _overlap(http[0], nats.host):
+                return (
+                    f"http.address ({config.http.address}) and {key} ({port}) are the same"
+                    " address: the HTTP gateway and the embedded server would both listen there"
                 )
     return None
 
@@ -417,12 +451,14 @@ def with_overrides(
     nats_port: int | None = None,
     monitor_port: int | None = None,
     metrics_address: str | None = None,
+    http_address: str | None = None,
     app: str | None = None,
     secure: bool | None = None,
     role: str | None = None,
 ) -> Config:
     """Apply command-line flags, which win over the file (None: not given)."""
     node, nats, metrics, security = config.node, config.nats, config.metrics, config.security
+    http = config.http
     if secure:
         security = msgspec.structs.replace(security, enabled=True)
     if data_dir is not None:
@@ -437,10 +473,12 @@ def with_overrides(
         nats = msgspec.structs.replace(nats, monitor_port=monitor_port)
     if metrics_address is not None:
         metrics = msgspec.structs.replace(metrics, address=metrics_address)
+    if http_address is not None:
+        http = msgspec.structs.replace(http, address=http_address)
     # the flags go through the same checks as the file: a bad port is one line, not a crash
     try:
         changed = msgspec.structs.replace(
-            config, node=node, nats=nats, metrics=metrics, security=security
+            config, node=node, nats=nats, metrics=metrics, security=security, http=http
         )
         return msgspec.convert(msgspec.to_builtins(changed), Config)
     except msgspec.ValidationError as exc:

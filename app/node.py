@@ -141,6 +141,8 @@ class Node:
     host: ShardHost | None = None
     journal: Journal | None = None
     metrics_url: str | None = None
+    http_url: str | None = None
+    """The HTTP gateway's base URL (`http.address`), once it serves."""
     link: NatsLink = field(default_factory=NatsLink)
 
     def _server_down(self) -> str:
@@ -605,6 +607,11 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
                 raise ClusterError(keeper.conflict)
             with anyio.fail_after(config.nats.startup_timeout + CATCH_UP_GRACE):
                 await host.first_round_served(keeper.first_taken)
+            if config.http.address and commands:  # the HTTP gateway (app/http), a NATS client
+                from kaya.app.http import serve_gateway
+
+                node.http_url = await tg.start(serve_gateway, node)
+                log.info("HTTP gateway on %s (docs %s/docs)", node.http_url, node.http_url)
             yield node
         finally:
             with anyio.CancelScope(shield=True):

@@ -132,6 +132,7 @@ def config(args: argparse.Namespace) -> Config:
         nats_port=getattr(args, "nats_port", None),
         monitor_port=getattr(args, "monitor_port", None),
         metrics_address=getattr(args, "metrics_address", None),
+        http_address=getattr(args, "http_address", None),
         app=getattr(args, "app", None),
         secure=getattr(args, "secure", None),
         role=getattr(args, "role", None),

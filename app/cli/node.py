@@ -43,6 +43,12 @@ def register(sub: common.Subcommands) -> None:
         help="overrides metrics.address (port 0 picks a free one; empty: off)",
     )
     run.add_argument(
+        "--http-address",
+        metavar="HOST:PORT",
+        help="overrides http.address: the HTTP gateway, /openapi.json and /docs (port 0 picks"
+        " a free one; empty: off)",
+    )
+    run.add_argument(
         "--secure",
         action="store_true",
         default=None,
@@ -187,10 +193,11 @@ async def _run(args: argparse.Namespace) -> int:
                             f"kaya node {config.node.name} metrics on {node.metrics_url}",
                             flush=True,
                         )
+                    http = f", http {node.http_url}" if node.http_url else ""
                     role = "" if config.node.role == "all" else f" ({config.node.role})"
                     print(
                         f"kaya node {config.node.name}{role} ready on {node.url} ({where}"
-                        f" nats-server, store {config.store_path}, app {config.node.app})",
+                        f" nats-server, store {config.store_path}, app {config.node.app}{http})",
                         flush=True,
                     )
                     await stop.wait()
