@@ -244,3 +244,21 @@ def test_routes_without_a_cluster_name_are_refused() -> None:
     out = kaya("server-config", "--routes", "127.0.0.1:6223")
     assert out.returncode == 2
     assert out.stderr.startswith("error: --cluster-port and --routes need --cluster-name")
+
+
+def test_the_nodes_of_a_dev_cluster_on_the_repositorys_config_get_their_own_http_ports(
+    tmp_path: Path,
+) -> None:
+    """config.toml turns the gateway on at 8080: three nodes on one machine take 8080-8082."""
+    from kaya.app.cli import build_parser
+    from kaya.app.cli.cluster import plan
+
+    args = build_parser().parse_args(
+        [
+            *("dev-cluster", "--servers", "1", "--nodes", "3", "--base-port", "5100"),
+            *("--data-dir", str(tmp_path / "dc")),
+            *("--config", str(Path(__file__).resolve().parent.parent / "config.toml")),
+        ]
+    )
+    addresses = [node.config.http.address for node in plan(args).nodes]
+    assert addresses == ["127.0.0.1:8080", "127.0.0.1:8081", "127.0.0.1:8082"]

@@ -232,6 +232,7 @@ def plan(args: argparse.Namespace) -> Plan:
                         events=replace(base_config.events, replicas=min(3, count)),
                         shards=replace(base_config.shards, count=shards),
                         metrics=replace(base_config.metrics, address=f"{HOST}:0"),
+                        http=replace(base_config.http, address=_http_address(base_config, i)),
                     )
                 ),
                 Config,
@@ -240,6 +241,16 @@ def plan(args: argparse.Namespace) -> Plan:
             raise ConfigError(f"{args.config or 'the defaults'}, for {name}: {exc}") from None
         nodes.append(NodePlan(name, config, data_dir / name / "config.toml", urls[0]))
     return Plan(servers, nodes, security)
+
+
+def _http_address(config: Config, index: int) -> str:
+    """Node `index`'s gateway: the config's port + index (8080, 8081, ... for config.toml),
+    so the nodes of one machine do not all ask for the same port; none if it has none."""
+    address = config.http.address
+    if not address:
+        return ""
+    host, _, port = address.rpartition(":")
+    return f"{host}:{int(port) + index}" if int(port) else f"{host}:0"
 
 
 def _security_dir(config: Config, data_dir: Path) -> Path | None:
