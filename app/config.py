@@ -455,6 +455,7 @@ def with_overrides(
     app: str | None = None,
     secure: bool | None = None,
     role: str | None = None,
+    node_name: str | None = None,
 ) -> Config:
     """Apply command-line flags, which win over the file (None: not given)."""
     node, nats, metrics, security = config.node, config.nats, config.metrics, config.security
@@ -465,6 +466,8 @@ def with_overrides(
         node = msgspec.structs.replace(node, data_dir=data_dir)
     if app is not None:
         node = msgspec.structs.replace(node, app=app)
+    if node_name is not None:  # a StatefulSet's pod name: one config for every node
+        node = msgspec.structs.replace(node, name=node_name)
     if role is not None:
         node = msgspec.structs.replace(node, role=role)  # checked by the convert below
     if nats_port is not None:

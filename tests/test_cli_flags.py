@@ -111,3 +111,24 @@ def test_a_node_whose_server_is_not_there_exits_with_one_line(tmp_path: Path) ->
     assert out.stderr.strip().splitlines()[-1] == (
         f"error: cannot connect to NATS at {dead} within 2 s"
     )
+
+
+def test_the_node_name_comes_from_the_flag_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One config for every pod of a StatefulSet: each node named by its environment."""
+    from kaya.app.cli import build_parser
+    from kaya.app.cli.common import config
+
+    path = tmp_path / "kaya.toml"
+    path.write_text('[node]\nname = "from-file"\n')
+
+    def name(*argv: str) -> str:
+        return config(build_parser().parse_args(["run", "--config", str(path), *argv])).node.name
+
+    assert name() == "from-file"
+    monkeypatch.setenv("KAYA_NODE_NAME", "kaya-2")
+    assert name() == "kaya-2"
+    assert name("--node-name", "kaya-7") == "kaya-7"  # the flag wins
+    with pytest.raises(ConfigError, match="node.name"):
+        name("--node-name", "not a name")

@@ -136,6 +136,7 @@ def config(args: argparse.Namespace) -> Config:
         app=getattr(args, "app", None),
         secure=getattr(args, "secure", None),
         role=getattr(args, "role", None),
+        node_name=getattr(args, "node_name", None) or os.environ.get("KAYA_NODE_NAME") or None,
     )
 
 

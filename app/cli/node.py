@@ -55,6 +55,12 @@ def register(sub: common.Subcommands) -> None:
         help="security on (overrides security.enabled): TLS with a client certificate per role",
     )
     run.add_argument(
+        "--node-name",
+        metavar="NAME",
+        help="overrides node.name (default: $KAYA_NODE_NAME, then the config): one config"
+        " for every node of a cluster, each started with its own name",
+    )
+    run.add_argument(
         "--role",
         choices=["all", "commands", "consumers"],
         help="overrides node.role: all (default), or the node as two processes: commands"
