@@ -130,5 +130,5 @@ def test_the_node_name_comes_from_the_flag_or_the_environment(
     monkeypatch.setenv("KAYA_NODE_NAME", "kaya-2")
     assert name() == "kaya-2"
     assert name("--node-name", "kaya-7") == "kaya-7"  # the flag wins
-    with pytest.raises(ConfigError, match="node.name"):
+    with pytest.raises(ConfigError, match=r"node\.name"):
         name("--node-name", "not a name")
