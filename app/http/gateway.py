@@ -5,6 +5,7 @@
     GET  /v1/<entity>/<id>/events     the history, paged     -> kaya.qry (access), the store
     GET  /v1/views/<name>?k=v         a view                 -> kaya.view.<name>
     GET  /openapi.json, /docs         the app's operations, from its schemas
+    GET  /console, /v1/admin/...      the web console and its JSON (app/http/admin.py)
 
 It is a NATS client like any other: each request becomes a NATS request on the node's own
 connection (a `client` certificate's with security on, since the node's role may not send
@@ -62,13 +63,13 @@ from kaya.actors.wire import (
     view_subject,
 )
 from kaya.app.config import metrics_address
+from kaya.app.http.admin import Admin, Administered
 from kaya.app.http.openapi import docs_html, openapi_document
 from kaya.app.http.pages import EventsPage, HttpEvent
 from kaya.store import EventStore
 
 if TYPE_CHECKING:
     from kaya.app.application import App
-    from kaya.app.config import Config
 
 log = logging.getLogger("kaya.gateway")
 
@@ -167,6 +168,7 @@ class Gateway:
         max_body: int,
         timeout: float,
         title: str = "Kaya",
+        node: Administered | None = None,
     ) -> None:
         self._nc = nc
         self._registry: Registry = app.registry
@@ -175,8 +177,10 @@ class Gateway:
         self._timeout = timeout
         self._openapi = orjson.dumps(openapi_document(app, title=title))
         self._docs = docs_html(openapi_document(app, title=title))
+        console = Admin(node).routes() if node is not None else []
         self.app = Starlette(
             routes=[
+                *console,
                 Route("/openapi.json", self._openapi_json, methods=["GET"]),
                 Route("/docs", self._docs_page, methods=["GET"]),
                 Route("/v1/views/{name}", self._view, methods=["GET"]),
@@ -334,14 +338,11 @@ def _pass_through(request: Request) -> dict[str, str]:
     return headers
 
 
-class Served(Protocol):
+class Served(Administered, Protocol):
     """What the gateway needs of a running node (kaya.app.node.Node has it)."""
 
-    config: Config
-    url: str
-    nc: NATS
-    store: EventStore
-    app: App
+    @property
+    def url(self) -> str: ...
 
 
 class _Server(uvicorn.Server):
@@ -389,6 +390,7 @@ async def serve_gateway(
             max_body=config.ingress.max_body,
             timeout=config.http.request_timeout,
             title=f"Kaya ({config.node.app or 'app'})",
+            node=node,
         )
         sock = bind(config.http.address)
         host, port = sock.getsockname()[:2]
