@@ -311,6 +311,24 @@ async def test_openapi_is_valid_and_covers_every_command(gateway: httpx.AsyncCli
     assert "<script" not in docs.text
 
 
+async def test_the_asyncapi_document_is_served_beside_the_docs(
+    gateway: httpx.AsyncClient,
+) -> None:
+    """The NATS side of the same app, as `kaya catalog --format asyncapi` writes it."""
+    from kaya.app.schemas.catalog import build_catalog, render_asyncapi
+
+    response = await gateway.get("/asyncapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    app = make_app()
+    assert document == render_asyncapi(
+        build_catalog(app.registry, [type(c) for c in app.consumers])
+    )
+    addresses = {channel["address"] for channel in document["channels"].values()}
+    assert {"kaya.cmd.account.{id}", "kaya.view.{name}", "kaya.notify.{token}"} <= addresses
+    assert "/asyncapi.json" in (await gateway.get("/docs")).text
+
+
 async def test_a_wrong_method_is_405_with_a_contract_body(gateway: httpx.AsyncClient) -> None:
     response = await gateway.delete("/v1/account/h-7")
     assert response.status_code == 405

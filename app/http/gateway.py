@@ -66,6 +66,7 @@ from kaya.app.config import metrics_address
 from kaya.app.http.admin import Admin, Administered
 from kaya.app.http.openapi import docs_html, openapi_document
 from kaya.app.http.pages import EventsPage, HttpEvent
+from kaya.app.schemas.catalog import build_catalog, render_asyncapi
 from kaya.store import EventStore
 
 if TYPE_CHECKING:
@@ -177,12 +178,15 @@ class Gateway:
         self._timeout = timeout
         self._openapi = orjson.dumps(openapi_document(app, title=title))
         self._docs = docs_html(openapi_document(app, title=title))
+        catalog = build_catalog(app.registry, [type(c) for c in app.consumers])
+        self._asyncapi = orjson.dumps(render_asyncapi(catalog))
         console = Admin(node).routes() if node is not None else []
         self.app = Starlette(
             routes=[
                 *console,
                 Route("/openapi.json", self._openapi_json, methods=["GET"]),
                 Route("/docs", self._docs_page, methods=["GET"]),
+                Route("/asyncapi.json", self._asyncapi_json, methods=["GET"]),
                 Route("/v1/views/{name}", self._view, methods=["GET"]),
                 Route("/v1/{entity}/{id}", self._command, methods=["POST"]),
                 Route("/v1/{entity}/{id}", self._state, methods=["GET"]),
@@ -271,6 +275,10 @@ class Gateway:
 
     async def _openapi_json(self, request: Request) -> Response:
         return Response(self._openapi, 200, media_type=JSON)
+
+    async def _asyncapi_json(self, request: Request) -> Response:
+        """What `kaya catalog --format asyncapi` writes: the app's channels on NATS."""
+        return Response(self._asyncapi, 200, media_type=JSON)
 
     async def _docs_page(self, request: Request) -> Response:
         return HTMLResponse(self._docs)

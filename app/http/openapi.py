@@ -292,7 +292,9 @@ def docs_html(document: dict[str, Any]) -> str:
         f"<title>{e(info['title'])}: HTTP API</title><style>{_STYLE}</style></head><body>",
         f"<h1>{e(info['title'])}: HTTP API {e(info['version'])}</h1>",
         f"<p>{e(info['description'])}</p>",
-        "<p>The machine-readable document: <a href='/openapi.json'>/openapi.json</a>."
+        "<p>The machine-readable document: <a href='/openapi.json'>/openapi.json</a>;"
+        " the NATS side (commands, queries, views, events, notifications, dead letters) as"
+        " AsyncAPI: <a href='/asyncapi.json'>/asyncapi.json</a>."
         ' Errors are <code>{"ok": false, "error": {"code": C, "message": M}}</code>'
         " with the HTTP status of their code:</p><ul>",
     ]
