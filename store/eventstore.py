@@ -242,13 +242,14 @@ class EventStore:
     # ---- reading -------------------------------------------------------------
 
     async def read_stream(
-        self, entity: str, entity_id: str, after_version: int = 0
+        self, entity: str, entity_id: str, after_version: int = 0, limit: int = -1
     ) -> list[StoredEvent]:
-        """The stream's events with version > after_version, in version order."""
+        """The stream's events with version > after_version, in version order; at most
+        `limit` of them (-1: all), so a page of a long history reads only that page."""
         rows = await self._fetch(
             f"SELECT {EVENT_COLUMNS} FROM events WHERE entity = ? AND entity_id = ?"
-            " AND version > ? ORDER BY version",
-            (entity, entity_id, after_version),
+            " AND version > ? ORDER BY version LIMIT ?",
+            (entity, entity_id, after_version, limit),
         )
         return [StoredEvent(*row) for row in rows]
 

@@ -233,7 +233,7 @@ class Gateway:
         if state.status_code != 200:
             return state
         version = orjson.loads(state.body)["version"]
-        stored = await self._store.read_stream(entity, entity_id, after)
+        stored = await self._store.read_stream(entity, entity_id, after, limit + 1)  # +1: more?
         events = []
         for event in stored[:limit]:
             data, masked = _mask(orjson.loads(event.data))
