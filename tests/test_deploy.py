@@ -25,7 +25,7 @@ import yaml
 
 from kaya.app.broker.embedded import find_binary
 from kaya.app.cli import main as kaya_main
-from kaya.app.config import Config, load_config, parse_config
+from kaya.app.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -514,31 +514,24 @@ def test_k8s_kaya_probes_and_metrics() -> None:
     assert metrics["spec"]["ports"][0]["targetPort"] == port["name"]
 
 
-def test_k8s_pod_command_writes_a_config_named_after_the_pod(tmp_path: Path) -> None:
-    """Runs the Kaya container's command with a stand-in `kaya` that prints its config."""
+def test_k8s_pods_share_one_config_and_are_named_after_themselves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every pod runs `kaya run` on the same ConfigMap; $KAYA_NODE_NAME, set to the pod's
+    name, is its node.name (as `kaya run` reads it: the CLI's own config loading)."""
+    from kaya.app.cli import build_parser
+    from kaya.app.cli.common import config as cli_config
+
     pod = find("StatefulSet", "kaya")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["command"] == ["/bin/sh", "-c"]
-    (script,) = container["args"]
+    assert container["command"] == ["kaya", "run", "--config", "/etc/kaya/kaya.toml"]
     mounted = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert mounted["/etc/kaya"] == "config"
-    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == mounted["/run/kaya"])
-    (tmp_path / "etc").mkdir()
-    (tmp_path / "run").mkdir()
-    (tmp_path / "bin").mkdir()
-    shutil.copy(K8S / "config" / "kaya.toml", tmp_path / "etc" / "kaya.toml")
-    fake = tmp_path / "bin" / "kaya"
-    fake.write_text('#!/bin/sh\n[ "$1 $2" = "run --config" ] && cat "$3"\n')
-    fake.chmod(0o755)
-    script = script.replace("/etc/kaya/", f"{tmp_path}/etc/").replace(
-        "/run/kaya/", f"{tmp_path}/run/"
-    )
-    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "POD_NAME": "kaya-2"}
-    done = subprocess.run(
-        ["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=30
-    )
-    assert done.returncode == 0, done.stderr
-    config = parse_config(done.stdout)
+    (env,) = [e for e in container["env"] if e["name"] == "KAYA_NODE_NAME"]
+    assert env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    monkeypatch.setenv("KAYA_NODE_NAME", "kaya-2")
+    args = build_parser().parse_args(["run", "--config", str(K8S / "config" / "kaya.toml")])
+    config = cli_config(args)
     assert config.node.name == "kaya-2"
     assert config.cluster.durability == "replicated"
     assert config.events.replicas == 3
