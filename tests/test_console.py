@@ -23,7 +23,13 @@ import pytest
 
 from examples.bank import make_app
 from kaya.actors.wire import Delivered
-from kaya.app.config import ConsumersConfig, HttpConfig, JwtConfig, SecurityConfig
+from kaya.app.config import (
+    ConsumersConfig,
+    HttpConfig,
+    IngressConfig,
+    JwtConfig,
+    SecurityConfig,
+)
 from kaya.app.events.consumers import Consumer, Effects
 from kaya.app.node import Node, open_node
 from kaya.app.security.tokens import mint, new_signing_key
@@ -110,6 +116,9 @@ async def console(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Cons
     config = node_config(
         nats_server,
         tmp_path,
+        # the browser's driver shares this test's event loop with the node: its lag is the
+        # harness's, not the node's, so shedding on lag is off here
+        ingress=IngressConfig(queue_group=f"kaya-{uuid.uuid4().hex[:8]}", max_loop_lag=0),
         http=HttpConfig(address="127.0.0.1:0"),
         consumers=ConsumersConfig(max_attempts=2, backoff_initial=0.01, backoff_max=0.02),
         security=SecurityConfig(
