@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import msgspec
@@ -509,3 +510,10 @@ def decode_json_object(data: bytes, what: str) -> dict[str, Any]:
     if path is not None:
         raise BadRequest(f"invalid {what}: integer out of range (64 bits) - at `{path}`")
     return value
+
+
+def iso_utc(unix: float) -> str:
+    """A unix time as ISO 8601 UTC to the millisecond, `2026-12-05T02:40:46.123Z`: how
+    times are shown to people and HTTP clients (`kaya history`, the gateway's history)."""
+    moment = datetime.fromtimestamp(unix, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from nats.aio.client import Client as NATS
 
-from kaya.app.cli.entities import iso_utc
+from kaya.actors.wire import iso_utc
 from kaya.app.cli.events import tail_line
 from kaya.app.node import Node
 from tests.conftest import call

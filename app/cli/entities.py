@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from datetime import UTC, datetime
 
 import orjson
 
+from kaya.actors.wire import iso_utc
 from kaya.app.cli import common
 from kaya.app.cli.common import CliError
 
@@ -116,12 +116,6 @@ async def _get(args: argparse.Namespace) -> int:
         args.timeout,
     )
     return common.print_reply(data)
-
-
-def iso_utc(unix: float) -> str:
-    """A unix time as ISO 8601 UTC to the millisecond: `2026-12-05T02:40:46.123Z`."""
-    moment = datetime.fromtimestamp(unix, tz=UTC)
-    return moment.isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
 
 
 async def _history(args: argparse.Namespace) -> int:

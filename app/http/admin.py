@@ -22,7 +22,6 @@ a replay runs the letter through this node's bound consumer.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -37,7 +36,7 @@ from starlette.routing import Route
 from kaya.actors.errors import BadRequest, Forbidden, KayaError
 from kaya.actors.saga import Saga
 from kaya.actors.sealing import PREFIX as SEALED_PREFIX
-from kaya.actors.wire import DLQ_STREAM, TOKEN, error_reply
+from kaya.actors.wire import DLQ_STREAM, TOKEN, error_reply, iso_utc
 from kaya.app.events import dlq
 from kaya.app.observability.health import node_status, status_json
 from kaya.app.observability.statistics import NodeStatistics
@@ -120,11 +119,6 @@ def _decoded(data: bytes) -> Any:
         return _masked(orjson.loads(data))
     except orjson.JSONDecodeError:
         return data.decode(errors="replace")
-
-
-def _iso(seconds: float) -> str:
-    """ISO 8601, UTC, as the history's `recorded_at`."""
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
 
 
 def _limit(request: Request) -> int:
@@ -298,7 +292,7 @@ class Admin:
                         "version": version,
                         "last_event": type_name,
                         "reason": reason if isinstance(reason, str) else "",
-                        "updated_at": _iso(recorded_at),
+                        "updated_at": iso_utc(recorded_at),
                         "traceparent": traceparent,
                     }
                 )

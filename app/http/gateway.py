@@ -30,7 +30,6 @@ import logging
 import socket
 import time
 from collections.abc import Generator, Mapping
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
@@ -58,6 +57,7 @@ from kaya.actors.wire import (
     check_entity_name,
     command_subject,
     error_reply,
+    iso_utc,
     query_subject,
     remembered_answer,
     view_subject,
@@ -142,10 +142,6 @@ def _mask(value: Any) -> tuple[Any, bool]:
         pairs = [_mask(item) for item in value]
         return [p[0] for p in pairs], any(p[1] for p in pairs)
     return value, False
-
-
-def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
 
 
 def _query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -243,7 +239,7 @@ class Gateway:
                     type=event.type,
                     schema_version=event.schema_version,
                     data=data,
-                    recorded_at=_iso(event.recorded_at),
+                    recorded_at=iso_utc(event.recorded_at),
                     event_id=event.event_id,
                     position=event.position,
                     command_id=event.command_id,
