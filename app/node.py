@@ -288,6 +288,10 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
     role = config.node.role
     commands = role != "consumers"  # serves commands: server, actors, relay, sagas, ingress
     async with AsyncExitStack() as stack:
+        probes = _Probes()  # /healthz and /readyz from the first moment, not once NATS answers
+        early = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(early.cancel_scope.cancel)
+        metrics_url = await _serve_http_probes(config, probes, early)
         tls = None
         pki = None
         if config.security.enabled:  # made on first start, kept after (see app/security/pki.py)
@@ -595,7 +599,9 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
             journal=journal,
             link=link,
         )
-        await _serve_health(node, tg)
+        node.metrics_url = metrics_url
+        await _serve_health(node)
+        probes.node = node
         try:
             if commands:
                 await ingress.start()
@@ -614,6 +620,7 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
                 log.info("HTTP gateway on %s (docs %s/docs)", node.http_url, node.http_url)
             yield node
         finally:
+            probes.stopping = True
             with anyio.CancelScope(shield=True):
                 await host.drain_all()
                 await ingress.stop()
@@ -622,36 +629,64 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
                         await relay.wait_caught_up()
 
 
-async def _serve_health(node: Node, tg: TaskGroup) -> None:
-    """`kaya.health` over NATS always; /metrics, /healthz, /readyz over HTTP if configured.
-
-    A `consumers` process answers no `kaya.health` (the node is the `commands` one) and
-    serves its metrics on the configured port + 1, so both run with one config."""
-    metrics = Metrics(node.statistics)
+async def _serve_health(node: Node) -> None:
+    """`kaya.health` over NATS (a `consumers` process answers none: the node is the
+    `commands` one)."""
 
     async def on_health(msg: Msg) -> None:
         if msg.reply:
             status = node_status(await node.statistics())
             await node.nc.publish(msg.reply, status_json(status))
 
-    consumers_only = node.config.node.role == "consumers"
-    if not consumers_only:
+    if node.config.node.role != "consumers":
         await node.nc.subscribe(HEALTH_SUBJECT, cb=on_health)
-    address = node.config.metrics.address
+
+
+@dataclass
+class _Probes:
+    """What the HTTP probes answer from: nothing while the node starts, then the node."""
+
+    node: Node | None = None
+    metrics: Metrics | None = None
+    stopping: bool = False
+    """Set once the node stops taking requests: not ready, whatever its parts say."""
+
+
+STARTING = b"starting\n"
+
+
+async def _serve_http_probes(config: Config, probes: _Probes, tg: TaskGroup) -> str | None:
+    """/metrics, /healthz, /readyz over HTTP if configured, from the node's first moment:
+    while it starts (waiting for NATS, catching up a store) it is live and not ready, so an
+    orchestrator needs no start-up grace to tell "starting" from "dead". A `consumers`
+    process serves them on the configured port + 1, so both run with one config.
+    Returns the metrics URL."""
+    address = config.metrics.address
     if not address:
-        return
+        return None
     host, _, port = address.rpartition(":")
     host = host or "127.0.0.1"
-    if consumers_only and int(port):
+    if config.node.role == "consumers" and int(port):
         port = str(int(port) + 1)
 
     async def metrics_route() -> tuple[int, str, bytes]:
-        return 200, CONTENT_TYPE, await metrics.render()
+        node = probes.node
+        if node is None or probes.stopping:
+            return 503, "text/plain", b"stopping\n" if probes.stopping else STARTING
+        if probes.metrics is None:
+            probes.metrics = Metrics(node.statistics)
+        return 200, CONTENT_TYPE, await probes.metrics.render()
 
     async def liveness() -> tuple[int, str, bytes]:
+        node = probes.node
+        if node is None or probes.stopping:  # alive: starting, or finishing its work
+            return 200, "text/plain", b"stopping\n" if probes.stopping else STARTING
         return healthz(await node.statistics())
 
     async def readiness() -> tuple[int, str, bytes]:
+        node = probes.node
+        if node is None or probes.stopping:
+            return 503, "text/plain", b"stopping\n" if probes.stopping else STARTING
         return readyz(await node.statistics())
 
     routes = {"/metrics": metrics_route, "/healthz": liveness, "/readyz": readiness}
@@ -659,7 +694,7 @@ async def _serve_health(node: Node, tg: TaskGroup) -> None:
         bound = await tg.start(serve_http, host, int(port), routes)
     except OSError as exc:
         raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
-    node.metrics_url = f"http://{host}:{bound}/metrics"
+    return f"http://{host}:{bound}/metrics"
 
 
 async def _catch_up(nc: NATS, follower: Follower) -> None:

@@ -329,3 +329,50 @@ def test_a_part_that_recovers_is_healthy_and_keeps_its_last_error() -> None:
     assert health.healthy
     assert health.failing_for() == 0
     assert (health.errors, health.last_error) == (2, "OSError: no space")
+
+
+def test_the_probes_answer_while_the_node_waits_for_nats(tmp_path: Path) -> None:
+    """From the process's first moments: live (200 `starting`), not ready (503), so an
+    orchestrator needs no grace period to tell a starting node from a dead one."""
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    from tests.servers import VENV_BIN, free_port, stop_pid
+
+    port, dead = free_port(), free_port()
+    config = tmp_path / "kaya.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "{tmp_path / "data"}"\napp = "examples.bank:app"\n'
+        f'[nats]\nurl = "nats://127.0.0.1:{dead}"\nstartup_timeout = 30\n'
+        f'[metrics]\naddress = "127.0.0.1:{port}"\n'
+    )
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "kaya"), "run", "--config", str(config)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def get(path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # until the probe port is open (the process imports first)
+            try:
+                live = get("/healthz")
+                break
+            except OSError:
+                assert proc.poll() is None, "the node exited"
+                assert time.monotonic() < deadline, "no probe port within 20 s"
+                time.sleep(0.05)  # polling a port nothing signals
+        assert live == (200, b"starting\n")
+        assert get("/readyz") == (503, b"starting\n")
+        assert get("/metrics")[0] == 503
+        assert proc.poll() is None  # still waiting for NATS, as configured
+    finally:
+        stop_pid(proc)
