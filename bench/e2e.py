@@ -708,26 +708,16 @@ def render(results: dict[str, Any]) -> str:
                 f"p50 {fmt_spread(x['p50_ms'], '.2f')} ms   "
                 f"p99 {fmt_spread(x['p99_ms'], '.2f')} ms"
             )
-    for other, ratio in summary.get("kaya_over", {}).items():
+    ratios = [(f"kaya/{other}", r) for other, r in summary.get("kaya_over", {}).items()]
+    if "split_over_echo" in summary:
+        ratios.append(("kaya-split/echo", summary["split_over_echo"]))
+    ratios += list(summary.get("secure_over_plain", {}).items())
+    for label, ratio in ratios:
         tp, p99 = ratio["throughput_per_round"], ratio["p99_per_round"]
+        p50 = f", p50 x{ratio['p50']:.2f}" if "p50" in ratio else ""
         lines.append(
-            f"  kaya/{other:<13} throughput {ratio['throughput']:6.2f} "
-            f"(per round {min(tp):.2f}-{max(tp):.2f}), "
-            f"p99 x{ratio['p99']:.2f} (per round {min(p99):.2f}-{max(p99):.2f})"
-        )
-    split = summary.get("split_over_echo")
-    if split is not None:
-        tp, p99 = split["throughput_per_round"], split["p99_per_round"]
-        lines.append(
-            f"  kaya-split/echo    throughput {split['throughput']:6.2f} "
-            f"(per round {min(tp):.2f}-{max(tp):.2f}), "
-            f"p99 x{split['p99']:.2f} (per round {min(p99):.2f}-{max(p99):.2f})"
-        )
-    for pair, ratio in summary.get("secure_over_plain", {}).items():
-        tp, p99 = ratio["throughput_per_round"], ratio["p99_per_round"]
-        lines.append(
-            f"  {pair:<18} throughput {ratio['throughput']:6.2f} "
-            f"(per round {min(tp):.2f}-{max(tp):.2f}), p50 x{ratio['p50']:.2f}, "
+            f"  {label:<18} throughput {ratio['throughput']:6.2f} "
+            f"(per round {min(tp):.2f}-{max(tp):.2f}){p50}, "
             f"p99 x{ratio['p99']:.2f} (per round {min(p99):.2f}-{max(p99):.2f})"
         )
     cpu_lines = [
