@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
@@ -106,29 +105,6 @@ class Sealer:
         for name in present:
             body[name] = seal_value(aead, entity, entity_id, name, body[name])
         return orjson.dumps(body)
-
-    async def seal_reply(
-        self, entity: str, entity_id: str, fields_of: Callable[[str], frozenset[str]], data: bytes
-    ) -> bytes:
-        """A command's reply `{"ok": true, ..., "events": [...]}` with each event sealed as
-        it is in the store: a remembered reply is a stored copy like any other."""
-        if not data.startswith(b'{"ok":true'):
-            return data
-        body = orjson.loads(data)
-        events = body.get("events")
-        if not isinstance(events, list):
-            return data
-        changed = False
-        for event in events:
-            fields = fields_of(str(event.get("type", ""))) if isinstance(event, dict) else None
-            present = [f for f in fields or () if isinstance(event.get(f), str)]
-            if present:
-                aead = await self._keyring.key(entity, entity_id, create=True)
-                assert aead is not None
-                for name in present:
-                    event[name] = seal_value(aead, entity, entity_id, name, event[name])
-                changed = True
-        return orjson.dumps(body) if changed else data
 
     async def open(self, entity: str, entity_id: str, data: bytes) -> bytes:
         """`data` with every sealed value opened (or MASK): anything JSON, at any depth."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgspec
+import orjson
 
 from kaya.actors.errors import (
     Conflict,
@@ -316,10 +317,7 @@ class Turns:
                     decided.events[i] = msgspec.structs.replace(event, data=data)
                     sealed = True
             if sealed:
-                for i, kept in enumerate(decided.remembered):
-                    body = await sealer.seal_reply(entity.name, entity_id, entity.sensitive,
-                                                   kept.body)  # fmt: skip
-                    decided.remembered[i] = msgspec.structs.replace(kept, body=body)
+                _remember_sealed(decided)
         except Exception:
             log.exception("sealing the events of %s/%s failed", entity.name, entity_id)
             return False
@@ -389,6 +387,22 @@ class Turns:
             return _failed(decided.answers, failure)
         actor.state, actor.version = decided.state, decided.version
         return decided.answers
+
+
+def _remember_sealed(decided: _Decided) -> None:
+    """The remembered replies with the turn's sealed events in place of their plaintext:
+    a remembered reply is a stored copy like any other. A command's events are the turn's
+    events under its command id, in order (as its reply was built from them)."""
+    by_command: dict[str, list[NewEvent]] = {}
+    for event in decided.events:
+        if event.command_id is not None:
+            by_command.setdefault(event.command_id, []).append(event)
+    for i, kept in enumerate(decided.remembered):
+        events = by_command.get(kept.command_id)
+        if events and kept.body.startswith(b'{"ok":true'):
+            body = orjson.loads(kept.body)
+            body["events"] = [orjson.Fragment(event.data) for event in events]
+            decided.remembered[i] = msgspec.structs.replace(kept, body=orjson.dumps(body))
 
 
 def _failed(answers: list[_Answer], failure: Answer) -> list[_Answer]:

@@ -1,8 +1,9 @@
-"""Sealing sensitive fields (actors/sealing.py), without NATS or SQLite: a keyring in memory."""
+"""Sealing sensitive fields (actors/sealing.py) with a keyring in memory, without NATS."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated
 
 import msgspec
@@ -88,19 +89,36 @@ async def test_data_without_sensitive_fields_is_left_alone() -> None:
 
 
 @pytest.mark.anyio
-async def test_a_remembered_reply_is_sealed_like_its_events() -> None:
+async def test_a_remembered_reply_is_sealed_like_its_events(tmp_path: Path) -> None:
+    """Through a turn (a real SQLite file): the reply kept for repeats holds the sealed
+    events, the caller got the plaintext, a repeat gets it again; a refusal stays as is."""
+    import anyio
+
+    from examples.bank.account import Deposit, Open
+    from kaya.actors import ActorRuntime
+    from kaya.store import open_event_store
+
     keys = MemoryKeyring()
-    sealer = Sealer(keys)
     account = Account()
-    reply = orjson.dumps(
-        {"ok": True, "entity": "account", "id": "a-1", "version": 1,
-         "events": [orjson.loads(OPENED)]}
-    )  # fmt: skip
-    sealed = await sealer.seal_reply("account", "a-1", account.sensitive, reply)
-    assert b"Ada" not in sealed
-    assert orjson.loads(await sealer.open("account", "a-1", sealed)) == orjson.loads(reply)
-    refused = b'{"ok":false,"error":{"code":"rejected","message":"no"}}'
-    assert await sealer.seal_reply("account", "a-1", account.sensitive, refused) is refused
+    async with open_event_store(tmp_path / "kaya.db") as store:
+        runtime = ActorRuntime(store, sealer=Sealer(keys))
+        async with anyio.create_task_group() as tg:
+            await tg.start(runtime.run)
+            opening = Open(owner="Ada Lovelace", currency="EUR")
+            first = await runtime.ask(account, "a-1", opening, command_id="open-1")
+            refused = await runtime.ask(account, "a-2", Deposit(amount=5), command_id="dep-1")
+            again = await runtime.ask(account, "a-1", opening, command_id="open-1")
+            tg.cancel_scope.cancel()
+        kept = await store.find_replies("account", "a-1", ["open-1"])
+        kept_refusal = await store.find_replies("account", "a-2", ["dep-1"])
+    assert b"Ada" in first  # the caller gets what it sent
+    assert again == first  # and a repeat the same reply, opened again
+    stored = kept["open-1"].body
+    assert b"Ada" not in stored
+    event = orjson.loads(stored)["events"][0]
+    assert event["owner"].startswith(PREFIX)
+    assert orjson.loads(await Sealer(keys).open("account", "a-1", stored)) == orjson.loads(first)
+    assert kept_refusal["dep-1"].body == refused  # nothing in it to seal
 
 
 def test_the_bank_marks_the_owner_sensitive_in_events_and_state() -> None:
