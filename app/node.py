@@ -601,7 +601,7 @@ async def open_node(config: Config, app: App) -> AsyncIterator[Node]:
         )
         node.metrics_url = metrics_url
         await _serve_health(node)
-        probes.node = node
+        probes.node, probes.metrics = node, Metrics(node.statistics)
         try:
             if commands:
                 await ingress.start()
@@ -670,12 +670,10 @@ async def _serve_http_probes(config: Config, probes: _Probes, tg: TaskGroup) -> 
         port = str(int(port) + 1)
 
     async def metrics_route() -> tuple[int, str, bytes]:
-        node = probes.node
-        if node is None or probes.stopping:
+        metrics = probes.metrics
+        if metrics is None or probes.stopping:
             return 503, "text/plain", b"stopping\n" if probes.stopping else STARTING
-        if probes.metrics is None:
-            probes.metrics = Metrics(node.statistics)
-        return 200, CONTENT_TYPE, await probes.metrics.render()
+        return 200, CONTENT_TYPE, await metrics.render()
 
     async def liveness() -> tuple[int, str, bytes]:
         node = probes.node
