@@ -53,7 +53,7 @@ from kaya.app.cluster.host import ShardHost
 from kaya.app.cluster.journal import Journal
 from kaya.app.cluster.leases import LeaseKeeper, LeaseSettings, ensure_bucket
 from kaya.app.cluster.steps import STEP_TIMEOUT, remote_ask
-from kaya.app.config import Config, ConfigError
+from kaya.app.config import Config, ConfigError, metrics_address
 from kaya.app.events.consumers import Context, Projection
 from kaya.app.events.relay import Relay
 from kaya.app.events.runner import ConsumerRunner
@@ -662,12 +662,12 @@ async def _serve_http_probes(config: Config, probes: _Probes, tg: TaskGroup) -> 
     process serves them on the configured port + 1, so both run with one config.
     Returns the metrics URL."""
     address = config.metrics.address
-    if not address:
+    parsed = metrics_address(address)  # checked with the config
+    if parsed is None:
         return None
-    host, _, port = address.rpartition(":")
-    host = host or "127.0.0.1"
-    if config.node.role == "consumers" and int(port):
-        port = str(int(port) + 1)
+    host, port = parsed
+    if config.node.role == "consumers" and port:
+        port += 1
 
     async def metrics_route() -> tuple[int, str, bytes]:
         metrics = probes.metrics
@@ -689,7 +689,7 @@ async def _serve_http_probes(config: Config, probes: _Probes, tg: TaskGroup) -> 
 
     routes = {"/metrics": metrics_route, "/healthz": liveness, "/readyz": readiness}
     try:
-        bound = await tg.start(serve_http, host, int(port), routes)
+        bound = await tg.start(serve_http, host, port, routes)
     except OSError as exc:
         raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
     return f"http://{host}:{bound}/metrics"

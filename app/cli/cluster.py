@@ -246,11 +246,13 @@ def plan(args: argparse.Namespace) -> Plan:
 def _http_address(config: Config, index: int) -> str:
     """Node `index`'s gateway: the config's port + index (8080, 8081, ... for config.toml),
     so the nodes of one machine do not all ask for the same port; none if it has none."""
-    address = config.http.address
-    if not address:
+    from kaya.app.config import metrics_address
+
+    parsed = metrics_address(config.http.address, "http.address")  # checked with the config
+    if parsed is None:
         return ""
-    host, _, port = address.rpartition(":")
-    return f"{host}:{int(port) + index}" if int(port) else f"{host}:0"
+    host, port = parsed
+    return f"{host}:{port + index if port else 0}"
 
 
 def _security_dir(config: Config, data_dir: Path) -> Path | None:
