@@ -25,11 +25,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kaya.actors.wire import DLQ_STREAM, EVENTS_STREAM
+from kaya.app.cluster.leases import BUCKET as LEASE_BUCKET
+from kaya.app.schemas.registry import SCHEMAS_BUCKET
+from kaya.app.security.keys import KEYS_BUCKET
 from kaya.app.security.pki import role_subject
-
-SCHEMA_BUCKET = "kaya_schemas"
-LEASE_BUCKET = "KAYA_SHARDS"
-KEYS_BUCKET = "KAYA_KEYS"
 
 
 @dataclass(frozen=True)
@@ -91,9 +90,9 @@ def role_permissions(entities: Iterable[str]) -> dict[str, Permissions]:
                 "$JS.API.STREAM.DELETE.>",
                 "$JS.API.STREAM.PURGE.>",
                 f"$JS.API.STREAM.MSG.DELETE.KV_{KEYS_BUCKET}",  # forgetting is the admin's
-                f"$JS.API.STREAM.CREATE.KV_{SCHEMA_BUCKET}",
-                f"$JS.API.STREAM.UPDATE.KV_{SCHEMA_BUCKET}",
-                f"$KV.{SCHEMA_BUCKET}.>",
+                f"$JS.API.STREAM.CREATE.KV_{SCHEMAS_BUCKET}",
+                f"$JS.API.STREAM.UPDATE.KV_{SCHEMAS_BUCKET}",
+                f"$KV.{SCHEMAS_BUCKET}.>",
             ],
             subscribe=[
                 "kaya.shard.>",
